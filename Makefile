@@ -1,0 +1,53 @@
+# digitops: `make help` lists the targets. Everything runs inside .venv/ (made by `make setup`).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+DVC := $(VENV)/bin/dvc
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## create .venv/ and install the project (editable) with dev tools, pinned by constraints.txt
+
+$(STAMP): pyproject.toml constraints.txt
+	python3.11 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+data: $(STAMP) ## fetch + verify MNIST into data/, version it with DVC (data.dvc)
+	$(PY) -m pipelines.data
+	$(DVC) add -q data
+
+train: data ## train and evaluate (DVC stages up to `evaluate`; skipped when nothing changed)
+	$(DVC) repro evaluate
+
+repro: data ## run the whole DVC pipeline
+	$(DVC) repro
+
+serve: $(STAMP) ## serve the model on http://127.0.0.1:3000 (web page + API)
+	$(DVC) repro
+
+test: $(STAMP) ## all tests: unit, slow (pipeline) and e2e (servers, browser)
+	$(PY) -m pytest
+
+test-fast: $(STAMP) ## unit tests only
+	$(PY) -m pytest -m "not slow and not e2e"
+
+bench: $(STAMP) ## benchmarks, written to artifacts/bench/
+	$(PY) -m pytest -m "not slow and not e2e" tests/test_model.py -q
+
+lint: $(STAMP) ## ruff lint + format check
+	$(VENV)/bin/ruff check src pipelines serving tests
+	$(VENV)/bin/ruff format --check src pipelines serving tests
+
+mlflow-ui: $(STAMP) ## browse and compare runs on http://127.0.0.1:5000 (same store as training)
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+clean: ## remove run outputs (keeps .venv/, data/ and the MLflow store)
+	rm -rf artifacts logs .pytest_cache
+
+.PHONY: help setup data train repro serve test test-fast bench lint mlflow-ui clean

@@ -1,0 +1,20 @@
+"""Stage `evaluate`: score the checkpoint on the MNIST test set and the feedback hold-out,
+write DVC metrics and plots, log them to the training run and register the model."""
+
+import hydra
+from omegaconf import DictConfig
+
+from digitops.evaluate import evaluate_checkpoint
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    metrics = evaluate_checkpoint(cfg)
+    test, holdout = metrics["test"], metrics["feedback_holdout"]
+    print(f"MNIST test accuracy {test['accuracy']:.4%} ({test['errors']} errors of {test['count']})")
+    if holdout["count"]:
+        print(f"feedback hold-out accuracy {holdout['accuracy']:.2%} of {holdout['count']}")
+
+
+if __name__ == "__main__":
+    main()
