@@ -151,4 +151,8 @@ def evaluate_checkpoint(cfg) -> dict:
                   "git_commit": metadata.get("git_commit")},
         )
     checkpoint.save(cfg.paths.candidate, model, model_args, metadata)
+    if run_id:
+        # Serving rebuilds the model from this file (weights + args + metadata), not the pt2 graph.
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifact(cfg.paths.candidate, artifact_path="checkpoint")
     return metrics

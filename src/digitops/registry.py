@@ -38,6 +38,7 @@ def log_and_register(
             registered_model_name=registered_model,
             signature=signature,
             input_example=x,
+            serialization_format="pt2",  # torch.export graph: loading executes no pickled code
             pip_requirements=["torch", "digitops"],
         )
     version = str(info.registered_model_version)
@@ -49,8 +50,10 @@ def log_and_register(
 
 
 def load(model_uri: str, tracking_uri: str) -> torch.nn.Module:
-    """A module from `models:/name/version` (or any MLflow model URI), in eval mode on CPU."""
+    """A callable module from `models:/name/version` (or any MLflow model URI), on CPU.
+
+    Models are logged in the `pt2` format (torch.export): loading runs no pickled code, and
+    the graph was traced in eval mode, so there is no train/eval switch to get wrong.
+    """
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    model.eval()
-    return model
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")

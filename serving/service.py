@@ -1,0 +1,200 @@
+"""The BentoML service: HTTP routes wired to digitops functions.
+
+    bentoml serve api.service:DigitService       # http://127.0.0.1:3000
+
+Configuration (environment): DIGITOPS_MODEL_TAG (BentoML store tag to serve; default the
+latest `digit-cnn`, else the shipped model), DIGITOPS_MAX_UPLOAD_BYTES (default 10 MB).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import bentoml
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from digitops import api, explain
+from digitops.preprocess import DEFAULT_MAX_BYTES, ImageError, Preprocessed, add_noise, preprocess
+
+log = logging.getLogger("digitops.service")
+
+app = FastAPI(
+    title="digitops",
+    description="Handwritten digit recognition with explanations.",
+    docs_url="/docs",
+    openapi_url="/openapi.json",
+)
+
+IMAGE_FIELD = "image"
+BATCH_FIELD = "images"
+MAX_BATCH_IMAGES = 256
+SEND_INSTEAD = (
+    f"send a PNG/JPEG/WebP/BMP/GIF as multipart form field '{IMAGE_FIELD}', "
+    "or as the raw request body with an image/* Content-Type"
+)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+@app.exception_handler(ImageError)
+async def bad_input(request: Request, exc: ImageError) -> JSONResponse:
+    return error(exc.status, str(exc))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes `limit` (never buffered whole)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ImageError(f"upload of {int(declared)} bytes is over the {limit}-byte limit", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ImageError(f"upload is over the {limit}-byte limit", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_images(request: Request, limit: int, field: str) -> tuple[list[bytes], dict]:
+    """Image bytes and string options from multipart form fields, or a raw body + query."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    options = dict(request.query_params)
+    if content_type == "multipart/form-data":
+        declared = request.headers.get("content-length")
+        # Multipart overhead is small; the form parser would spool a huge upload to disk first.
+        if declared and declared.isdigit() and int(declared) > limit * (MAX_BATCH_IMAGES if field == BATCH_FIELD else 1) + 65536:
+            raise ImageError(f"upload of {int(declared)} bytes is over the {limit}-byte limit", 413)
+        try:
+            form = await request.form(max_files=MAX_BATCH_IMAGES, max_fields=64)
+        except Exception as err:
+            raise ImageError(f"malformed multipart body: {err}") from None
+        files = [v for k, v in form.multi_items() if k in (field, IMAGE_FIELD) and isinstance(v, UploadFile)]
+        options.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
+        if not files:
+            got = sorted({k for k, _ in form.multi_items()}) or "no fields"
+            raise ImageError(f"no file in form field '{field}' (got {got}); {SEND_INSTEAD}")
+        blobs = []
+        for upload in files:
+            data = await upload.read(limit + 1)
+            if len(data) > limit:
+                raise ImageError(f"upload '{upload.filename}' is over the {limit}-byte limit", 413)
+            blobs.append(data)
+        return blobs, options
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return [await read_body(request, limit)], options
+    if not content_type and not request.headers.get("content-length", "").strip("0"):
+        raise ImageError(f"empty request; {SEND_INSTEAD}")
+    raise ImageError(f"unsupported Content-Type {content_type or '(none)'!r}; {SEND_INSTEAD}", 415)
+
+
+@bentoml.service(
+    name="digitops",
+    http={"host": "127.0.0.1", "port": 3000},
+    traffic={"timeout": 30, "max_concurrency": 512},
+    workers=1,
+)
+@bentoml.asgi_app(app, path="/")
+class DigitService:
+    def __init__(self) -> None:
+        self.served = api.load_served_model(api.os.environ.get("DIGITOPS_MODEL_TAG"))
+        self.max_bytes = api.env_int("DIGITOPS_MAX_UPLOAD_BYTES", DEFAULT_MAX_BYTES)
+        log.info("digitops service ready: model from %s", self.served.source)
+
+    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=10)
+    def classify(self, inputs: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, 10] for normalised inputs [N, 1, 28, 28] (adaptively batched)."""
+        x = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
+        if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
+            raise bentoml.exceptions.InvalidArgument(f"inputs must be [N, 1, 28, 28], got {list(x.shape)}")
+        with torch.inference_mode():
+            return torch.softmax(self.served.model(x), dim=1).numpy()
+
+    async def _prepare(self, data: bytes, options: api.Options) -> Preprocessed:
+        # Image decoding and filtering is CPU work: keep it off the event loop.
+        prepared = await anyio.to_thread.run_sync(lambda: preprocess(data, invert=options.invert))
+        if options.noise > 0:
+            noisy = add_noise(prepared.pixels, options.noise, options.seed)
+            prepared = Preprocessed(pixels=noisy, inverted=prepared.inverted)
+        return prepared
+
+    async def _probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        return np.asarray(await self.to_async.classify(inputs), dtype=np.float32)
+
+    @app.post("/predict")
+    async def predict(self, request: Request):
+        """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
+        (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
+        options = api.parse_options(raw)
+        prepared = await self._prepare(data, options)
+        probabilities = (await self._probabilities(prepared.tensor().numpy()))[0]
+        return api.prediction_payload(probabilities, prepared.pixels, prepared.inverted,
+                                          self.served, api.new_prediction_id())
+
+    @app.post("/predict_batch")
+    async def predict_batch(self, request: Request):
+        """Many images in one call (form field 'images', repeated): one result each, in order."""
+        blobs, raw = await read_images(request, self.max_bytes, BATCH_FIELD)
+        options = api.parse_options(raw)
+        results: list[dict | None] = [None] * len(blobs)
+        ready: list[tuple[int, Preprocessed]] = []
+        for i, data in enumerate(blobs):
+            try:
+                ready.append((i, await self._prepare(data, options)))
+            except ImageError as err:  # one bad image must not fail its neighbours
+                results[i] = {"error": str(err), "status": err.status}
+        if ready:
+            inputs = np.concatenate([p.tensor().numpy() for _, p in ready])
+            probabilities = await self._probabilities(inputs)
+            for (i, prepared), probs in zip(ready, probabilities, strict=True):
+                results[i] = api.prediction_payload(probs, prepared.pixels, prepared.inverted,
+                                                        self.served, api.new_prediction_id())
+        return {"results": results, "count": len(results)}
+
+    @app.post("/explain")
+    async def explain(self, request: Request):
+        """Grad-CAM of the last conv block for the predicted (or `target`) class."""
+        (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
+        options = api.parse_options(raw)
+        prepared = await self._prepare(data, options)
+
+        def work():
+            cam, logits = explain.grad_cam(self.served.model, prepared.tensor(), options.target)
+            return cam, torch.softmax(logits, dim=0).numpy(), explain.overlay_png(prepared.pixels, cam)
+
+        cam, probabilities, overlay = await anyio.to_thread.run_sync(work)
+        payload = api.prediction_payload(probabilities, prepared.pixels, prepared.inverted,
+                                             self.served, api.new_prediction_id())
+        target = options.target if options.target is not None else payload["digit"]
+        return {**payload, "target": target, "layer": "conv3",
+                "cam": np.round(cam, 4).tolist(), "overlay_png": api.b64(overlay)}
+
+    @app.post("/feature_maps")
+    async def feature_maps(self, request: Request):
+        """Every channel of one conv block (`layer`=conv1..conv3) as a PNG grid."""
+        (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
+        options = api.parse_options(raw)
+        prepared = await self._prepare(data, options)
+
+        def work():
+            maps = explain.feature_maps(self.served.model, prepared.tensor(), options.layer)
+            return maps, explain.grid_png(maps)
+
+        maps, grid = await anyio.to_thread.run_sync(work)
+        reply = {"layer": options.layer, "channels": int(maps.shape[0]),
+                 "size": list(maps.shape[1:]), "grid_png": api.b64(grid),
+                 "inverted": prepared.inverted}
+        if options.arrays:
+            reply["maps"] = np.round(maps, 4).tolist()
+        return reply
+
+    @app.get("/model")
+    async def model_card(self):
+        """Which model is serving: version, accuracy, training date, data version, source."""
+        return self.served.card()

@@ -1,0 +1,50 @@
+"""Shared fixtures: small real MNIST (committed under tests/fixtures) and composed configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from digitops import mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """The fixture subset, decompressed like the data stage leaves it."""
+    directory = tmp_path_factory.mktemp("mnist")
+    mnist._from_directory(FIXTURES / "mnist", directory)
+    return directory
+
+
+def compose_cfg(root: Path, mnist_dir: Path, *overrides: str):
+    """Compose conf/ with every output under `root`, the fixture MNIST, plus overrides."""
+    paths = {
+        "mnist": mnist_dir,
+        "feedback": root / "feedback",
+        "train_dir": root / "train",
+        "checkpoint": root / "train" / "model.pt",
+        "history": root / "train" / "history.csv",
+        "eval_dir": root / "eval",
+        "metrics": root / "eval" / "metrics.json",
+        "candidate": root / "eval" / "model.pt",
+    }
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                *(f"paths.{k}={v}" for k, v in paths.items()),
+                f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+                "data.val_size=200",
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture
+def make_cfg(tmp_path, mnist_dir):
+    return lambda *overrides: compose_cfg(tmp_path, mnist_dir, *overrides)

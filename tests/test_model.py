@@ -1,0 +1,43 @@
+"""The plain-torch network and its self-describing checkpoint."""
+
+import torch
+
+from digitops import checkpoint
+from digitops.model import DigitCNN
+
+
+def test_output_shape_and_named_conv_blocks():
+    model = DigitCNN().eval()
+    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+    shapes = {}
+    x = torch.zeros(1, 1, 28, 28)
+    for name in DigitCNN.conv_layers:
+        x = getattr(model, name)(x)
+        shapes[name] = tuple(x.shape)
+    assert shapes == {"conv1": (1, 32, 14, 14), "conv2": (1, 64, 7, 7), "conv3": (1, 128, 7, 7)}
+
+
+def test_parameter_count_of_reference_architecture():
+    # conv 32/64/128 (3x3, no bias, BatchNorm), dense 6272->128, 128->10.
+    convs = 1 * 32 * 9 + 32 * 64 * 9 + 64 * 128 * 9
+    norms = 2 * (32 + 64 + 128)
+    dense = 128 * 7 * 7 * 128 + 128 + 128 * 10 + 10
+    assert sum(p.numel() for p in DigitCNN().parameters()) == convs + norms + dense == 897_130
+
+
+def test_widths_and_dropout_are_constructor_arguments():
+    model = DigitCNN(channels=(8, 16, 24), hidden=32, dropout=0.1)
+    assert model.conv3[0].out_channels == 24
+    assert model.classifier[3].p == 0.1
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_checkpoint_rebuilds_model_without_config(tmp_path):
+    args = {"channels": [16, 32, 64], "hidden": 64, "dropout": 0.2}
+    model = DigitCNN(**args).eval()
+    path = checkpoint.save(tmp_path / "m.pt", model, args, {"test_accuracy": 0.99})
+    loaded, metadata = checkpoint.load(path)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert metadata["test_accuracy"] == 0.99 and metadata["model_args"] == args
+    assert not list(tmp_path.glob("*.part")), "atomic save must not leave temp files"

@@ -1,0 +1,90 @@
+"""Slow tier: the real entry points as subprocesses - DDP on 2 CPU processes, `dvc repro`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from digitops import checkpoint, mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def test_ddp_two_cpu_processes_both_train(tmp_path, mnist_dir):
+    run([sys.executable, "-m", "pipelines.train", "trainer=ddp", "trainer.accelerator=cpu",
+         "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
+         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv",
+         "data.val_size=200", "threads=1", f"paths.mnist={mnist_dir}",
+         f"paths.feedback={tmp_path / 'feedback'}", f"paths.train_dir={tmp_path}",
+         f"paths.checkpoint={tmp_path / 'model.pt'}", f"paths.history={tmp_path / 'h.csv'}",
+         f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT)
+    _, metadata = checkpoint.load(tmp_path / "model.pt")
+    ranks = metadata["ranks"]
+    assert ranks["world_size"] == 2
+    # 1000 training digits shard to 500 per rank: 3 full batches of 128 each.
+    assert ranks["steps_per_rank"] == [3, 3], "both ranks must have trained"
+    # DDP all-reduces gradients, so both replicas must end with the same weights.
+    a, b = ranks["param_checksum_per_rank"]
+    assert a == pytest.approx(b, rel=1e-9)
+
+
+@pytest.fixture
+def project(tmp_path, mnist_dir) -> Path:
+    """A git + DVC copy of the repo whose data/ holds the fixture MNIST and the smoke trainer."""
+    dest = tmp_path / "repo"
+    tracked = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT).stdout.split()
+    for rel in tracked:
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("tests/", "models/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    shutil.copytree(mnist_dir, dest / "data" / "mnist")
+    (dest / "data" / "feedback").mkdir(parents=True)
+    (dest / "data" / "feedback" / "manifest.jsonl").touch()
+    config = dest / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("trainer: default", "trainer: smoke")
+                      .replace("val_size: 5000", "val_size: 200"))
+    run(["git", "init", "-q"], cwd=dest)
+    run(["dvc", "add", "-q", "data"], cwd=dest)
+    run(["git", "add", "-A"], cwd=dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest)
+    return dest
+
+
+def test_dvc_repro_runs_stages_then_is_a_no_op(project):
+    first = run(["dvc", "repro"], cwd=project)
+    assert "Running stage 'train'" in first.stdout and "Running stage 'evaluate'" in first.stdout
+    metrics = json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())
+    assert metrics["test"]["count"] == 300
+    second = run(["dvc", "repro"], cwd=project)
+    assert "Running stage" not in second.stdout
+    assert "didn't change" in second.stdout or "up to date" in second.stdout
+    shown = run(["dvc", "metrics", "show", "--json"], cwd=project).stdout
+    assert "accuracy" in shown
+    run(["dvc", "plots", "show", "-o", "plots"], cwd=project)
+    assert (project / "plots" / "index.html").is_file()
+    # A registered model came out of the pipeline, with the data version as a tag.
+    _, candidate = checkpoint.load(project / "artifacts" / "eval" / "model.pt")
+    assert candidate["registered_version"] == "1"
+    assert candidate["data_version"].endswith(".dir")
+    assert set(candidate["mnist_sha256"]) == set(mnist.FILES)
+
+
+def test_dvc_exp_run_with_parameter_override(project):
+    out = run(["dvc", "exp", "run", "-S", "conf/model/cnn.yaml:dropout=0.3"], cwd=project)
+    assert "Ran experiment" in out.stdout or "Experiment" in out.stdout
+    shown = run(["dvc", "exp", "show", "--json"], cwd=project).stdout
+    assert "0.3" in shown

@@ -1,0 +1,420 @@
+"""Real MNIST digits rendered the ways users send them, through digitops.preprocess."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import ExifTags, Image
+from scipy import ndimage
+
+from digitops import mnist
+from digitops.preprocess import (
+    EmptyImageError,
+    ImageError,
+    Preprocessed,
+    add_noise,
+    decode,
+    normalize,
+    parse_invert,
+    preprocess,
+    to_mnist,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mnist"
+# Test digits 0-5 are 7, 2, 1, 0, 4, 1: varied shapes, none symmetric under rotation but the 0.
+PICKS = range(6)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("mnist")
+    mnist._from_directory(FIXTURES, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def digits(mnist_dir) -> np.ndarray:
+    return mnist.load(mnist_dir, "t10k")[0]
+
+
+@pytest.fixture(scope="session")
+def classify(mnist_dir):
+    """A 3-nearest-neighbour classifier on the fixture's training digits, to check class parity."""
+    images, labels = mnist.load(mnist_dir, "train")
+    train = images.reshape(len(images), -1).astype(np.float32)
+
+    def predict(pixels: np.ndarray) -> int:
+        distances = ((train - pixels.reshape(1, -1).astype(np.float32)) ** 2).sum(axis=1)
+        return int(np.bincount(labels[np.argsort(distances)[:3]]).argmax())
+
+    return predict
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def canvas(digit: np.ndarray, side: int = 280) -> Image.Image:
+    """A browser-canvas drawing: white strokes on black, ten times MNIST's size."""
+    return Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)
+
+
+def on_paper(
+    digit: np.ndarray,
+    size: tuple[int, int] = (600, 450),
+    box: tuple[int, int, int, int] = (170, 90, 440, 360),
+    seed: int = 0,
+) -> Image.Image:
+    """A phone photo of dark ink on paper: light falling off to one side, vignetting, grain."""
+    width, height = size
+    ink = np.zeros((height, width), dtype=np.float32)
+    left, top, right, bottom = box
+    drawn = Image.fromarray(digit).resize((right - left, bottom - top), Image.Resampling.BICUBIC)
+    ink[top:bottom, left:right] = np.asarray(drawn, dtype=np.float32) / 255
+    y, x = np.mgrid[0:height, 0:width] / max(size)
+    light = np.linspace(0.55, 1.0, width)[None, :] * (1 - 0.4 * ((x - 0.5) ** 2 + (y - 0.4) ** 2))
+    noise = np.random.default_rng(seed).normal(0, 0.03, ink.shape)
+    gray = light * (0.92 - 0.8 * ink) + noise
+    return Image.fromarray(np.uint8(np.clip(gray, 0, 1) * 255)).convert("RGB")
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
+
+
+def assert_mnist_like(result: Preprocessed) -> None:
+    """uint8 28x28, ink inside a 20x20 box, centre of mass at (14, 14) as MNIST places it."""
+    pixels = result.pixels
+    assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
+    assert pixels.max() == 255 and pixels[0].max() == pixels[-1].max() == 0
+    rows, cols = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
+    assert rows[-1] - rows[0] < 20 and cols[-1] - cols[0] < 20
+    assert max(rows[-1] - rows[0], cols[-1] - cols[0]) == 19  # longest side scaled to 20
+    # Whole-pixel placement, as MNIST did, puts the centre within half a pixel; uint8 rounding
+    # of the intensities can move it by a further hair.
+    cy, cx = ndimage.center_of_mass(pixels.astype(float))
+    assert abs(cy - 14) <= 0.51 and abs(cx - 14) <= 0.51
+
+
+# --- Train/serve parity ------------------------------------------------------------------
+
+
+def test_mnist_digit_goes_through_unchanged(digits, classify):
+    for index in range(20):
+        digit = digits[index]
+        result = preprocess(encode(Image.fromarray(digit), "PNG"))
+        assert result.inverted is False
+        assert correlation(result.pixels, digit) > 0.99
+        assert classify(result.pixels) == classify(digit)
+
+
+def test_tensor_is_the_normalised_pixels(digits):
+    result = to_mnist(Image.fromarray(digits[0]))
+    x = result.tensor()
+    assert x.shape == (1, 1, 28, 28) and x.dtype == torch.float32
+    torch.testing.assert_close(x, normalize(torch.tensor(result.pixels)[None]))
+    assert not result.pixels.flags.writeable
+
+
+# --- Realistic renderings ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", PICKS)
+def test_canvas_drawing(digits, classify, index):
+    result = preprocess(encode(canvas(digits[index]), "PNG"))
+    assert result.inverted is False
+    assert_mnist_like(result)
+    assert classify(result.pixels) == classify(digits[index])
+    assert correlation(result.pixels, digits[index]) > 0.8
+
+
+@pytest.mark.parametrize("index", PICKS)
+def test_photo_of_ink_on_paper(digits, classify, index):
+    photo = encode(on_paper(digits[index], seed=index), "JPEG", quality=60)
+    result = preprocess(photo)
+    assert result.inverted is True
+    assert_mnist_like(result)
+    assert classify(result.pixels) == classify(digits[index])
+
+
+@pytest.mark.parametrize("index", PICKS)
+def test_small_digit_off_center_in_large_photo(digits, classify, index):
+    photo = on_paper(digits[index], size=(1200, 900), box=(880, 80, 1080, 280), seed=index)
+    result = preprocess(encode(photo, "JPEG", quality=85))
+    assert result.inverted is True
+    assert_mnist_like(result)
+    assert classify(result.pixels) == classify(digits[index])
+
+
+@pytest.mark.parametrize("index", PICKS)
+def test_paper_photo_matches_canvas_drawing(digits, index):
+    drawn = preprocess(encode(canvas(digits[index]), "PNG")).pixels
+    photo = preprocess(encode(on_paper(digits[index], seed=index), "JPEG", quality=60)).pixels
+    assert correlation(photo, drawn) > 0.8
+
+
+@pytest.mark.parametrize("stroke", [0, 255], ids=["black-strokes", "white-strokes"])
+def test_strokes_on_transparent_background(digits, stroke):
+    """Canvas exports draw strokes in alpha; the colour under transparent pixels is arbitrary."""
+    alpha = canvas(digits[0])
+    hidden = 255 - stroke  # the colour under transparent pixels: the worst case for each stroke
+    rgba = np.full((*alpha.size[::-1], 4), hidden, dtype=np.uint8)
+    rgba[np.asarray(alpha) > 0, :3] = stroke
+    rgba[..., 3] = np.asarray(alpha)
+    result = preprocess(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert result.inverted is (stroke == 0)
+    assert_mnist_like(result)
+    reference = preprocess(encode(canvas(digits[0]), "PNG")).pixels
+    assert correlation(result.pixels, reference) > 0.95
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_orientation_is_applied(digits, orientation):
+    upright = on_paper(digits[0])
+    # The camera stores the sensor's pixels and a tag saying how to turn them upright.
+    stored = upright.transpose(
+        Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270
+    )
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    expected = preprocess(encode(upright, "JPEG", quality=90)).pixels
+    tagged = preprocess(encode(stored, "JPEG", quality=90, exif=exif)).pixels
+    untagged = preprocess(encode(stored, "JPEG", quality=90)).pixels
+    assert correlation(tagged, expected) > 0.9
+    assert correlation(untagged, expected) < 0.5  # the check can tell a turned digit
+
+
+# --- Inversion ---------------------------------------------------------------------------
+
+
+def test_forced_invert_is_honoured(digits):
+    drawing, photo = canvas(digits[0]), on_paper(digits[0])
+    assert np.array_equal(to_mnist(drawing, invert=False).pixels, to_mnist(drawing).pixels)
+    assert np.array_equal(to_mnist(photo, invert=True).pixels, to_mnist(photo).pixels)
+    # Forced the wrong way, the strokes are background and whatever else stands out is taken.
+    for image, wrong in [(drawing, True), (photo, False)]:
+        forced = to_mnist(image, invert=wrong)
+        assert forced.inverted is wrong
+        assert correlation(forced.pixels, to_mnist(image).pixels) < 0.5
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None), ("auto", None), (" AUTO ", None), (True, True), (False, False),
+        ("true", True), ("1", True), ("yes", True), ("On", True),
+        ("false", False), ("0", False), ("no", False), ("OFF", False),
+    ],
+)  # fmt: skip
+def test_parse_invert(value, expected):
+    assert parse_invert(value) is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "2", "invert"])
+def test_parse_invert_refuses_other_values(value):
+    with pytest.raises(ImageError, match="auto, true, false") as caught:
+        parse_invert(value)
+    assert caught.value.status == 400
+
+
+# --- Formats and modes -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def photo_gray(digits) -> np.ndarray:
+    """Ink on paper as float luminance in [0, 1], the source for every mode below."""
+    return np.asarray(on_paper(digits[2]).convert("L"), dtype=np.float32) / 255
+
+
+def as_mode(gray: np.ndarray, mode: str) -> Image.Image:
+    """The same photo in `mode`, as a camera, scanner or editor would write it."""
+    rgb = Image.fromarray(np.uint8(gray * 255)).convert("RGB")
+    if mode == "I;16":
+        return Image.fromarray(np.uint16(gray * 65535))
+    if mode == "I":
+        return Image.fromarray(np.int32(gray * 65535))
+    if mode == "F":
+        return Image.fromarray(gray)
+    if mode == "1":
+        return rgb.convert("L").point(lambda v: 255 * (v > 70)).convert("1")  # a thresholded scan
+    if mode in ("LA", "RGBA"):
+        image = rgb.convert(mode)
+        image.putalpha(255)
+        return image
+    if mode == "P":
+        image = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+        image.info["transparency"] = 0
+        return image
+    return rgb.convert(mode)
+
+
+MODES = ["RGB", "RGBA", "L", "LA", "P", "I;16", "I", "F", "1", "CMYK"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode(photo_gray, mode):
+    reference = to_mnist(as_mode(photo_gray, "L"))
+    image = as_mode(photo_gray, mode)
+    assert image.mode == mode
+    result = to_mnist(image)
+    assert result.inverted is True
+    assert_mnist_like(result)
+    assert correlation(result.pixels, reference.pixels) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [
+        ("RGB", "WEBP"), ("RGBA", "WEBP"), ("RGB", "BMP"), ("L", "BMP"), ("P", "GIF"),
+        ("P", "PNG"), ("LA", "PNG"), ("I;16", "PNG"), ("1", "PNG"), ("I", "TIFF"),
+        ("F", "TIFF"), ("CMYK", "JPEG"), ("CMYK", "TIFF"),
+    ],
+)  # fmt: skip
+def test_every_format(photo_gray, mode, fmt):
+    reference = to_mnist(as_mode(photo_gray, "L"))
+    result = preprocess(encode(as_mode(photo_gray, mode), fmt))
+    assert result.inverted is True
+    assert_mnist_like(result)
+    assert correlation(result.pixels, reference.pixels) > 0.9
+
+
+def test_animation_uses_first_frame(digits):
+    first, second = canvas(digits[0]).convert("P"), canvas(digits[1]).convert("P")
+    gif = encode(first, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    assert Image.open(io.BytesIO(gif)).n_frames == 2
+    result = preprocess(gif).pixels
+    assert correlation(result, to_mnist(first).pixels) > 0.99
+    assert correlation(result, to_mnist(second).pixels) < 0.5
+
+
+def test_decode_returns_loaded_upright_image(digits):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    image = decode(encode(Image.new("RGB", (40, 30)), "JPEG", exif=exif))
+    assert image.size == (30, 40)
+    assert image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+
+
+# --- Nothing to find ---------------------------------------------------------------------
+
+
+def blank(kind: str) -> bytes:
+    rng = np.random.default_rng(0)
+    if kind == "white":
+        return encode(Image.new("L", (300, 200), 255), "PNG")
+    if kind == "black":
+        return encode(Image.new("RGB", (300, 200)), "JPEG")
+    if kind == "transparent":
+        return encode(Image.new("RGBA", (300, 200), (255, 255, 255, 0)), "PNG")
+    # Plain paper photographed: a lighting gradient, grain and JPEG artefacts, no ink.
+    light = np.linspace(0.6, 0.95, 600)[None, :] * np.ones((450, 1))
+    paper = np.clip(light + rng.normal(0, 0.03, light.shape), 0, 1)
+    return encode(Image.fromarray(np.uint8(paper * 255)), "JPEG", quality=60)
+
+
+@pytest.mark.parametrize("kind", ["white", "black", "transparent", "paper"])
+def test_blank_image_is_empty(kind):
+    with pytest.raises(EmptyImageError, match="No digit found") as caught:
+        preprocess(blank(kind))
+    assert caught.value.status == 422
+
+
+# --- Bad input ---------------------------------------------------------------------------
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A 1-bit all-black PNG, built by hand so that no pixel buffer is ever allocated."""
+    compressor = zlib.compressobj(1)  # level 1: the zeros still shrink ~200x, and build fast
+    rows = (b"\x00" * (1 + (width + 7) // 8)) * 1000
+    raw = b"".join(compressor.compress(rows) for _ in range(height // 1000)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [30000, 10000], ids=["pillow-error", "pillow-warning"])
+def test_decompression_bomb_is_refused_fast(side):
+    bomb = png_of_size(side, side)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning must not escape
+        with pytest.raises(ImageError, match="limit is 40,000,000 pixels") as caught:
+            decode(bomb)
+    assert time.perf_counter() - start < 0.2
+    assert caught.value.status == 413
+
+
+def test_pixel_limit_is_configurable():
+    small = encode(Image.new("L", (100, 100)), "PNG")
+    with pytest.raises(ImageError, match="100x100") as caught:
+        decode(small, max_pixels=5000)
+    assert caught.value.status == 413
+
+
+def truncated_png() -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "PNG")
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"", 400, "empty"),
+        (b"hello, this is not an image\n", 400, "not a readable image"),
+        (truncated_png(), 400, "truncated or corrupt"),
+        (b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64, 415, "HEIC/AVIF images are not supported"),
+        (encode(Image.new("RGB", (8, 8)), "ICO"), 415, "ICO images are not supported"),
+    ],
+    ids=["empty", "text", "truncated", "heic", "ico"],
+)
+def test_bad_input(data, status, message):
+    with pytest.raises(ImageError, match=message) as caught:
+        preprocess(data)
+    assert caught.value.status == status
+    assert "send" in str(caught.value)  # every message says what to send instead
+
+
+def test_too_many_bytes():
+    with pytest.raises(ImageError, match="limit is 0.0 MiB") as caught:
+        preprocess(encode(Image.new("L", (64, 64)), "PNG"), max_bytes=10)
+    assert caught.value.status == 413
+    with pytest.raises(ImageError) as caught:
+        decode(b"\x89PNG" + b"\x00" * (11 * 2**20))
+    assert caught.value.status == 413
+
+
+# --- Noise for robustness checks ---------------------------------------------------------
+
+
+def test_add_noise(digits):
+    digit = digits[0]
+    assert np.array_equal(add_noise(digit, 0.0), digit)
+    noisy = add_noise(digit, 0.1, seed=1)
+    assert noisy.dtype == np.uint8 and noisy.shape == (28, 28)
+    assert np.array_equal(noisy, add_noise(digit, 0.1, seed=1))
+    # Away from the clipped ends the added noise has the asked-for spread.
+    middle = (digit > 60) & (digit < 190)
+    spread = (noisy.astype(float) - digit)[middle].std()
+    assert 0.07 * 255 < spread < 0.13 * 255
+
+
+@pytest.mark.parametrize("level", [-0.1, 1.5, float("nan")])
+def test_add_noise_refuses_bad_level(digits, level):
+    with pytest.raises(ImageError, match="between 0 and 1") as caught:
+        add_noise(digits[0], level)
+    assert caught.value.status == 400

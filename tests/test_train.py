@@ -1,0 +1,79 @@
+"""Training smoke run end to end: Lightning fit, MLflow run + registry, evaluation outputs."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from digitops import checkpoint, mnist, registry
+from digitops.evaluate import evaluate_checkpoint, predict_proba
+from digitops.preprocess import normalize
+from digitops.train import HISTORY_FIELDS, train
+from tests.conftest import compose_cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    cfg = compose_cfg(tmp_path_factory.mktemp("run"), mnist_dir, "trainer=smoke",
+                      "trainer.max_epochs=2")
+    metadata = train(cfg)
+    metrics = evaluate_checkpoint(cfg)
+    return cfg, metadata, metrics
+
+
+def test_smoke_training_logs_run_params_metrics_and_registers(trained):
+    cfg, metadata, metrics = trained
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(metadata["mlflow_run_id"])
+    assert run.data.params["model.dropout"] == "0.5"
+    assert run.data.params["optimizer.lr"] == "0.003"
+    for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/acc"):
+        assert key in run.data.metrics, key
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert [m.step for m in history] == sorted(m.step for m in history) and len(history) == 2
+    assert run.data.tags["data_version"] and run.data.tags["git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    eval_files = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/confusion.png", "eval/misclassified.png", "eval/metrics.json"} <= eval_files
+    version = client.get_model_version(cfg.mlflow.registered_model, "1")
+    assert version.run_id == run.info.run_id
+    assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"], 1e-3)
+
+
+def test_registered_model_predicts_like_trained_checkpoint(trained, mnist_dir):
+    cfg, _, _ = trained
+    candidate, metadata = checkpoint.load(cfg.paths.candidate)
+    assert metadata["registered_version"] == "1"
+    loaded = registry.load(f"models:/{cfg.mlflow.registered_model}/1", cfg.mlflow.tracking_uri)
+    images, _ = mnist.load(mnist_dir, "t10k")
+    x = normalize(torch.from_numpy(images[:50]))
+    with torch.inference_mode():
+        assert torch.allclose(candidate(x), loaded(x), atol=1e-5)
+
+
+def test_evaluation_writes_dvc_metrics_and_plots(trained):
+    cfg, metadata, metrics = trained
+    on_disk = json.loads(open(cfg.paths.metrics).read())
+    assert on_disk == metrics
+    assert on_disk["test"]["count"] == 300
+    assert set(on_disk["test"]["per_class_accuracy"]) == {str(d) for d in range(10)}
+    assert on_disk["feedback_holdout"]["count"] == 0
+    with open(cfg.paths.history) as f:
+        rows = f.read().splitlines()
+    assert rows[0].split(",") == list(HISTORY_FIELDS) and len(rows) == 3
+    confusion_rows = open(f"{cfg.paths.eval_dir}/confusion.csv").read().splitlines()
+    assert confusion_rows[0] == "actual,predicted" and len(confusion_rows) == 301
+    _, candidate_meta = checkpoint.load(cfg.paths.candidate)
+    assert candidate_meta["test_accuracy"] == metrics["test"]["accuracy"]
+    assert set(candidate_meta["mnist_sha256"]) == set(mnist.FILES)
+
+
+def test_predict_proba_is_a_distribution(trained, mnist_dir):
+    cfg, _, _ = trained
+    model, _ = checkpoint.load(cfg.paths.checkpoint)
+    images, _ = mnist.load(mnist_dir, "t10k")
+    p = predict_proba(model, images[:10], batch_size=4)
+    assert p.shape == (10, 10) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
