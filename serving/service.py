@@ -19,9 +19,17 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from digitops import api, explain
-from digitops.preprocess import DEFAULT_MAX_BYTES, ImageError, Preprocessed, add_noise, preprocess
+from digitops.preprocess import (
+    DEFAULT_MAX_BYTES,
+    ImageError,
+    Preprocessed,
+    add_noise,
+    normalize,
+    preprocess,
+)
 
-log = logging.getLogger("digitops.service")
+# BentoML configures handlers for its own logger tree only; a child of it reaches the server log.
+log = logging.getLogger("bentoml.digitops")
 
 app = FastAPI(
     title="digitops",
@@ -105,16 +113,21 @@ class DigitService:
     def __init__(self) -> None:
         self.served = api.load_served_model(api.os.environ.get("DIGITOPS_MODEL_TAG"))
         self.max_bytes = api.env_int("DIGITOPS_MAX_UPLOAD_BYTES", DEFAULT_MAX_BYTES)
-        log.info("digitops service ready: model from %s", self.served.source)
+        card = self.served.card()
+        log.info("serving model from %s (version %s, test accuracy %s)", self.served.source,
+                 card["version"], card["test_accuracy"])
 
-    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=10)
-    def classify(self, inputs: np.ndarray) -> np.ndarray:
-        """Class probabilities [N, 10] for normalised inputs [N, 1, 28, 28] (adaptively batched)."""
-        x = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
-        if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
-            raise bentoml.exceptions.InvalidArgument(f"inputs must be [N, 1, 28, 28], got {list(x.shape)}")
+    # max_latency_ms is the dispatcher's budget before it sheds load with 503; it waits far
+    # less than this when requests are sparse (it learns the model's latency as it goes).
+    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=1000)
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, 10] for uint8 MNIST-style inputs [N, 28, 28] (adaptively batched)."""
+        x = np.asarray(pixels)
+        if x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise bentoml.exceptions.InvalidArgument(f"pixels must be [N, 28, 28], got {list(x.shape)}")
         with torch.inference_mode():
-            return torch.softmax(self.served.model(x), dim=1).numpy()
+            logits = self.served.model(normalize(torch.from_numpy(x.astype(np.uint8))))
+            return torch.softmax(logits, dim=1).numpy()
 
     async def _prepare(self, data: bytes, options: api.Options) -> Preprocessed:
         # Image decoding and filtering is CPU work: keep it off the event loop.
@@ -124,8 +137,9 @@ class DigitService:
             prepared = Preprocessed(pixels=noisy, inverted=prepared.inverted)
         return prepared
 
-    async def _probabilities(self, inputs: np.ndarray) -> np.ndarray:
-        return np.asarray(await self.to_async.classify(inputs), dtype=np.float32)
+    async def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        # Through the service's own client, so concurrent requests share adaptive batches.
+        return np.asarray(await self.to_async.classify(pixels), dtype=np.float32)
 
     @app.post("/predict")
     async def predict(self, request: Request):
@@ -133,7 +147,7 @@ class DigitService:
         (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
         options = api.parse_options(raw)
         prepared = await self._prepare(data, options)
-        probabilities = (await self._probabilities(prepared.tensor().numpy()))[0]
+        probabilities = (await self._probabilities(prepared.pixels[None]))[0]
         return api.prediction_payload(probabilities, prepared.pixels, prepared.inverted,
                                           self.served, api.new_prediction_id())
 
@@ -150,8 +164,8 @@ class DigitService:
             except ImageError as err:  # one bad image must not fail its neighbours
                 results[i] = {"error": str(err), "status": err.status}
         if ready:
-            inputs = np.concatenate([p.tensor().numpy() for _, p in ready])
-            probabilities = await self._probabilities(inputs)
+            pixels = np.stack([p.pixels for _, p in ready])
+            probabilities = await self._probabilities(pixels)
             for (i, prepared), probs in zip(ready, probabilities, strict=True):
                 results[i] = api.prediction_payload(probs, prepared.pixels, prepared.inverted,
                                                         self.served, api.new_prediction_id())

@@ -6,7 +6,6 @@ The BentoML class in serving/service.py only wires these to routes.
 from __future__ import annotations
 
 import base64
-import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -18,8 +17,6 @@ import torch
 from digitops import checkpoint
 from digitops.model import DigitCNN
 from digitops.preprocess import ImageError
-
-log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL = ROOT / "models" / "default" / "model.pt"
@@ -73,8 +70,6 @@ def load_served_model(store_tag: str | None = None, shipped: Path = SHIPPED_MODE
         model, metadata = checkpoint.load(shipped)
         source = f"shipped {shipped.relative_to(ROOT) if shipped.is_relative_to(ROOT) else shipped}"
     torch.set_grad_enabled(False)  # inference only; Grad-CAM re-enables it locally
-    log.info("serving model from %s (version %s, test accuracy %s)", source,
-             metadata.get("registered_version"), metadata.get("test_accuracy"))
     return ServedModel(model, metadata, source)
 
 

@@ -37,6 +37,7 @@ MIN_CONTRAST = 0.1
 MIN_EDGE = 0.5 / 255
 # Blobs smaller than this fraction of the largest one are specks, not strokes.
 SPECK_FRACTION = 0.05
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # stroke pixels touching at a corner are one stroke
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
 INVERT_WORDS = {
     "auto": None, "true": True, "false": False, "1": True, "0": False,
@@ -64,7 +65,7 @@ class EmptyImageError(ImageError):
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy arrays have no single truth value to compare by
 class Preprocessed:
     """One image as the model sees it, and whether it had to be inverted to get there."""
 
@@ -124,7 +125,7 @@ def decode(
         raise ImageError(f"The request body is empty; {SEND_INSTEAD}.")
     if len(data) > max_bytes:
         raise ImageError(
-            f"The image is {_mib(len(data))}; the limit is {_mib(max_bytes)}. "
+            f"The image is {_size(len(data))}; the limit is {_size(max_bytes)}. "
             "Send a smaller or more compressed image.",
             status=413,
         )
@@ -165,8 +166,8 @@ def decode(
                 ) from None
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _not_readable(data: bytes) -> ImageError:
@@ -204,8 +205,7 @@ def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
     gray = _grayscale(image)
     if invert is None:
         invert = _looks_dark_on_light(gray)
-    ink = _find_ink(gray, invert)
-    pixels = np.rint(_center(ink) * 255).astype(np.uint8)
+    pixels = _center(_find_ink(gray, invert))
     pixels.flags.writeable = False  # Preprocessed is frozen; so are its pixels
     return Preprocessed(pixels=pixels, inverted=bool(invert))
 
@@ -214,7 +214,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     """Luminance in [0, 1], longest side at most WORK_SIDE, transparency flattened away."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.nan_to_num(np.asarray(image, dtype=np.float32))
-        image = Image.fromarray(np.clip(values / _full_scale(image.mode, values), 0, 1))
+        image = Image.fromarray(np.clip(_unit_range(image.mode, values), 0, 1).astype(np.float32))
     elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = np.asarray(_shrink(image.convert("RGBA")), dtype=np.float32) / 255
         return _flatten_alpha(rgba[..., :3] @ LUMA, rgba[..., 3])
@@ -230,12 +230,15 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     return np.asarray(_shrink(image), dtype=np.float32) / (1 if image.mode == "F" else 255)
 
 
-def _full_scale(mode: str, values: np.ndarray) -> float:
-    """The value of white: 65535 for 16-bit pixels; for 32-bit int or float, read off the peak."""
+def _unit_range(mode: str, values: np.ndarray) -> np.ndarray:
+    """High-depth pixels scaled to [0, 1]: white is 65535 for 16-bit ones, and a guess otherwise."""
     if mode.startswith("I;16"):
-        return 65535.0
-    peak = float(values.max(initial=0))
-    return next((white for white in (1.0, 255.0, 65535.0) if peak <= white), peak)
+        return values / 65535
+    low, peak = float(values.min()), float(values.max())
+    for white in (1.0, 255.0, 65535.0):  # the usual ranges of float, 8-bit and 16-bit data
+        if low >= 0 and peak <= white:
+            return values / white
+    return (values - low) / max(peak - low, 1e-12)
 
 
 def _shrink(image: Image.Image) -> Image.Image:
@@ -281,7 +284,7 @@ def _find_ink(gray: np.ndarray, invert: bool) -> np.ndarray:
     signal = np.clip(signal, 0, None)
 
     strong = signal > max(_otsu(signal), 5 * noise, MIN_CONTRAST)
-    labels, count = ndimage.label(strong, structure=np.ones((3, 3)))
+    labels, count = ndimage.label(strong, structure=EIGHT_CONNECTED)
     if count == 0:
         raise EmptyImageError()
     areas = np.bincount(labels.ravel())
@@ -291,12 +294,14 @@ def _find_ink(gray: np.ndarray, invert: bool) -> np.ndarray:
     kept = (areas >= SPECK_FRACTION * areas.max())[labels]
 
     # Hysteresis: fainter pixels belong to the ink only when connected to a kept stroke.
-    edge = max(3 * noise, MIN_EDGE)
-    weak_labels, weak_count = ndimage.label(signal > edge, structure=np.ones((3, 3)))
+    floor = 3 * noise
+    weak_labels, weak_count = ndimage.label(signal > max(floor, MIN_EDGE), EIGHT_CONNECTED)
     connected = np.zeros(weak_count + 1, dtype=bool)
     connected[weak_labels[kept]] = True
+    # Taking off the noise floor lets the faintest kept pixels fade out instead of ending in a
+    # step; a clean image (no noise) keeps its exact values, so an MNIST digit passes unchanged.
     stroke = np.percentile(signal[kept], 90)  # the level a stroke's core reaches
-    soft = np.clip((signal - edge) / max(stroke - edge, 1e-6), 0, 1)
+    soft = np.clip((signal - floor) / max(stroke - floor, 1e-6), 0, 1)
     return np.where(connected[weak_labels], soft, 0)
 
 
@@ -353,15 +358,16 @@ def _center(ink: np.ndarray) -> np.ndarray:
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
     scale = 20 / max(crop.shape)
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-    digit = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS))
-    digit = np.clip(digit, 0, 1)
-    if 0 < digit.max() < 1:
-        digit = digit / digit.max()  # thin strokes fade when shrunk; MNIST strokes peak at white
+    digit = np.clip(np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS)), 0, 1)
+    if digit.max() == 0:
+        raise EmptyImageError()
+    # Thin strokes fade when shrunk, but MNIST strokes always peak at white.
+    digit = np.rint(digit / digit.max() * 255).astype(np.uint8)
     # MNIST moved each digit by whole pixels (its centres of mass lie within half a pixel of
     # (14, 14)); a subpixel shift would resample, blurring the strokes and breaking parity.
     cy, cx = ndimage.center_of_mass(digit)
     top = int(np.clip(round(14 - cy), 0, 28 - size[1]))
     left = int(np.clip(round(14 - cx), 0, 28 - size[0]))
-    canvas = np.zeros((28, 28), dtype=np.float32)
+    canvas = np.zeros((28, 28), dtype=np.uint8)
     canvas[top : top + size[1], left : left + size[0]] = digit
     return canvas
