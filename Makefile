@@ -28,8 +28,8 @@ train: data ## train and evaluate (DVC stages up to `evaluate`; skipped when not
 repro: data ## run the whole DVC pipeline
 	$(DVC) repro
 
-serve: $(STAMP) ## serve the model on http://127.0.0.1:3000 (web page + API)
-	$(DVC) repro
+serve: $(STAMP) ## serve the model on http://127.0.0.1:3000 (web page + API; docs at /docs)
+	$(VENV)/bin/bentoml serve serving.service:DigitService
 
 test: $(STAMP) ## all tests: unit, slow (pipeline) and e2e (servers, browser)
 	$(PY) -m pytest
@@ -37,8 +37,10 @@ test: $(STAMP) ## all tests: unit, slow (pipeline) and e2e (servers, browser)
 test-fast: $(STAMP) ## unit tests only
 	$(PY) -m pytest -m "not slow and not e2e"
 
-bench: $(STAMP) ## benchmarks, written to artifacts/bench/
-	$(PY) -m pytest -m "not slow and not e2e" tests/test_model.py -q
+bench: $(STAMP) ## real-world accuracy + serving latency/throughput -> artifacts/bench/report.md
+	@command -v wrk >/dev/null || { echo "bench needs wrk (apt-get install wrk)"; exit 1; }
+	$(PY) -m tests.benchmarks.bench_accuracy
+	$(PY) -m tests.benchmarks.bench_serving
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check src pipelines serving tests

@@ -1,5 +1,7 @@
 """Stage `bento`: import the MLflow champion into the BentoML store and build the Bento."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -8,7 +10,7 @@ from digitops.bento import build
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    result = build(cfg)
+    result = build(cfg, root=Path.cwd())
     print(f"built {result['bento']} serving {result['model']} "
           f"(registry v{result['registered_version']}, test accuracy {result['test_accuracy']})")
 

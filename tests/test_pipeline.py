@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "BENTOML_HOME": str(cwd / ".bentoml")}
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
@@ -66,7 +67,8 @@ def project(tmp_path, mnist_dir) -> Path:
 
 def test_dvc_repro_runs_stages_then_is_a_no_op(project):
     first = run(["dvc", "repro"], cwd=project)
-    assert "Running stage 'train'" in first.stdout and "Running stage 'evaluate'" in first.stdout
+    for stage in ("train", "evaluate", "promote", "bento"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
     metrics = json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())
     assert metrics["test"]["count"] == 300
     second = run(["dvc", "repro"], cwd=project)
@@ -81,6 +83,19 @@ def test_dvc_repro_runs_stages_then_is_a_no_op(project):
     assert candidate["registered_version"] == "1"
     assert candidate["data_version"].endswith(".dir")
     assert set(candidate["mnist_sha256"]) == set(mnist.FILES)
+    # The first candidate becomes champion, and the Bento serves it.
+    promotion = json.loads((project / "artifacts" / "promote" / "promotion.json").read_text())
+    assert promotion["promoted"] and promotion["reason"] == "no champion yet"
+    bento = json.loads((project / "artifacts" / "bento" / "bento.json").read_text())
+    assert bento["bento"].startswith("digitops:") and bento["registered_version"] == "1"
+
+
+def test_dvc_remote_push_pull_offline(project):
+    run(["dvc", "push"], cwd=project)
+    shutil.rmtree(project / ".dvc" / "cache")
+    shutil.rmtree(project / "data")
+    run(["dvc", "pull", "data.dvc"], cwd=project)
+    assert mnist.load(project / "data" / "mnist", "t10k")[0].shape == (300, 28, 28)
 
 
 def test_dvc_exp_run_with_parameter_override(project):

@@ -18,8 +18,8 @@ from digitops import checkpoint
 from digitops.model import DigitCNN
 from digitops.preprocess import ImageError
 
-ROOT = Path(__file__).resolve().parents[2]
-SHIPPED_MODEL = ROOT / "models" / "default" / "model.pt"
+# Relative to the working directory: the repo for `make serve`, the Bento's src/ when packaged.
+SHIPPED_MODEL = Path(os.environ.get("DIGITOPS_SHIPPED_MODEL", "models/default/model.pt"))
 STORE_MODEL_NAME = "digit-cnn"
 CHECKPOINT_FILE = "model.pt"
 
@@ -68,7 +68,7 @@ def load_served_model(store_tag: str | None = None, shipped: Path = SHIPPED_MODE
         if store_tag:  # asked for explicitly: do not silently serve something else
             raise RuntimeError(f"model {store_tag!r} not usable from the BentoML store: {err}")
         model, metadata = checkpoint.load(shipped)
-        source = f"shipped {shipped.relative_to(ROOT) if shipped.is_relative_to(ROOT) else shipped}"
+        source = f"shipped {shipped}"
     torch.set_grad_enabled(False)  # inference only; Grad-CAM re-enables it locally
     return ServedModel(model, metadata, source)
 

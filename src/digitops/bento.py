@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from digitops import checkpoint
-from digitops.api import CHECKPOINT_FILE, ROOT, STORE_MODEL_NAME
+from digitops.api import CHECKPOINT_FILE, STORE_MODEL_NAME
 from digitops.promote import champion_checkpoint
 
 log = logging.getLogger(__name__)
@@ -41,22 +41,22 @@ def import_champion(cfg) -> tuple[str, dict]:
     return str(model.tag), summary
 
 
-def build(cfg) -> dict:
-    """The `bento` stage: import the champion, then `bentoml build` the service around it."""
+def build(cfg, root: Path) -> dict:
+    """The `bento` stage: import the champion, then `bentoml build` the service in `root`."""
     import bentoml
 
     model_tag, summary = import_champion(cfg)
-    out = Path(cfg.paths.bento).parent
+    out = root / Path(cfg.paths.bento).parent
     dist = out / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist),
-                    str(ROOT)], check=True)
+                    str(root)], check=True)
     # The Bento pins exactly the versions this project is tested with.
-    requirements = [line for line in (ROOT / "constraints.txt").read_text().splitlines()
+    requirements = [line for line in (root / "constraints.txt").read_text().splitlines()
                     if line and not line.startswith("#")]
     (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
-    bento = bentoml.bentos.build_bentofile(str(ROOT / "serving" / "bentofile.yaml"),
-                                           build_ctx=str(ROOT))
+    bento = bentoml.bentos.build_bentofile(str(root / "serving" / "bentofile.yaml"),
+                                           build_ctx=str(root))
     result = {"bento": str(bento.tag), "model": model_tag, **summary}
-    Path(cfg.paths.bento).write_text(json.dumps(result, indent=2) + "\n")
+    (root / cfg.paths.bento).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -32,9 +32,11 @@ SEND_INSTEAD = "send a PNG, JPEG, WebP, BMP, GIF or TIFF file"
 WORK_SIDE = 512
 # Ink must stand out from its background by at least this fraction of full scale.
 MIN_CONTRAST = 0.1
-# Faint pixels touching the ink, down to this level or 3 noise sigmas, are its anti-aliased edge;
-# half a uint8 step keeps every deliberate pixel of a clean image (MNIST's edges go down to 1/255).
+# Faint pixels within EDGE_WIDTH px of the ink, down to this level or 3 noise sigmas, are its
+# anti-aliased edge; half a uint8 step keeps every deliberate pixel of a clean image (MNIST's
+# edges go down to 1/255).
 MIN_EDGE = 0.5 / 255
+EDGE_WIDTH = 2
 # Blobs smaller than this fraction of the largest one are specks, not strokes.
 SPECK_FRACTION = 0.05
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # stroke pixels touching at a corner are one stroke
@@ -293,16 +295,16 @@ def _find_ink(gray: np.ndarray, invert: bool) -> np.ndarray:
         raise EmptyImageError()  # a few stray pixels in a big image are dust, not a digit
     kept = (areas >= SPECK_FRACTION * areas.max())[labels]
 
-    # Hysteresis: fainter pixels belong to the ink only when connected to a kept stroke.
+    # Fainter pixels count as the strokes' anti-aliased edges only right beside them: grown
+    # further (hysteresis), they can creep through faint background texture across the image.
     floor = 3 * noise
-    weak_labels, weak_count = ndimage.label(signal > max(floor, MIN_EDGE), EIGHT_CONNECTED)
-    connected = np.zeros(weak_count + 1, dtype=bool)
-    connected[weak_labels[kept]] = True
+    edges = ndimage.binary_dilation(kept, EIGHT_CONNECTED, iterations=EDGE_WIDTH)
+    mask = edges & (signal > max(floor, MIN_EDGE))
     # Taking off the noise floor lets the faintest kept pixels fade out instead of ending in a
     # step; a clean image (no noise) keeps its exact values, so an MNIST digit passes unchanged.
     stroke = np.percentile(signal[kept], 90)  # the level a stroke's core reaches
     soft = np.clip((signal - floor) / max(stroke - floor, 1e-6), 0, 1)
-    return np.where(connected[weak_labels], soft, 0)
+    return np.where(mask, soft, 0)
 
 
 def _block_side(shape: tuple[int, ...]) -> int:

@@ -1,0 +1,155 @@
+"""What the HTTP service does, as plain functions: pick the model, parse options, build replies.
+
+The BentoML class in serving/service.py only wires these to routes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from digitops import checkpoint
+from digitops.model import DigitCNN
+from digitops.preprocess import ImageError
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_MODEL = ROOT / "models" / "default" / "model.pt"
+STORE_MODEL_NAME = "digit-cnn"
+CHECKPOINT_FILE = "model.pt"
+
+
+@dataclass
+class ServedModel:
+    """The network plus where it came from: what /predict reports as the model's identity."""
+
+    model: DigitCNN
+    metadata: dict
+    source: str
+
+    def identity(self) -> dict:
+        m = self.metadata
+        return {
+            "name": m.get("registered_model", STORE_MODEL_NAME),
+            "version": m.get("registered_version"),
+            "mlflow_run_id": m.get("mlflow_run_id"),
+            "data_version": m.get("data_version"),
+        }
+
+    def card(self) -> dict:
+        """Everything a user may want to know about the serving model (GET /model)."""
+        m = self.metadata
+        return {
+            **self.identity(),
+            "source": self.source,
+            "test_accuracy": m.get("test_accuracy"),
+            "trained_at": m.get("trained_at"),
+            "git_commit": m.get("git_commit"),
+            "model_args": m.get("model_args"),
+            "mlflow_tracking_uri": m.get("mlflow_tracking_uri"),
+        }
+
+
+def load_served_model(store_tag: str | None = None, shipped: Path = SHIPPED_MODEL) -> ServedModel:
+    """The champion imported into the BentoML model store, else the shipped default model."""
+    tag = store_tag or f"{STORE_MODEL_NAME}:latest"
+    try:
+        import bentoml
+
+        stored = bentoml.models.get(tag)
+        model, metadata = checkpoint.load(stored.path_of(CHECKPOINT_FILE))
+        source = f"bentoml model store {stored.tag}"
+    except Exception as err:  # no store, no such tag, or an unreadable entry: fall back
+        if store_tag:  # asked for explicitly: do not silently serve something else
+            raise RuntimeError(f"model {store_tag!r} not usable from the BentoML store: {err}")
+        model, metadata = checkpoint.load(shipped)
+        source = f"shipped {shipped.relative_to(ROOT) if shipped.is_relative_to(ROOT) else shipped}"
+    torch.set_grad_enabled(False)  # inference only; Grad-CAM re-enables it locally
+    return ServedModel(model, metadata, source)
+
+
+@dataclass(frozen=True)
+class Options:
+    invert: bool | None = None
+    noise: float = 0.0
+    seed: int | None = None
+    target: int | None = None
+    layer: str = "conv1"
+    arrays: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _parse_float(name: str, value: str, lo: float, hi: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImageError(f"'{name}' must be a number in [{lo:g}, {hi:g}], got {value!r}") from None
+    if not lo <= number <= hi or np.isnan(number):
+        raise ImageError(f"'{name}' must be in [{lo:g}, {hi:g}], got {value!r}")
+    return number
+
+
+def _parse_int(name: str, value: str, lo: int, hi: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImageError(f"'{name}' must be an integer in [{lo}, {hi}], got {value!r}") from None
+    if not lo <= number <= hi:
+        raise ImageError(f"'{name}' must be in [{lo}, {hi}], got {value!r}")
+    return number
+
+
+def parse_options(raw: dict[str, str], layers: tuple[str, ...] = DigitCNN.conv_layers) -> Options:
+    """Validate request options (form fields or query parameters); unknown keys are ignored."""
+    from digitops.preprocess import parse_invert
+
+    kwargs: dict = {}
+    if (value := raw.get("invert")) not in (None, ""):
+        kwargs["invert"] = parse_invert(value)
+    if (value := raw.get("noise")) not in (None, ""):
+        kwargs["noise"] = _parse_float("noise", value, 0.0, 1.0)
+    if (value := raw.get("seed")) not in (None, ""):
+        kwargs["seed"] = _parse_int("seed", value, 0, 2**32 - 1)
+    if (value := raw.get("target")) not in (None, ""):
+        kwargs["target"] = _parse_int("target", value, 0, 9)
+    if (value := raw.get("layer")) not in (None, ""):
+        if value not in layers:
+            raise ImageError(f"'layer' must be one of {', '.join(layers)}, got {value!r}")
+        kwargs["layer"] = value
+    if (value := raw.get("arrays")) not in (None, ""):
+        kwargs["arrays"] = value.lower() in ("1", "true", "yes", "on")
+    return Options(**kwargs)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def new_prediction_id() -> str:
+    return uuid.uuid4().hex
+
+
+def prediction_payload(probabilities: np.ndarray, pixels: np.ndarray, inverted: bool,
+                       served: ServedModel, prediction_id: str) -> dict:
+    from digitops.explain import png
+
+    digit = int(np.argmax(probabilities))
+    return {
+        "digit": digit,
+        "confidence": round(float(probabilities[digit]), 6),
+        "probabilities": [round(float(p), 6) for p in probabilities],
+        "inverted": bool(inverted),
+        "input_png": b64(png(pixels)),
+        "prediction_id": prediction_id,
+        "model": served.identity(),
+    }
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default

@@ -1,0 +1,92 @@
+"""MNIST (+ user feedback) as a LightningDataModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+
+from digitops import feedback, mnist
+from digitops.augment import random_affine
+from digitops.preprocess import MNIST_MEAN, MNIST_STD
+
+
+def _tensors(images, labels) -> TensorDataset:
+    # Kept as uint8 (47 MB for all of MNIST); scaled per batch on the training device.
+    return TensorDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype("int64")))
+
+
+class MnistDataModule(pl.LightningDataModule):
+    """Train/val split of MNIST train (fixed seed) plus feedback; test is the 10k MNIST test set."""
+
+    def __init__(
+        self,
+        mnist_dir: str | Path,
+        feedback_dir: str | Path | None = None,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        seed: int = 0,
+        feedback_oversample: int = 10,
+        augment: dict | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.mnist_dir = Path(mnist_dir)
+        self.feedback_dir = Path(feedback_dir) if feedback_dir else None
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.seed = seed
+        self.feedback_oversample = feedback_oversample
+        self.augment = dict(augment or {})
+        self.num_workers = num_workers
+        self.num_feedback = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        images, labels = mnist.load(self.mnist_dir, "train")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
+        val_idx, train_idx = order[: self.val_size].numpy(), order[self.val_size :].numpy()
+        train_sets = [_tensors(images[train_idx], labels[train_idx])]
+        if self.feedback_dir is not None:
+            fb_images, fb_labels = feedback.load(self.feedback_dir, split="train")
+            self.num_feedback = len(fb_labels)
+            if self.num_feedback:
+                # A few hundred corrections next to 55k MNIST digits would barely move the
+                # loss; repeating them is the simplest reweighting that works with any sampler.
+                train_sets += [_tensors(fb_images, fb_labels)] * self.feedback_oversample
+        self.train_set = ConcatDataset(train_sets)
+        self.val_set = _tensors(images[val_idx], labels[val_idx])
+        self.test_set = _tensors(*mnist.load(self.mnist_dir, "t10k"))
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        x = images.unsqueeze(1).float() / 255.0
+        if self.trainer is not None and self.trainer.training and self.augment.get("enabled", True):
+            x = random_affine(
+                x,
+                degrees=self.augment.get("degrees", 10.0),
+                translate=self.augment.get("translate", 0.1),
+                scale=tuple(self.augment.get("scale", (0.9, 1.1))),
+            )
+        x = (x - MNIST_MEAN) / MNIST_STD
+        return x, labels

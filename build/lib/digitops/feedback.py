@@ -1,0 +1,58 @@
+"""The feedback dataset: user-corrected digits that training adds to MNIST.
+
+Layout of `data/feedback/` (versioned with the rest of `data/` by `data.dvc`):
+
+    manifest.jsonl          one JSON object per accepted sample, appended in order
+    images/<sha256>.png     the 28x28 8-bit grayscale model input (white ink on black, as MNIST)
+
+Manifest fields: `file` (path relative to the folder), `label` (0-9), `sha256` (of the
+PNG's pixels, the de-duplication key), `split` (`train` or `holdout`, fixed by the hash so
+a sample never moves), `prediction_id`, `model_version`, `created_at`, `ingested_at`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MANIFEST = "manifest.jsonl"
+IMAGES = "images"
+HOLDOUT_EVERY = 5  # one sample in five is held out to check that retraining learned the style
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def split_for(sha256: str) -> str:
+    return "holdout" if int(sha256[:8], 16) % HOLDOUT_EVERY == 0 else "train"
+
+
+def read_manifest(directory: Path) -> list[dict]:
+    """All complete records; a torn last line (a writer killed mid-append) is ignored."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def load(directory: Path, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels int64 [N]) of one split, or all when split is None."""
+    directory = Path(directory)
+    records = [r for r in read_manifest(directory) if split is None or r["split"] == split]
+    images = np.zeros((len(records), 28, 28), dtype=np.uint8)
+    for i, record in enumerate(records):
+        with Image.open(directory / record["file"]) as im:
+            images[i] = np.asarray(im.convert("L"))
+    labels = np.array([int(r["label"]) for r in records], dtype=np.int64)
+    return images, labels

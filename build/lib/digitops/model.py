@@ -1,0 +1,58 @@
+"""The digit CNN in plain torch: serving, Grad-CAM and feature maps use it without Lightning."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+
+
+def conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        # No conv bias: BatchNorm's shift makes it redundant.
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class DigitCNN(nn.Module):
+    """Three 3x3 conv blocks (2x2 max-pool after the first two), a dense layer, dropout, 10 logits."""
+
+    # Named blocks are the public handles for feature maps and Grad-CAM.
+    conv_layers = ("conv1", "conv2", "conv3")
+
+    def __init__(
+        self,
+        channels: tuple[int, int, int] | list[int] = (32, 64, 128),
+        hidden: int = 128,
+        dropout: float = 0.5,
+        num_classes: int = NUM_CLASSES,
+    ):
+        super().__init__()
+        if len(channels) != 3:
+            raise ValueError(f"channels must list 3 widths, got {list(channels)}")
+        c1, c2, c3 = (int(c) for c in channels)
+        self.conv1 = conv_block(1, c1, pool=True)  # 28 -> 14
+        self.conv2 = conv_block(c1, c2, pool=True)  # 14 -> 7
+        self.conv3 = conv_block(c2, c3, pool=False)  # 7 -> 7
+        spatial = IMAGE_SIZE // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c3 * spatial * spatial, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map normalised (N, 1, 28, 28) images to (N, 10) logits."""
+        return self.classifier(self.features(x))

@@ -1,0 +1,375 @@
+"""Everything between an image and the model's input tensor, in one place.
+
+Training, evaluation, the service and the tests all normalise through here. Any image a user
+sends (a canvas export, a scan, a phone photo of ink on paper) becomes a 28x28 uint8 digit drawn
+the way MNIST's are: white ink on black, the longest side 20 px, the centre of mass at (14, 14).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+# Mean and standard deviation of MNIST training pixels scaled to [0, 1].
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000  # decoded-size limit against decompression bombs
+
+# TIFF is what many scanners write. Pillow's JPEG reader also opens MPO, the multi-picture JPEG
+# that many phone cameras write.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+SEND_INSTEAD = "send a PNG, JPEG, WebP, BMP, GIF or TIFF file"
+
+# The ink is searched for at this size at most: plenty for a 20 px digit, and fast on big photos.
+WORK_SIDE = 512
+# Ink must stand out from its background by at least this fraction of full scale.
+MIN_CONTRAST = 0.1
+# Faint pixels within EDGE_WIDTH px of the ink, down to this level or 3 noise sigmas, are its
+# anti-aliased edge; half a uint8 step keeps every deliberate pixel of a clean image (MNIST's
+# edges go down to 1/255).
+MIN_EDGE = 0.5 / 255
+EDGE_WIDTH = 2
+# Blobs smaller than this fraction of the largest one are specks, not strokes.
+SPECK_FRACTION = 0.05
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # stroke pixels touching at a corner are one stroke
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
+INVERT_WORDS = {
+    "auto": None, "true": True, "false": False, "1": True, "0": False,
+    "yes": True, "no": False, "on": True, "off": False,
+}  # fmt: skip
+
+
+class ImageError(ValueError):
+    """Bad input; .status is the HTTP status to answer with (400/413/415/422)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class EmptyImageError(ImageError):
+    """No ink found: the image is blank or nothing in it stands out from the background."""
+
+    def __init__(self, message: str | None = None):
+        super().__init__(
+            message
+            or "No digit found: the image is blank or nothing stands out from its background. "
+            "Send a drawing or photo of one digit with clear contrast.",
+            status=422,
+        )
+
+
+@dataclass(frozen=True, eq=False)  # numpy arrays have no single truth value to compare by
+class Preprocessed:
+    """One image as the model sees it, and whether it had to be inverted to get there."""
+
+    pixels: np.ndarray  # uint8 [28, 28], white ink on black, centred as MNIST
+    inverted: bool  # whether the input was dark-on-light and got inverted
+
+    def tensor(self) -> torch.Tensor:
+        """The pixels normalised into a float model input [1, 1, 28, 28]."""
+        return normalize(torch.tensor(self.pixels).unsqueeze(0))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] or [N, 1, 28, 28], white ink on black -> float input [N, 1, 28, 28]."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    return (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD
+
+
+def denormalize(x: torch.Tensor) -> np.ndarray:
+    """Model input back to uint8 pixels, for showing what the model saw."""
+    pixels = (x.detach().cpu().float() * MNIST_STD + MNIST_MEAN).clamp(0, 1) * 255
+    return pixels.round().to(torch.uint8).squeeze(1).numpy()
+
+
+def parse_invert(value: str | bool | None) -> bool | None:
+    """An `invert` request value: "auto" or None -> None (decide from the image), else a bool."""
+    if value is None or isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word not in INVERT_WORDS:
+        raise ImageError(f"invert must be one of {', '.join(INVERT_WORDS)}; got {value!r}.")
+    return INVERT_WORDS[word]
+
+
+def add_noise(pixels: np.ndarray, level: float, seed: int | None = None) -> np.ndarray:
+    """Gaussian noise of standard deviation level*255 on uint8 pixels, for robustness checks."""
+    if not 0 <= level <= 1:  # also refuses NaN
+        raise ImageError(f"noise level must be between 0 and 1; got {level}.")
+    noise = np.random.default_rng(seed).normal(0.0, level * 255, pixels.shape)
+    return np.clip(np.rint(pixels + noise), 0, 255).astype(np.uint8)
+
+
+def decode(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_side: int | None = None,
+) -> Image.Image:
+    """Untrusted bytes -> a fully loaded, upright PIL image (the first frame of an animation).
+
+    Args:
+        draft_side: if given, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+            scaling, far cheaper than a full decode) while its longest side stays at least this.
+    """
+    if not data:
+        raise ImageError(f"The request body is empty; {SEND_INSTEAD}.")
+    if len(data) > max_bytes:
+        raise ImageError(
+            f"The image is {_size(len(data))}; the limit is {_size(max_bytes)}. "
+            "Send a smaller or more compressed image.",
+            status=413,
+        )
+    # Our pixel limit is checked right after the header is read; Pillow's own bomb check fires
+    # earlier (inside open) and must not leak out as a warning or an unexplained error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+        except UnidentifiedImageError:
+            raise _not_readable(data) from None
+        except Image.DecompressionBombError:
+            raise ImageError(
+                f"The image has too many pixels; the limit is {max_pixels:,} pixels. "
+                "Send a smaller image.",
+                status=413,
+            ) from None
+        except Exception as err:  # Pillow raises many types on malformed headers
+            raise ImageError(f"The image header is corrupt ({err}); {SEND_INSTEAD}.") from None
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"The image is {width}x{height} pixels; the limit is {max_pixels:,} pixels. "
+                    "Send a smaller image.",
+                    status=413,
+                )
+            if draft_side and image.format in ("JPEG", "MPO"):
+                scale = draft_side / max(width, height)
+                image.draft(image.mode, (int(width * scale) or 1, int(height * scale) or 1))
+            try:
+                image.load()  # surfaces truncation and corruption here, not in the caller
+                return ImageOps.exif_transpose(image)
+            except Exception as err:  # as above: any decoder error means a broken file
+                raise ImageError(
+                    f"The {image.format} image is truncated or corrupt ({err}); "
+                    "send the complete file."
+                ) from None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _not_readable(data: bytes) -> ImageError:
+    """Tell a known but unsupported format (415) from bytes that are not an image (400)."""
+    name = None
+    if data[4:8] == b"ftyp":
+        name = "HEIC/AVIF"
+    elif data.startswith(b"%PDF"):
+        name = "PDF"
+    elif data.lstrip()[:5].lower() in (b"<svg ", b"<?xml"):
+        name = "SVG"
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(data)) as other:  # header only, never decoded
+                    name = other.format
+        except Exception:
+            pass
+    if name:
+        return ImageError(f"{name} images are not supported; {SEND_INSTEAD}.", status=415)
+    return ImageError(f"The data is not a readable image; {SEND_INSTEAD}.")
+
+
+def preprocess(data: bytes, invert: bool | None = None, **decode_limits) -> Preprocessed:
+    """Image file bytes -> the model's 28x28 input; see decode() and to_mnist()."""
+    return to_mnist(decode(data, draft_side=WORK_SIDE, **decode_limits), invert)
+
+
+def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
+    """Any PIL image -> a 28x28 MNIST-style digit; invert None decides from the image itself.
+
+    Raises EmptyImageError when nothing in the image stands out as ink.
+    """
+    gray = _grayscale(image)
+    if invert is None:
+        invert = _looks_dark_on_light(gray)
+    pixels = _center(_find_ink(gray, invert))
+    pixels.flags.writeable = False  # Preprocessed is frozen; so are its pixels
+    return Preprocessed(pixels=pixels, inverted=bool(invert))
+
+
+def _grayscale(image: Image.Image) -> np.ndarray:
+    """Luminance in [0, 1], longest side at most WORK_SIDE, transparency flattened away."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        image = Image.fromarray(np.clip(_unit_range(image.mode, values), 0, 1).astype(np.float32))
+    elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = np.asarray(_shrink(image.convert("RGBA")), dtype=np.float32) / 255
+        return _flatten_alpha(rgba[..., :3] @ LUMA, rgba[..., 3])
+    else:
+        try:
+            image = image.convert("L")
+        except ValueError:
+            raise ImageError(
+                f"Images in colour mode {image.mode} are not supported; send an RGB or "
+                "grayscale image.",
+                status=415,
+            ) from None
+    return np.asarray(_shrink(image), dtype=np.float32) / (1 if image.mode == "F" else 255)
+
+
+def _unit_range(mode: str, values: np.ndarray) -> np.ndarray:
+    """High-depth pixels scaled to [0, 1]: white is 65535 for 16-bit ones, and a guess otherwise."""
+    if mode.startswith("I;16"):
+        return values / 65535
+    low, peak = float(values.min()), float(values.max())
+    for white in (1.0, 255.0, 65535.0):  # the usual ranges of float, 8-bit and 16-bit data
+        if low >= 0 and peak <= white:
+            return values / white
+    return (values - low) / max(peak - low, 1e-12)
+
+
+def _shrink(image: Image.Image) -> Image.Image:
+    scale = WORK_SIDE / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BOX)
+
+
+def _flatten_alpha(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Composite onto a background level chosen so that transparent areas read as background."""
+    if alpha.sum() == 0:
+        return np.zeros_like(alpha)  # fully transparent: blank
+    level = np.average(color, weights=alpha)
+    if alpha.mean() >= 0.5:
+        # Mostly opaque: a picture with transparent margins; extend its own background level.
+        return color * alpha + level * (1 - alpha)
+    # Mostly transparent: what is opaque is the strokes, so put them on the opposite colour.
+    return color * alpha + (1.0 if level < 0.5 else 0.0) * (1 - alpha)
+
+
+def _looks_dark_on_light(gray: np.ndarray) -> bool:
+    """Whether the dominant (background) level is nearer the bright end than the dark end.
+
+    The median is the background as long as ink covers under half the image; block means keep
+    noise from setting the extremes.
+    """
+    small = _pool(gray, np.mean)
+    return bool(np.median(small) > (small.min() + small.max()) / 2)
+
+
+def _find_ink(gray: np.ndarray, invert: bool) -> np.ndarray:
+    """Ink intensity in [0, 1] (background exactly 0), with specks dropped and soft edges kept."""
+    ink = 1 - gray if invert else gray
+    background = _background(ink)
+    signal = ink - background
+    if invert:
+        # Lighting scales paper and ink alike, so contrast relative to the paper is what is even.
+        signal /= np.maximum(1 - background, 0.2)
+    sample = signal[::2, ::2]  # a quarter of the pixels estimate the noise as well, and faster
+    noise = 1.4826 * np.median(np.abs(sample - np.median(sample)))  # robust std (MAD)
+    signal = np.clip(signal, 0, None)
+
+    strong = signal > max(_otsu(signal), 5 * noise, MIN_CONTRAST)
+    labels, count = ndimage.label(strong, structure=EIGHT_CONNECTED)
+    if count == 0:
+        raise EmptyImageError()
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0  # the background
+    if areas.max() < 1e-4 * gray.size:
+        raise EmptyImageError()  # a few stray pixels in a big image are dust, not a digit
+    kept = (areas >= SPECK_FRACTION * areas.max())[labels]
+
+    # Fainter pixels count as the strokes' anti-aliased edges only right beside them: grown
+    # further (hysteresis), they can creep through faint background texture across the image.
+    floor = 3 * noise
+    edges = ndimage.binary_dilation(kept, EIGHT_CONNECTED, iterations=EDGE_WIDTH)
+    mask = edges & (signal > max(floor, MIN_EDGE))
+    # Taking off the noise floor lets the faintest kept pixels fade out instead of ending in a
+    # step; a clean image (no noise) keeps its exact values, so an MNIST digit passes unchanged.
+    stroke = np.percentile(signal[kept], 90)  # the level a stroke's core reaches
+    soft = np.clip((signal - floor) / max(stroke - floor, 1e-6), 0, 1)
+    return np.where(mask, soft, 0)
+
+
+def _block_side(shape: tuple[int, ...]) -> int:
+    """Side of the blocks that leave about 64 of them along the image's short side."""
+    return max(1, min(shape) // 64)
+
+
+def _pool(image: np.ndarray, reduce) -> np.ndarray:
+    """Each block of the image reduced to one pixel by `reduce` (np.mean, np.max)."""
+    factor = _block_side(image.shape)
+    height, width = image.shape
+    padded = np.pad(image, ((0, -height % factor), (0, -width % factor)), mode="edge")
+    h, w = padded.shape[0] // factor, padded.shape[1] // factor
+    return reduce(padded.reshape(h, factor, w, factor), axis=(1, 3))
+
+
+def _background(ink: np.ndarray) -> np.ndarray:
+    """Smooth level under the ink: a grey opening wider than any stroke, at low resolution."""
+    # Block maxima, not means: a dark gap narrower than a block (between strokes, or the inside
+    # of a stroke forced to the wrong polarity) must not drag the background down around it.
+    # They sit a little above the noise, which only hides more of it.
+    small = _pool(ink, np.max)
+    size = max(3, min(small.shape) // 3)  # a third of the image: wider than even a thick stroke
+    # Odd reflection continues lighting gradients past the edge; plain padding would flatten them
+    # there and leave a band of false ink along the darker border.
+    small = np.pad(small, size, mode="reflect", reflect_type="odd")
+    opened = ndimage.grey_opening(small, size=(size, size))[size:-size, size:-size]
+    # Resize to whole blocks, then crop, so that block centres stay where they belong.
+    factor = _block_side(ink.shape)
+    blocks = (opened.shape[1] * factor, opened.shape[0] * factor)
+    full = np.asarray(Image.fromarray(opened).resize(blocks, Image.Resampling.BILINEAR))
+    return full[: ink.shape[0], : ink.shape[1]]
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold: the level that best splits non-negative values into two classes."""
+    top = max(float(values.max()), 1e-6)
+    bins = np.minimum(values.ravel() * (256 / top), 255).astype(np.intp)
+    counts = np.bincount(bins, minlength=256)
+    centers = (np.arange(256) + 0.5) * (top / 256)
+    below = np.cumsum(counts)
+    above = below[-1] - below
+    sum_below = np.cumsum(counts * centers)
+    mean_below = sum_below / np.maximum(below, 1)
+    mean_above = (sum_below[-1] - sum_below) / np.maximum(above, 1)
+    between = below * above * (mean_below - mean_above) ** 2
+    return (int(np.argmax(between)) + 1) * top / 256
+
+
+def _center(ink: np.ndarray) -> np.ndarray:
+    """Crop to the ink, scale its longest side to 20 px, centre its mass at (14, 14) in 28x28."""
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
+    scale = 20 / max(crop.shape)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    digit = np.clip(np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS)), 0, 1)
+    if digit.max() == 0:
+        raise EmptyImageError()
+    # Thin strokes fade when shrunk, but MNIST strokes always peak at white.
+    digit = np.rint(digit / digit.max() * 255).astype(np.uint8)
+    # MNIST moved each digit by whole pixels (its centres of mass lie within half a pixel of
+    # (14, 14)); a subpixel shift would resample, blurring the strokes and breaking parity.
+    cy, cx = ndimage.center_of_mass(digit)
+    top = int(np.clip(round(14 - cy), 0, 28 - size[1]))
+    left = int(np.clip(round(14 - cx), 0, 28 - size[0]))
+    canvas = np.zeros((28, 28), dtype=np.uint8)
+    canvas[top : top + size[1], left : left + size[0]] = digit
+    return canvas

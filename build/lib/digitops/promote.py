@@ -1,0 +1,105 @@
+"""Gated promotion: the candidate gets the registry alias only if it is not worse."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+from digitops import checkpoint, feedback, mnist
+from digitops.evaluate import predict_proba, score
+
+log = logging.getLogger(__name__)
+
+
+def decide(candidate: dict, champion: dict | None, tolerance_pp: float) -> tuple[bool, str]:
+    """Compare scores measured on the same data: {'test_accuracy', 'holdout_accuracy'}."""
+    if champion is None:
+        return True, "no champion yet"
+    drop_pp = (champion["test_accuracy"] - candidate["test_accuracy"]) * 100
+    if drop_pp > tolerance_pp:
+        return False, (f"MNIST test accuracy {candidate['test_accuracy']:.4%} is {drop_pp:.2f} pp "
+                       f"below the champion's {champion['test_accuracy']:.4%} "
+                       f"(tolerance {tolerance_pp} pp)")
+    cand_h, champ_h = candidate.get("holdout_accuracy"), champion.get("holdout_accuracy")
+    if cand_h is not None and champ_h is not None and cand_h < champ_h:
+        return False, f"feedback hold-out accuracy {cand_h:.2%} is below the champion's {champ_h:.2%}"
+    return True, (f"MNIST test {candidate['test_accuracy']:.4%} vs champion "
+                  f"{champion['test_accuracy']:.4%}; hold-out "
+                  f"{'n/a' if cand_h is None else f'{cand_h:.2%}'} vs "
+                  f"{'n/a' if champ_h is None else f'{champ_h:.2%}'}")
+
+
+def _scores(model, test: tuple, holdout: tuple) -> dict:
+    t = score(predict_proba(model, test[0]), test[1])
+    h = score(predict_proba(model, holdout[0]), holdout[1])
+    return {"test_accuracy": t["accuracy"], "holdout_accuracy": h["accuracy"],
+            "holdout_count": h["count"]}
+
+
+def champion_checkpoint(client, tracking_uri: str, name: str, alias: str, dest: Path):
+    """(version, local checkpoint path) of the model holding `alias`, or (None, None)."""
+    import mlflow
+
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None, None
+    path = mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path="checkpoint/model.pt", dst_path=str(dest),
+        tracking_uri=tracking_uri)
+    return version, Path(path)
+
+
+def promote(cfg) -> dict:
+    """The `promote` stage: re-score champion and candidate on today's data, move the alias or not."""
+    import tempfile
+
+    import mlflow
+
+    name, alias = cfg.mlflow.registered_model, cfg.promotion.alias
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    candidate_model, meta = checkpoint.load(cfg.paths.candidate)
+    version = meta.get("registered_version")
+    if version is None:
+        raise RuntimeError(f"{cfg.paths.candidate} was not registered (no MLflow run); nothing to promote")
+
+    test = mnist.load(Path(cfg.paths.mnist), "t10k")
+    holdout = feedback.load(Path(cfg.paths.feedback), split="holdout")
+    candidate = _scores(candidate_model, test, holdout)
+    with tempfile.TemporaryDirectory() as tmp:
+        champ_version, champ_path = champion_checkpoint(client, cfg.mlflow.tracking_uri, name, alias,
+                                                          Path(tmp))
+        champion = None
+        if champ_version is not None and champ_version.version != version:
+            champion = _scores(checkpoint.load(champ_path)[0], test, holdout)
+    if champ_version is not None and champ_version.version == version:
+        promoted, reason = True, "candidate already is the champion"
+    else:
+        promoted, reason = decide(candidate, champion, cfg.promotion.tolerance_pp)
+
+    if promoted:
+        client.set_registered_model_alias(name, alias, version)
+    decision = {
+        "promoted": promoted,
+        "reason": reason,
+        "candidate_version": version,
+        "champion_version": champ_version.version if champ_version is not None else None,
+        "serving_version": version if promoted else champ_version.version,
+        "candidate": candidate,
+        "champion": champion,
+        "tolerance_pp": cfg.promotion.tolerance_pp,
+        "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    tags = {"promotion.decision": "promoted" if promoted else "rejected",
+            "promotion.reason": reason,
+            "promotion.candidate": json.dumps(candidate),
+            "promotion.champion": json.dumps(champion)}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    path = Path(cfg.paths.promotion)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(decision, indent=2) + "\n")
+    log.info("%s version %s: %s", "promoted" if promoted else "rejected", version, reason)
+    return decision

@@ -1,0 +1,130 @@
+"""Fit the CNN from a composed config and write a self-describing checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+from pytorch_lightning.loggers import MLFlowLogger
+
+from digitops import checkpoint, mnist
+from digitops.data import MnistDataModule
+from digitops.system import DigitClassifier
+from digitops.tracking import data_version, flatten, git_commit
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+class EpochHistory(pl.Callback):
+    """Writes one CSV row per epoch: the training curves `dvc plots` draws."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(HISTORY_FIELDS)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # Runs after the epoch's validation loop, so both sets of metrics are in.
+        if not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        row = [trainer.current_epoch]
+        row += [round(float(m[k]), 6) if k in m else "" for k in
+                ("train/loss_epoch", "train/acc", "val/loss", "val/acc")]
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([*row, f"{lr:.6g}"])
+
+
+def build_datamodule(cfg: DictConfig) -> MnistDataModule:
+    return MnistDataModule(
+        mnist_dir=cfg.paths.mnist,
+        feedback_dir=cfg.paths.feedback,
+        batch_size=cfg.data.batch_size,
+        val_size=cfg.data.val_size,
+        seed=cfg.seed,
+        feedback_oversample=cfg.data.feedback_oversample,
+        augment=OmegaConf.to_container(cfg.data.augment),
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def build_system(cfg: DictConfig) -> DigitClassifier:
+    return DigitClassifier(
+        model_args=OmegaConf.to_container(cfg.model),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+
+def train(cfg: DictConfig) -> dict | None:
+    """Fit, then (on rank 0) save the checkpoint. Returns its metadata, or None on other ranks."""
+    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    # Record what was trained on; the data stage already verified the canonical files.
+    checksums = {name: mnist.sha256(Path(cfg.paths.mnist) / name) for name in mnist.FILES}
+
+    datamodule = build_datamodule(cfg)
+    system = build_system(cfg)
+    logger = hydra.utils.instantiate(cfg.logger)
+    callbacks = [EpochHistory(cfg.paths.history), LearningRateMonitor("epoch")]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar())
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    provenance = {"git_commit": git_commit(), "data_version": data_version()}
+    if isinstance(logger, MLFlowLogger):
+        logger.log_hyperparams(flatten({k: v for k, v in resolved.items() if k != "paths"}))
+        if trainer.is_global_zero:
+            logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True),
+                                       "config.yaml")
+            for key, value in provenance.items():
+                logger.experiment.set_tag(logger.run_id, key, value)
+
+    started = time.perf_counter()
+    trainer.fit(system, datamodule=datamodule)
+    wall = time.perf_counter() - started
+    if not trainer.is_global_zero:
+        return None
+
+    summary = system.rank_summary
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metadata = {
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "train_seconds": round(wall, 1),
+        "epochs": trainer.current_epoch,
+        "val_accuracy": metrics.get("val/acc"),
+        "num_feedback_samples": datamodule.num_feedback,
+        "mnist_sha256": checksums,
+        "config": resolved,
+        "mlflow_run_id": getattr(logger, "run_id", None),
+        "mlflow_tracking_uri": cfg.mlflow.tracking_uri if isinstance(logger, MLFlowLogger) else None,
+        "ranks": summary,
+        "torch_threads": torch.get_num_threads(),
+        "host_cpus": os.cpu_count(),
+        **provenance,
+    }
+    checkpoint.save(cfg.paths.checkpoint, system.model, system.model_args, metadata)
+    if isinstance(logger, MLFlowLogger):
+        logger.log_metrics({"train_seconds": wall})
+    log.info("trained %d epochs in %.0fs: val acc %.4f; ranks %s", trainer.current_epoch, wall,
+             metrics.get("val/acc", float("nan")), summary)
+    return metadata

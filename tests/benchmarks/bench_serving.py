@@ -1,0 +1,199 @@
+"""Serving benchmark, side by side in one run: bare model, FastAPI baseline, naive BentoML, ours.
+
+    python -m tests.benchmarks.bench_serving [--seconds 10] [--out artifacts/bench]
+
+Each server runs alone (the 2 cores are not shared between servers); wrk, a C load generator,
+drives it so the client steals little CPU. Writes report.json and report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from digitops import mnist
+from digitops.api import load_served_model
+
+ROOT = Path(__file__).resolve().parents[2]
+LUA = Path(__file__).with_name("post_image.lua")
+TARGETS = {"predict_p50_ms": 5.0, "explain_p50_ms": 10.0, "throughput_vs_naive": 2.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def canvas_png(out: Path) -> Path:
+    """A real test digit drawn as on the web page: 280x280, white on black."""
+    images, _ = mnist.load(ROOT / "data" / "mnist", "t10k") if (ROOT / "data/mnist").exists() \
+        else (None, None)
+    if images is None:
+        fixture = out / "mnist"
+        fixture.mkdir(parents=True, exist_ok=True)
+        mnist._from_directory(ROOT / "tests" / "fixtures" / "mnist", fixture)
+        images, _ = mnist.load(fixture, "t10k")
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).resize((280, 280), Image.BICUBIC).save(buf, format="PNG")
+    path = out / "digit.png"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def bare_model(seconds: float) -> dict:
+    model = load_served_model().model
+    x1 = torch.zeros(1, 1, 28, 28)
+    x32 = torch.zeros(32, 1, 28, 28)
+    with torch.inference_mode():
+        for _ in range(50):
+            model(x1)
+        times = []
+        deadline = time.perf_counter() + seconds / 2
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            model(x1)
+            times.append((time.perf_counter() - start) * 1000)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            model(x32)
+            n += 32
+        rate = n / (time.perf_counter() - start)
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+            "throughput_c32": rate}
+
+
+def serve(cmd: list[str], port: int, log: Path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited:\n{log.read_text()[-2000:]}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{cmd} not up in 120 s")
+
+
+def stop(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wrk(port: int, path: str, image: Path, connections: int, seconds: float) -> dict:
+    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": path}
+    url = f"http://127.0.0.1:{port}{path}"
+    # Warm up (first requests load lazily-initialised code paths), then measure.
+    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d2s", "-s", str(LUA), url], env=env,
+                   capture_output=True, timeout=60)
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+                          "-s", str(LUA), url], env=env, capture_output=True, text=True,
+                         timeout=seconds + 60)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("JSON "))
+    result = json.loads(line[5:])
+    result["throughput"] = result["requests"] / result["seconds"]
+    return result
+
+
+def measure_server(name, cmd, port, endpoints, image, seconds, out) -> dict:
+    proc = serve(cmd, port, out / f"{name}.log")
+    try:
+        # Check it answers correctly before timing it.
+        r = httpx.post(f"http://127.0.0.1:{port}/predict",
+                       files={"image": ("d.png", image.read_bytes(), "image/png")}, timeout=30)
+        r.raise_for_status()
+        results = {}
+        for path in endpoints:
+            results[path] = {"c1": wrk(port, path, image, 1, seconds),
+                             "c32": wrk(port, path, image, 32, seconds)}
+        return results
+    finally:
+        stop(proc)
+
+
+def report(results: dict, out: Path) -> str:
+    ours, naive = results["digitops"], results["naive_bentoml"]
+    checks = {
+        "predict_p50_ms": ours["/predict"]["c1"]["p50_ms"],
+        "explain_p50_ms": ours["/explain"]["c1"]["p50_ms"],
+        "throughput_vs_naive": ours["/predict"]["c32"]["throughput"]
+        / naive["/predict"]["c32"]["throughput"],
+    }
+    verdicts = {
+        k: (v >= TARGETS[k]) if k == "throughput_vs_naive" else (v <= TARGETS[k])
+        for k, v in checks.items()
+    }
+    lines = [
+        "# Serving benchmark", "",
+        f"{results['machine']}; {results['seconds']} s per measurement; wrk on loopback.", "",
+        "| system | endpoint | p50 c=1 (ms) | p99 c=1 (ms) | req/s c=32 | p99 c=32 (ms) | errors |",
+        "|---|---|---|---|---|---|---|",
+        f"| bare model forward | - | {results['model']['p50_ms']:.2f} | "
+        f"{results['model']['p99_ms']:.2f} | {results['model']['throughput_c32']:.0f} | - | - |",
+    ]
+    for system in ("fastapi_baseline", "naive_bentoml", "digitops"):
+        for path, r in results[system].items():
+            lines.append(
+                f"| {system} | {path} | {r['c1']['p50_ms']:.2f} | {r['c1']['p99_ms']:.2f} | "
+                f"{r['c32']['throughput']:.0f} | {r['c32']['p99_ms']:.1f} | "
+                f"{r['c1']['errors'] + r['c32']['errors']} |")
+    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for key, value in checks.items():
+        goal = f">= {TARGETS[key]}x" if key == "throughput_vs_naive" else f"<= {TARGETS[key]} ms"
+        lines.append(f"| {key} | {value:.2f} | {goal} | {'yes' if verdicts[key] else 'NO'} |")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps({**results, "checks": checks,
+                                                  "met": verdicts}, indent=2) + "\n")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    image = canvas_png(args.out)
+    results = {"seconds": args.seconds,
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+               "model": bare_model(args.seconds)}
+    port = free_port()
+    results["fastapi_baseline"] = measure_server(
+        "fastapi_baseline", ["uvicorn", "tests.benchmarks.fastapi_baseline:app", "--host",
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        port, ["/predict"], image, args.seconds, args.out)
+    results["naive_bentoml"] = measure_server(
+        "naive_bentoml", ["bentoml", "serve", "tests.benchmarks.naive_service:NaiveDigitService",
+                          "--host", "127.0.0.1", "--port", str(port)],
+        port, ["/predict"], image, args.seconds, args.out)
+    results["digitops"] = measure_server(
+        "digitops", ["bentoml", "serve", "serving.service:DigitService", "--host", "127.0.0.1",
+                     "--port", str(port)],
+        port, ["/predict", "/explain"], image, args.seconds, args.out)
+    print(report(results, args.out))
+
+
+if __name__ == "__main__":
+    main()

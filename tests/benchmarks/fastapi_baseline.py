@@ -1,0 +1,21 @@
+"""The limit for any Python HTTP wrapper: one FastAPI route, same preprocessing + model, no extras.
+
+    uvicorn tests.benchmarks.fastapi_baseline:app --port 3001
+"""
+
+import torch
+from fastapi import FastAPI, File, UploadFile
+
+from digitops.api import load_served_model
+from digitops.preprocess import preprocess
+
+app = FastAPI()
+served = load_served_model()
+
+
+@app.post("/predict")
+def predict(image: UploadFile = File(...)):
+    prepared = preprocess(image.file.read())
+    with torch.inference_mode():
+        probabilities = torch.softmax(served.model(prepared.tensor()), dim=1)[0]
+    return {"digit": int(probabilities.argmax()), "probabilities": probabilities.tolist()}

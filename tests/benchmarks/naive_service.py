@@ -1,0 +1,25 @@
+"""The naive BentoML service: the same work, one forward pass per request, no batching.
+
+    bentoml serve tests.benchmarks.naive_service:NaiveDigitService --port 3002
+"""
+
+from pathlib import Path
+
+import bentoml
+import torch
+
+from digitops.api import load_served_model
+from digitops.preprocess import preprocess
+
+
+@bentoml.service(http={"host": "127.0.0.1", "port": 3002})
+class NaiveDigitService:
+    def __init__(self) -> None:
+        self.served = load_served_model()
+
+    @bentoml.api
+    def predict(self, image: Path) -> dict:
+        prepared = preprocess(image.read_bytes())
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.served.model(prepared.tensor()), dim=1)[0]
+        return {"digit": int(probabilities.argmax()), "probabilities": probabilities.tolist()}
