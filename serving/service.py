@@ -2,23 +2,33 @@
 
     bentoml serve api.service:DigitService       # http://127.0.0.1:3000
 
-Configuration (environment): DIGITOPS_MODEL_TAG (BentoML store tag to serve; default the
-latest `digit-cnn`, else the shipped model), DIGITOPS_MAX_UPLOAD_BYTES (default 10 MB).
+Configuration (environment):
+    DIGITOPS_MODEL_TAG          BentoML store tag to serve (default: latest `digit-cnn`,
+                                else the shipped model)
+    DIGITOPS_MAX_UPLOAD_BYTES   upload size limit (default 10 MB)
+    DIGITOPS_PREDICTIONS_DB     prediction log + feedback queue (default var/predictions.db)
+    DIGITOPS_MAX_PREDICTIONS    retention cap of unlabelled predictions (default 100000)
+    DIGITOPS_FEEDBACK_PER_MINUTE  feedback rate limit per client (default 60)
+    DIGITOPS_ADMIN_TOKEN        enables POST /admin/reload (Authorization: Bearer <token>)
+    DIGITOPS_MLFLOW_UI          MLflow UI base URL, linked from the web page
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import anyio
 import bentoml
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
 from digitops import api, explain
+from digitops.store import STRATEGIES, PredictionStore, StoreError, UnknownPrediction
 from digitops.preprocess import (
     DEFAULT_MAX_BYTES,
     ImageError,
@@ -31,12 +41,11 @@ from digitops.preprocess import (
 # BentoML configures handlers for its own logger tree only; a child of it reaches the server log.
 log = logging.getLogger("bentoml.digitops")
 
-app = FastAPI(
-    title="digitops",
-    description="Handwritten digit recognition with explanations.",
-    docs_url="/docs",
-    openapi_url="/openapi.json",
-)
+STATIC = Path(__file__).with_name("static")
+
+# FastAPI's own docs pages load Swagger from a CDN; /docs serves a local copy instead.
+app = FastAPI(title="digitops", docs_url=None, redoc_url=None, openapi_url=None)
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 IMAGE_FIELD = "image"
 BATCH_FIELD = "images"
@@ -113,6 +122,14 @@ class DigitService:
     def __init__(self) -> None:
         self.served = api.load_served_model(api.os.environ.get("DIGITOPS_MODEL_TAG"))
         self.max_bytes = api.env_int("DIGITOPS_MAX_UPLOAD_BYTES", DEFAULT_MAX_BYTES)
+        try:
+            self.store: PredictionStore | None = PredictionStore(
+                api.os.environ.get("DIGITOPS_PREDICTIONS_DB", "var/predictions.db"),
+                max_predictions=api.env_int("DIGITOPS_MAX_PREDICTIONS", 100_000))
+        except StoreError as err:  # predictions must go on without their log
+            self.store = None
+            log.warning("%s; predictions will not be logged and feedback is disabled", err)
+        self.feedback_limiter = api.RateLimiter(api.env_int("DIGITOPS_FEEDBACK_PER_MINUTE", 60))
         card = self.served.card()
         log.info("serving model from %s (version %s, test accuracy %s)", self.served.source,
                  card["version"], card["test_accuracy"])
@@ -148,8 +165,27 @@ class DigitService:
         options = api.parse_options(raw)
         prepared = await self._prepare(data, options)
         probabilities = (await self._probabilities(prepared.pixels[None]))[0]
-        return api.prediction_payload(probabilities, prepared.pixels, prepared.inverted,
-                                          self.served, api.new_prediction_id())
+        input_png = explain.png(prepared.pixels)
+        payload = api.prediction_payload(probabilities, input_png, prepared.inverted,
+                                         self.served, api.new_prediction_id())
+        await self._log(payload, input_png, probabilities, data)
+        return payload
+
+    async def _log(self, payload: dict, input_png: bytes, probabilities: np.ndarray,
+                   original: bytes) -> None:
+        """Record the prediction for feedback and review; a broken store never fails /predict."""
+
+        def write():
+            if self.store is None:
+                raise StoreError("no prediction store")
+            self.store.log_prediction(payload["prediction_id"], input_png, probabilities,
+                                      payload["inverted"], payload["model"]["version"], original)
+
+        try:
+            await anyio.to_thread.run_sync(write)
+        except StoreError as err:
+            payload["logged"] = False
+            log.warning("prediction not logged: %s", err)
 
     @app.post("/predict_batch")
     async def predict_batch(self, request: Request):
@@ -167,8 +203,9 @@ class DigitService:
             pixels = np.stack([p.pixels for _, p in ready])
             probabilities = await self._probabilities(pixels)
             for (i, prepared), probs in zip(ready, probabilities, strict=True):
-                results[i] = api.prediction_payload(probs, prepared.pixels, prepared.inverted,
-                                                        self.served, api.new_prediction_id())
+                results[i] = api.prediction_payload(probs, explain.png(prepared.pixels),
+                                                    prepared.inverted, self.served,
+                                                    api.new_prediction_id())
         return {"results": results, "count": len(results)}
 
     @app.post("/explain")
@@ -183,8 +220,8 @@ class DigitService:
             return cam, torch.softmax(logits, dim=0).numpy(), explain.overlay_png(prepared.pixels, cam)
 
         cam, probabilities, overlay = await anyio.to_thread.run_sync(work)
-        payload = api.prediction_payload(probabilities, prepared.pixels, prepared.inverted,
-                                             self.served, api.new_prediction_id())
+        payload = api.prediction_payload(probabilities, explain.png(prepared.pixels),
+                                         prepared.inverted, self.served, api.new_prediction_id())
         target = options.target if options.target is not None else payload["digit"]
         return {**payload, "target": target, "layer": "conv3",
                 "cam": np.round(cam, 4).tolist(), "overlay_png": api.b64(overlay)}
@@ -207,6 +244,78 @@ class DigitService:
         if options.arrays:
             reply["maps"] = np.round(maps, 4).tolist()
         return reply
+
+    @app.post("/feedback")
+    async def feedback(self, request: Request):
+        """Say what the digit really was: {prediction_id, label 0-9, comment?}. Idempotent."""
+        client = request.client.host if request.client else "unknown"
+        if not self.feedback_limiter.allow(client):
+            raise ImageError("too much feedback from this client; wait a minute and retry", 429)
+        try:
+            body = await request.json()
+        except Exception:
+            raise ImageError('malformed JSON; send {"prediction_id": "...", "label": 0-9}') from None
+        prediction_id, label, comment = api.parse_feedback(body)
+        if self.store is None:
+            raise ImageError("feedback is unavailable: the prediction store could not be opened "
+                             "(see the server log)", 503)
+        try:
+            result = await anyio.to_thread.run_sync(
+                lambda: self.store.add_feedback(prediction_id, label, comment, client))
+        except UnknownPrediction:
+            raise ImageError(f"unknown prediction_id {prediction_id!r}; use the id a "
+                             "/predict reply gave (predictions are kept for a limited time)", 404) from None
+        except StoreError as err:
+            raise ImageError(f"feedback cannot be stored right now ({err}); please retry later",
+                             503) from None
+        reply = {"feedback_id": result.feedback_id, "prediction_id": result.prediction_id,
+                 "label": result.label, "status": result.status, "replaced": result.replaced}
+        if result.replaced:
+            reply["previous_label"] = result.previous_label
+        return reply
+
+    @app.get("/review_queue")
+    async def review_queue(self, k: int = 20, strategy: str = "entropy"):
+        """The unlabelled predictions the model is least sure of: label these first."""
+        if self.store is None:
+            raise ImageError("the review queue is unavailable: no prediction store", 503)
+        if strategy not in STRATEGIES:
+            raise ImageError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if not 1 <= k <= 200:
+            raise ImageError(f"k must be in [1, 200], got {k}")
+        items = await anyio.to_thread.run_sync(lambda: self.store.review_queue(k, strategy))
+        for item in items:
+            item["input_png"] = api.b64(item["input_png"])
+        return {"strategy": strategy, "k": k, "items": items}
+
+    @app.get("/feedback/stats")
+    async def feedback_stats(self):
+        """Counts of feedback by state (pending / ingested / rejected) and logged predictions."""
+        if self.store is None:
+            raise ImageError("feedback stats are unavailable: no prediction store", 503)
+        return await anyio.to_thread.run_sync(self.store.stats)
+
+    @app.post("/admin/reload")
+    async def reload(self, request: Request):
+        """Switch to the newest model in the BentoML store without a restart (token required)."""
+        token = api.os.environ.get("DIGITOPS_ADMIN_TOKEN")
+        if not token:
+            raise ImageError("reload is disabled: set DIGITOPS_ADMIN_TOKEN on the server", 403)
+        if request.headers.get("authorization") != f"Bearer {token}":
+            raise ImageError("missing or wrong admin token (Authorization: Bearer <token>)", 401)
+        served = await anyio.to_thread.run_sync(
+            lambda: api.load_served_model(api.os.environ.get("DIGITOPS_MODEL_TAG")))
+        previous, self.served = self.served.card(), served  # one reference swap: no gap
+        log.info("reloaded: now serving %s (was %s)", served.source, previous["source"])
+        return {"previous": previous, "current": served.card()}
+
+    @app.get("/", include_in_schema=False)
+    async def index(self):
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        return FileResponse(STATIC / "docs.html")
 
     @app.get("/model")
     async def model_card(self):

@@ -48,3 +48,22 @@ def compose_cfg(root: Path, mnist_dir: Path, *overrides: str):
 @pytest.fixture
 def make_cfg(tmp_path, mnist_dir):
     return lambda *overrides: compose_cfg(tmp_path, mnist_dir, *overrides)
+
+
+@pytest.fixture(scope="session")
+def client(tmp_path_factory):
+    """The service's ASGI app in process (lifespan, batching and all), with its own store.
+
+    One per test session: BentoML binds its batching dispatcher to the first event loop and
+    registers Prometheus metrics when the app is built. Settings that need other values are
+    tested against real `bentoml serve` processes (tests/test_e2e_serve.py).
+    """
+    import os
+
+    from starlette.testclient import TestClient
+
+    os.environ["DIGITOPS_PREDICTIONS_DB"] = str(tmp_path_factory.mktemp("store") / "p.db")
+    from serving.service import DigitService
+
+    with TestClient(DigitService.to_asgi()) as c:
+        yield c

@@ -1,5 +1,6 @@
 """A real `bentoml serve` subprocess on 127.0.0.1: every endpoint, bad inputs, then stop."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -24,35 +25,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def bentoml_serve(workdir: Path, **env: str):
+    """`bentoml serve` as a subprocess on a free loopback port; yields (base_url, log_path)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home")),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = workdir / "serve.log"
+    env = {**os.environ, "BENTOML_HOME": str(workdir / "bentoml_home"),
+           "DIGITOPS_PREDICTIONS_DB": str(workdir / "predictions.db"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             ["bentoml", "serve", "serving.service:DigitService", "--host", "127.0.0.1",
              "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"server not ready in 120 s:\n{log.read_text()[-3000:]}")
-    yield base, log
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"server not ready in 120 s:\n{log.read_text()[-3000:]}")
+        yield base, log
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with bentoml_serve(tmp_path_factory.mktemp("serve")) as running:
+        yield running
 
 
 def test_every_endpoint_and_bad_inputs_on_a_real_server(server, mnist_dir):
@@ -106,3 +117,58 @@ def test_concurrent_requests_get_their_own_answers(server, mnist_dir):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             for i, probs in pool.map(ask, range(64)):
                 assert probs == pytest.approx(expected[i], abs=1e-4)
+
+
+def test_feedback_flood_is_rate_limited(tmp_path, mnist_dir):
+    images, _ = mnist.load(mnist_dir, "t10k")
+    with bentoml_serve(tmp_path, DIGITOPS_FEEDBACK_PER_MINUTE="5") as (base, _):
+        with httpx.Client(base_url=base, timeout=30) as c:
+            r = c.post("/predict", files={"image": ("d.png", png_bytes(images[0]), "image/png")})
+            pid = r.json()["prediction_id"]
+            codes = [c.post("/feedback", json={"prediction_id": pid, "label": 1}).status_code
+                     for _ in range(8)]
+            assert codes == [200] * 5 + [429] * 3
+            assert c.post("/predict", files={"image": ("d.png", png_bytes(images[0]),
+                                                       "image/png")}).status_code == 200
+
+
+def test_unwritable_store_keeps_predicting_and_says_why(tmp_path, mnist_dir):
+    images, _ = mnist.load(mnist_dir, "t10k")
+    (tmp_path / "blocker").write_text("")  # a file where the store's folder should be
+    with bentoml_serve(tmp_path, DIGITOPS_PREDICTIONS_DB=str(tmp_path / "blocker" / "p.db")) as (
+        base, log):
+        with httpx.Client(base_url=base, timeout=30) as c:
+            r = c.post("/predict", files={"image": ("d.png", png_bytes(images[0]), "image/png")})
+            assert r.status_code == 200 and r.json()["logged"] is False
+            r = c.post("/feedback", json={"prediction_id": "x", "label": 1})
+            assert r.status_code == 503 and "store" in r.json()["error"]
+        assert "cannot be opened" in log.read_text()
+
+
+def test_admin_reload_switches_model_with_no_failed_requests(tmp_path, mnist_dir):
+    import concurrent.futures
+
+    images, _ = mnist.load(mnist_dir, "t10k")
+    with bentoml_serve(tmp_path, DIGITOPS_ADMIN_TOKEN="s3cret") as (base, _):
+        # Put a model in the server's BentoML store, then ask the running server to switch.
+        env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml_home")}
+        subprocess.run([sys.executable, "-c", (
+            "import bentoml, shutil\n"
+            "with bentoml.models.create('digit-cnn', labels={'mlflow_version': 'test'}) as m:\n"
+            "    shutil.copy('models/default/model.pt', m.path_of('model.pt'))")],
+            cwd=ROOT, env=env, check=True, timeout=120)
+        with httpx.Client(base_url=base, timeout=30) as c:
+            assert c.post("/admin/reload").status_code == 401
+            assert c.get("/model").json()["source"].startswith("shipped")
+            files = {"image": ("d.png", png_bytes(images[0]), "image/png")}
+
+            def hammer(_):
+                return c.post("/predict", files=files).status_code
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                codes = pool.map(hammer, range(60))
+                reload = c.post("/admin/reload", headers={"authorization": "Bearer s3cret"})
+                codes = list(codes)
+            assert reload.status_code == 200, reload.text
+            assert codes == [200] * 60
+            assert c.get("/model").json()["source"].startswith("bentoml model store")

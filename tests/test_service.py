@@ -8,17 +8,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from starlette.testclient import TestClient
-
 from digitops import mnist
-
-
-@pytest.fixture(scope="module")
-def client():
-    from serving.service import DigitService
-
-    with TestClient(DigitService.to_asgi()) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

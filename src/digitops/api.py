@@ -52,6 +52,7 @@ class ServedModel:
             "git_commit": m.get("git_commit"),
             "model_args": m.get("model_args"),
             "mlflow_tracking_uri": m.get("mlflow_tracking_uri"),
+            "mlflow_ui_url": os.environ.get("DIGITOPS_MLFLOW_UI"),
         }
 
 
@@ -134,17 +135,15 @@ def new_prediction_id() -> str:
     return uuid.uuid4().hex
 
 
-def prediction_payload(probabilities: np.ndarray, pixels: np.ndarray, inverted: bool,
+def prediction_payload(probabilities: np.ndarray, input_png: bytes, inverted: bool,
                        served: ServedModel, prediction_id: str) -> dict:
-    from digitops.explain import png
-
     digit = int(np.argmax(probabilities))
     return {
         "digit": digit,
         "confidence": round(float(probabilities[digit]), 6),
         "probabilities": [round(float(p), 6) for p in probabilities],
         "inverted": bool(inverted),
-        "input_png": b64(png(pixels)),
+        "input_png": b64(input_png),
         "prediction_id": prediction_id,
         "model": served.identity(),
     }
@@ -153,3 +152,42 @@ def prediction_payload(probabilities: np.ndarray, pixels: np.ndarray, inverted: 
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
+
+
+class RateLimiter:
+    """At most `limit` events per `window` seconds per client (sliding window, in memory)."""
+
+    def __init__(self, limit: int, window: float = 60.0):
+        self.limit, self.window = limit, window
+        self._events: dict[str, list[float]] = {}
+
+    def allow(self, client: str, now: float | None = None) -> bool:
+        import time
+
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._events.get(client, []) if now - t < self.window]
+        allowed = len(recent) < self.limit
+        if allowed:
+            recent.append(now)
+        self._events[client] = recent
+        if len(self._events) > 10_000:  # forget idle clients so memory stays bounded
+            self._events = {c: ts for c, ts in self._events.items() if ts and now - ts[-1] < self.window}
+        return allowed
+
+
+def parse_feedback(body: dict) -> tuple[str, int, str | None]:
+    """(prediction_id, label, comment) from a /feedback JSON body, or ImageError(400)."""
+    if not isinstance(body, dict):
+        raise ImageError('send a JSON object: {"prediction_id": "...", "label": 0-9}')
+    prediction_id = body.get("prediction_id")
+    if not isinstance(prediction_id, str) or not prediction_id:
+        raise ImageError("'prediction_id' (string, from a /predict reply) is required")
+    label = body.get("label")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 9:
+        raise ImageError(f"'label' must be an integer digit 0-9, got {label!r}")
+    comment = body.get("comment")
+    if comment is not None and (not isinstance(comment, str) or len(comment) > 1000):
+        raise ImageError("'comment' must be a string of at most 1000 characters")
+    return prediction_id, label, comment

@@ -1,0 +1,106 @@
+"""Feedback capture over HTTP: prediction log, labels, review queue, limits and faults."""
+
+import concurrent.futures
+
+import pytest
+
+from digitops import mnist
+from digitops.api import RateLimiter
+from digitops.store import PredictionStore, StoreError
+from tests.test_service import png_bytes
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_dir):
+    return mnist.load(mnist_dir, "t10k")
+
+
+def predict(client, pixels) -> dict:
+    r = client.post("/predict", files={"image": ("d.png", png_bytes(pixels), "image/png")})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_feedback_is_stored_idempotent_and_replaceable(client, digits):
+    images, labels = digits
+    before = client.get("/feedback/stats").json()
+    pid = predict(client, images[0])["prediction_id"]
+    first = client.post("/feedback", json={"prediction_id": pid, "label": 7}).json()
+    assert first["status"] == "pending" and first["replaced"] is False
+    again = client.post("/feedback", json={"prediction_id": pid, "label": 7}).json()
+    assert again["feedback_id"] == first["feedback_id"] and again["replaced"] is False
+    changed = client.post("/feedback", json={"prediction_id": pid, "label": 1,
+                                             "comment": "it is a one"}).json()
+    assert changed["replaced"] is True and changed["previous_label"] == 7
+    assert client.get("/feedback/stats").json()["pending"] == before["pending"] + 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"prediction_id": "nope", "label": 3}, 404, "unknown prediction_id"),
+        ({"prediction_id": "x", "label": 12}, 400, "label"),
+        ({"prediction_id": "x", "label": "seven"}, 400, "label"),
+        ({"label": 3}, 400, "prediction_id"),
+        ("not json at all", 400, "malformed JSON"),
+    ],
+)
+def test_bad_feedback_is_refused_clearly(client, body, status, words):
+    if isinstance(body, str):
+        r = client.post("/feedback", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/feedback", json=body)
+    assert r.status_code == status and words in r.json()["error"]
+
+
+def test_review_queue_is_least_certain_first_and_excludes_labelled(client, digits):
+    images, _ = digits
+    ids = [predict(client, images[i])["prediction_id"] for i in range(6)]
+    client.post("/feedback", json={"prediction_id": ids[0], "label": 7})
+    for strategy, key, descending in (("entropy", "entropy", True), ("margin", "margin", False),
+                                      ("least_confidence", "confidence", False)):
+        items = client.get(f"/review_queue?k=200&strategy={strategy}").json()["items"]
+        queued = {i["prediction_id"] for i in items}
+        assert ids[0] not in queued and set(ids[1:]) <= queued
+        values = [i[key] for i in items]
+        assert values == sorted(values, reverse=descending), strategy
+        assert items[0]["input_png"]
+    assert client.get("/review_queue?strategy=random").status_code == 400
+    assert client.get("/review_queue?k=0").status_code == 400
+
+
+def test_concurrent_feedback_from_many_clients_loses_nothing(client, digits):
+    images, _ = digits
+    before = client.get("/feedback/stats").json()["pending"]
+    ids = [predict(client, images[i % 50])["prediction_id"] for i in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(
+            lambda pid: client.post("/feedback", json={"prediction_id": pid, "label": 3}).status_code,
+            ids))
+    assert codes == [200] * 40
+    assert client.get("/feedback/stats").json()["pending"] == before + 40
+
+
+def test_rate_limiter_window_slides():
+    limiter = RateLimiter(2, window=60)
+    assert limiter.allow("a", 0) and limiter.allow("a", 1) and not limiter.allow("a", 2)
+    assert limiter.allow("b", 2), "limits are per client"
+    assert limiter.allow("a", 61)
+
+
+def test_read_only_store_raises_store_error(tmp_path, digits):
+    path = tmp_path / "p.db"
+    PredictionStore(path).close()
+    with pytest.raises(StoreError, match="not writable|cannot be opened"):
+        store = PredictionStore(f"file:{path}?mode=ro")
+        store.log_prediction("id", b"png", [0.1] * 10, False, "1")
+
+
+def test_retention_drops_oldest_unlabelled_only(tmp_path):
+    store = PredictionStore(tmp_path / "p.db", max_predictions=3)
+    for i in range(6):
+        store.log_prediction(f"p{i}", b"png", [0.1] * 10, False, "1")
+    store.add_feedback("p0", 4)
+    store._enforce_retention()
+    kept = {r[0] for r in store._db.execute("SELECT id FROM predictions")}
+    assert kept == {"p0", "p3", "p4", "p5"}
