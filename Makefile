@@ -28,6 +28,9 @@ train: data ## train and evaluate (DVC stages up to `evaluate`; skipped when not
 repro: data ## run the whole DVC pipeline
 	$(DVC) repro
 
+ingest: $(STAMP) ## move validated user feedback into data/feedback, version it (dvc add + push)
+	$(PY) -m pipelines.ingest_feedback
+
 serve: $(STAMP) ## serve the model on http://127.0.0.1:3000 (web page + API; docs at /docs)
 	$(VENV)/bin/bentoml serve serving.service:DigitService
 
@@ -52,4 +55,4 @@ mlflow-ui: $(STAMP) ## browse and compare runs on http://127.0.0.1:5000 (same st
 clean: ## remove run outputs (keeps .venv/, data/ and the MLflow store)
 	rm -rf artifacts logs .pytest_cache
 
-.PHONY: help setup data train repro serve test test-fast bench lint mlflow-ui clean
+.PHONY: help setup data train repro ingest serve test test-fast bench lint mlflow-ui clean

@@ -5,7 +5,7 @@ Layout of `data/feedback/` (versioned with the rest of `data/` by `data.dvc`):
     manifest.jsonl          one JSON object per accepted sample, appended in order
     images/<sha256>.png     the 28x28 8-bit grayscale model input (white ink on black, as MNIST)
 
-Manifest fields: `file` (path relative to the folder), `label` (0-9), `sha256` (of the
+A relabelled sample is appended again; the last line for a hash wins. Manifest fields: `file` (path relative to the folder), `label` (0-9), `sha256` (of the
 PNG's pixels, the de-duplication key), `split` (`train` or `holdout`, fixed by the hash so
 a sample never moves), `prediction_id`, `model_version`, `created_at`, `ingested_at`.
 """
@@ -33,17 +33,22 @@ def split_for(sha256: str) -> str:
 
 
 def read_manifest(directory: Path) -> list[dict]:
-    """All complete records; a torn last line (a writer killed mid-append) is ignored."""
+    """The current record of every sample, in first-seen order.
+
+    The file is append-only: a relabelled sample gets a new line, and the last line for a
+    hash wins. A torn last line (a writer killed mid-append) is ignored.
+    """
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return []
-    records = []
+    latest: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return records
+        latest[record["sha256"]] = record
+    return list(latest.values())
 
 
 def load(directory: Path, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,117 @@
+"""Feedback ingestion: validation, de-duplication, quarantine, and exactly-once under SIGKILL."""
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digitops import feedback, mnist
+from digitops.ingest import ingest
+from digitops.store import PredictionStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def labelled(store: PredictionStore, pid: str, pixels: np.ndarray, label: int) -> None:
+    store.log_prediction(pid, png(pixels), np.full(10, 0.1), False, "1")
+    store.add_feedback(pid, label)
+
+
+@pytest.fixture
+def digits(mnist_dir):
+    return mnist.load(mnist_dir, "t10k")
+
+
+def test_validates_merges_and_quarantines(tmp_path, digits):
+    images, labels = digits
+    store = PredictionStore(tmp_path / "p.db")
+    for i in range(5):
+        labelled(store, f"ok{i}", images[i], int(labels[i]))
+    labelled(store, "dup", images[0], int(labels[0]))  # same image, same label
+    labelled(store, "conflict", images[1], (int(labels[1]) + 1) % 10)  # same image, other label
+    labelled(store, "blank", np.zeros((28, 28), np.uint8), 3)
+    store.log_prediction("garbage", b"not a png", np.full(10, 0.1), False, "1")
+    store.add_feedback("garbage", 4)
+
+    summary = ingest(store, tmp_path / "feedback")
+    assert (summary.accepted, summary.merged) == (5, 1)
+    assert summary.quarantined == {"conflicting labels": 1, "blank image": 1,
+                                   "image does not decode": 1}
+    records = feedback.read_manifest(tmp_path / "feedback")
+    assert sorted(r["prediction_id"] for r in records) == [f"ok{i}" for i in range(5)]
+    x, y = feedback.load(tmp_path / "feedback")
+    assert np.array_equal(np.sort(y), np.sort(labels[:5]))
+    assert store.stats() == {"pending": 0, "ingested": 6, "rejected": 3, "predictions": 9}
+    reasons = dict(store._db.execute("SELECT prediction_id, reason FROM feedback"
+                                     " WHERE status = 'rejected'").fetchall())
+    assert "from prediction ok1" in reasons["conflict"]
+
+    # Nothing new: a rerun changes nothing.
+    assert ingest(store, tmp_path / "feedback").accepted == 0
+
+
+def test_changed_mind_after_ingestion_relabels_the_sample(tmp_path, digits):
+    images, _ = digits
+    store = PredictionStore(tmp_path / "p.db")
+    labelled(store, "p", images[0], 1)
+    ingest(store, tmp_path / "feedback")
+    store.add_feedback("p", 7)
+    summary = ingest(store, tmp_path / "feedback")
+    assert summary.relabelled == 1
+    (record,) = feedback.read_manifest(tmp_path / "feedback")
+    assert record["label"] == 7
+
+
+KILLABLE = """
+import sys
+from pathlib import Path
+from digitops.ingest import ingest
+from digitops.store import PredictionStore
+print(ingest(PredictionStore(sys.argv[1]), Path(sys.argv[2])), flush=True)
+"""
+
+
+def test_sigkill_at_any_point_neither_loses_nor_duplicates(tmp_path, digits):
+    images, labels = digits
+    store = PredictionStore(tmp_path / "p.db")
+    n = 300
+    for i in range(n):
+        labelled(store, f"p{i}", images[i], int(labels[i]))
+    store.close()
+    out = tmp_path / "feedback"
+    cmd = [sys.executable, "-c", KILLABLE, str(tmp_path / "p.db"), str(out)]
+    kills = 0
+    for delay in (0.8, 1.0, 1.2, 1.5, 2.0, 2.5):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        # After every kill the manifest is readable and holds no duplicates.
+        records = feedback.read_manifest(out)
+        lines = [json.loads(x) for x in (out / feedback.MANIFEST).read_text().splitlines()
+                 if x.endswith("}")]
+        assert len({r["feedback_id"] for r in lines}) == len(lines) == len(records)
+    final = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert kills >= 2, "the job finished before it could be killed: raise n"
+    store = PredictionStore(tmp_path / "p.db")
+    records = feedback.read_manifest(out)
+    # MNIST's first 300 test digits are all distinct images: every one lands exactly once.
+    assert len(records) == n
+    assert sorted(r["prediction_id"] for r in records) == sorted(f"p{i}" for i in range(n))
+    assert store.stats()["pending"] == 0 and store.stats()["ingested"] == n
+    assert "accepted" in final.stdout
