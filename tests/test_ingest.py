@@ -48,15 +48,21 @@ def test_validates_merges_and_quarantines(tmp_path, digits):
 
     summary = ingest(store, tmp_path / "feedback")
     assert (summary.accepted, summary.merged) == (5, 1)
-    assert summary.quarantined == {"conflicting labels": 1, "blank image": 1,
-                                   "image does not decode": 1}
+    assert summary.quarantined == {
+        "conflicting labels": 1,
+        "blank image": 1,
+        "image does not decode": 1,
+    }
     records = feedback.read_manifest(tmp_path / "feedback")
     assert sorted(r["prediction_id"] for r in records) == [f"ok{i}" for i in range(5)]
     x, y = feedback.load(tmp_path / "feedback")
     assert np.array_equal(np.sort(y), np.sort(labels[:5]))
     assert store.stats() == {"pending": 0, "ingested": 6, "rejected": 3, "predictions": 9}
-    reasons = dict(store._db.execute("SELECT prediction_id, reason FROM feedback"
-                                     " WHERE status = 'rejected'").fetchall())
+    reasons = dict(
+        store._db.execute(
+            "SELECT prediction_id, reason FROM feedback WHERE status = 'rejected'"
+        ).fetchall()
+    )
     assert "from prediction ok1" in reasons["conflict"]
 
     # Nothing new: a rerun changes nothing.
@@ -103,8 +109,11 @@ def test_sigkill_at_any_point_neither_loses_nor_duplicates(tmp_path, digits):
         proc.wait()
         # After every kill the manifest is readable and holds no duplicates.
         records = feedback.read_manifest(out)
-        lines = [json.loads(x) for x in (out / feedback.MANIFEST).read_text().splitlines()
-                 if x.endswith("}")]
+        lines = [
+            json.loads(x)
+            for x in (out / feedback.MANIFEST).read_text().splitlines()
+            if x.endswith("}")
+        ]
         assert len({r["feedback_id"] for r in lines}) == len(lines) == len(records)
     final = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     assert kills >= 2, "the job finished before it could be killed: raise n"

@@ -16,21 +16,40 @@ pytestmark = pytest.mark.slow
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "BENTOML_HOME": str(cwd / ".bentoml")}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "BENTOML_HOME": str(cwd / ".bentoml"),
+    }
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
 
 def test_ddp_two_cpu_processes_both_train(tmp_path, mnist_dir):
-    run([sys.executable, "-m", "pipelines.train", "trainer=ddp", "trainer.accelerator=cpu",
-         "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
-         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv",
-         "data.val_size=200", "threads=1", f"paths.mnist={mnist_dir}",
-         f"paths.feedback={tmp_path / 'feedback'}", f"paths.train_dir={tmp_path}",
-         f"paths.checkpoint={tmp_path / 'model.pt'}", f"paths.history={tmp_path / 'h.csv'}",
-         f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.train",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "+trainer.limit_train_batches=4",
+            "+trainer.limit_val_batches=2",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+            "data.val_size=200",
+            "threads=1",
+            f"paths.mnist={mnist_dir}",
+            f"paths.feedback={tmp_path / 'feedback'}",
+            f"paths.train_dir={tmp_path}",
+            f"paths.checkpoint={tmp_path / 'model.pt'}",
+            f"paths.history={tmp_path / 'h.csv'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=ROOT,
+    )
     _, metadata = checkpoint.load(tmp_path / "model.pt")
     ranks = metadata["ranks"]
     assert ranks["world_size"] == 2
@@ -56,8 +75,11 @@ def project(tmp_path, mnist_dir) -> Path:
     (dest / "data" / "feedback").mkdir(parents=True)
     (dest / "data" / "feedback" / "manifest.jsonl").touch()
     config = dest / "conf" / "config.yaml"
-    config.write_text(config.read_text().replace("trainer: default", "trainer: smoke")
-                      .replace("val_size: 5000", "val_size: 200"))
+    config.write_text(
+        config.read_text()
+        .replace("trainer: default", "trainer: smoke")
+        .replace("val_size: 5000", "val_size: 200")
+    )
     run(["git", "init", "-q"], cwd=dest)
     run(["dvc", "add", "-q", "data"], cwd=dest)
     run(["git", "add", "-A"], cwd=dest)

@@ -6,7 +6,10 @@ CHAMPION = {"test_accuracy": 0.9950, "holdout_accuracy": 0.80}
 
 
 def test_first_model_is_promoted():
-    assert decide({"test_accuracy": 0.9, "holdout_accuracy": None}, None, 0.1) == (True, "no champion yet")
+    assert decide({"test_accuracy": 0.9, "holdout_accuracy": None}, None, 0.1) == (
+        True,
+        "no champion yet",
+    )
 
 
 def test_small_mnist_drop_within_tolerance_is_accepted():
@@ -25,6 +28,9 @@ def test_worse_feedback_holdout_is_rejected():
 
 
 def test_no_holdout_yet_compares_mnist_only():
-    promoted, _ = decide({"test_accuracy": 0.9950, "holdout_accuracy": None},
-                         {"test_accuracy": 0.9950, "holdout_accuracy": None}, 0.1)
+    promoted, _ = decide(
+        {"test_accuracy": 0.9950, "holdout_accuracy": None},
+        {"test_accuracy": 0.9950, "holdout_accuracy": None},
+        0.1,
+    )
     assert promoted

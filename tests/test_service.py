@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+
 from digitops import mnist
 
 
@@ -54,8 +55,9 @@ def test_predict_raw_body_and_forced_inversion(client, digits):
     dark_on_light = png_bytes(255 - images[1])
     r = client.post("/predict", content=dark_on_light, headers={"content-type": "image/png"})
     assert r.status_code == 200 and r.json()["inverted"] is True
-    r = client.post("/predict?invert=false", content=dark_on_light,
-                    headers={"content-type": "image/png"})
+    r = client.post(
+        "/predict?invert=false", content=dark_on_light, headers={"content-type": "image/png"}
+    )
     assert r.status_code == 200 and r.json()["inverted"] is False
 
 
@@ -84,7 +86,9 @@ def test_feature_maps_every_layer(client, digits):
     images, _ = digits
     files = {"image": ("d.png", png_bytes(images[4]), "image/png")}
     for layer, channels, size in (("conv1", 32, 14), ("conv2", 64, 7), ("conv3", 128, 7)):
-        body = client.post("/feature_maps", files=files, data={"layer": layer, "arrays": "1"}).json()
+        body = client.post(
+            "/feature_maps", files=files, data={"layer": layer, "arrays": "1"}
+        ).json()
         assert body["channels"] == channels and body["size"] == [size, size]
         assert np.array(body["maps"]).shape == (channels, size, size)
         assert body["grid_png"]
@@ -98,8 +102,9 @@ def test_predict_batch_keeps_order_and_isolates_bad_items(client, digits):
     assert body["count"] == 6
     assert body["results"][2]["status"] == 400
     single = client.post("/predict", files={"image": ("0.png", png_bytes(images[0]), "image/png")})
-    assert body["results"][0]["probabilities"] == pytest.approx(single.json()["probabilities"],
-                                                                abs=1e-4)
+    assert body["results"][0]["probabilities"] == pytest.approx(
+        single.json()["probabilities"], abs=1e-4
+    )
 
 
 @pytest.mark.parametrize(
@@ -107,15 +112,35 @@ def test_predict_batch_keeps_order_and_isolates_bad_items(client, digits):
     [
         ("non-image", {"files": {"image": ("x.png", b"this is not an image", "image/png")}}, 400),
         ("empty file", {"files": {"image": ("x.png", b"", "image/png")}}, 400),
-        ("truncated", {"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\n\x00\x00", "image/png")}}, 400),
+        (
+            "truncated",
+            {"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\n\x00\x00", "image/png")}},
+            400,
+        ),
         ("bomb", {"files": {"image": ("b.png", bomb_png(), "image/png")}}, 413),
-        ("oversize", {"files": {"image": ("h.png", b"\x00" * (10 * 1024 * 1024 + 10), "image/png")}}, 413),
+        (
+            "oversize",
+            {"files": {"image": ("h.png", b"\x00" * (10 * 1024 * 1024 + 10), "image/png")}},
+            413,
+        ),
         ("wrong field", {"files": {"file": ("x.png", b"x", "image/png")}}, 400),
         ("no body", {}, 400),
         ("json body", {"json": {"image": "abc"}}, 415),
-        ("bad invert", {"files": {"image": ("x.png", b"x", "image/png")}, "data": {"invert": "sideways"}}, 400),
-        ("bad noise", {"files": {"image": ("x.png", b"x", "image/png")}, "data": {"noise": "7"}}, 400),
-        ("bad target", {"files": {"image": ("x.png", b"x", "image/png")}, "data": {"target": "12"}}, 400),
+        (
+            "bad invert",
+            {"files": {"image": ("x.png", b"x", "image/png")}, "data": {"invert": "sideways"}},
+            400,
+        ),
+        (
+            "bad noise",
+            {"files": {"image": ("x.png", b"x", "image/png")}, "data": {"noise": "7"}},
+            400,
+        ),
+        (
+            "bad target",
+            {"files": {"image": ("x.png", b"x", "image/png")}, "data": {"target": "12"}},
+            400,
+        ),
     ],
 )
 def test_bad_input_gets_4xx_json_and_server_survives(client, digits, name, kwargs, status):

@@ -1,6 +1,7 @@
 """Training smoke run end to end: Lightning fit, MLflow run + registry, evaluation outputs."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -16,8 +17,9 @@ from tests.conftest import compose_cfg
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_dir):
-    cfg = compose_cfg(tmp_path_factory.mktemp("run"), mnist_dir, "trainer=smoke",
-                      "trainer.max_epochs=2")
+    cfg = compose_cfg(
+        tmp_path_factory.mktemp("run"), mnist_dir, "trainer=smoke", "trainer.max_epochs=2"
+    )
     metadata = train(cfg)
     metrics = evaluate_checkpoint(cfg)
     return cfg, metadata, metrics
@@ -56,15 +58,14 @@ def test_registered_model_predicts_like_trained_checkpoint(trained, mnist_dir):
 
 def test_evaluation_writes_dvc_metrics_and_plots(trained):
     cfg, metadata, metrics = trained
-    on_disk = json.loads(open(cfg.paths.metrics).read())
+    on_disk = json.loads(Path(cfg.paths.metrics).read_text())
     assert on_disk == metrics
     assert on_disk["test"]["count"] == 300
     assert set(on_disk["test"]["per_class_accuracy"]) == {str(d) for d in range(10)}
     assert on_disk["feedback_holdout"]["count"] == 0
-    with open(cfg.paths.history) as f:
-        rows = f.read().splitlines()
+    rows = Path(cfg.paths.history).read_text().splitlines()
     assert rows[0].split(",") == list(HISTORY_FIELDS) and len(rows) == 3
-    confusion_rows = open(f"{cfg.paths.eval_dir}/confusion.csv").read().splitlines()
+    confusion_rows = (Path(cfg.paths.eval_dir) / "confusion.csv").read_text().splitlines()
     assert confusion_rows[0] == "actual,predicted" and len(confusion_rows) == 301
     _, candidate_meta = checkpoint.load(cfg.paths.candidate)
     assert candidate_meta["test_accuracy"] == metrics["test"]["accuracy"]

@@ -67,7 +67,9 @@ def load_served_model(store_tag: str | None = None, shipped: Path = SHIPPED_MODE
         source = f"bentoml model store {stored.tag}"
     except Exception as err:  # no store, no such tag, or an unreadable entry: fall back
         if store_tag:  # asked for explicitly: do not silently serve something else
-            raise RuntimeError(f"model {store_tag!r} not usable from the BentoML store: {err}")
+            raise RuntimeError(
+                f"model {store_tag!r} not usable from the BentoML store: {err}"
+            ) from err
         model, metadata = checkpoint.load(shipped)
         source = f"shipped {shipped}"
     torch.set_grad_enabled(False)  # inference only; Grad-CAM re-enables it locally
@@ -135,8 +137,13 @@ def new_prediction_id() -> str:
     return uuid.uuid4().hex
 
 
-def prediction_payload(probabilities: np.ndarray, input_png: bytes, inverted: bool,
-                       served: ServedModel, prediction_id: str) -> dict:
+def prediction_payload(
+    probabilities: np.ndarray,
+    input_png: bytes,
+    inverted: bool,
+    served: ServedModel,
+    prediction_id: str,
+) -> dict:
     digit = int(np.argmax(probabilities))
     return {
         "digit": digit,
@@ -171,7 +178,9 @@ class RateLimiter:
             recent.append(now)
         self._events[client] = recent
         if len(self._events) > 10_000:  # forget idle clients so memory stays bounded
-            self._events = {c: ts for c, ts in self._events.items() if ts and now - ts[-1] < self.window}
+            self._events = {
+                c: ts for c, ts in self._events.items() if ts and now - ts[-1] < self.window
+            }
         return allowed
 
 

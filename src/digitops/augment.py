@@ -19,7 +19,7 @@ def random_affine(
     scale: tuple[float, float] = (0.9, 1.1),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Rotate by U(-degrees, degrees), shift by U(-translate, translate) of the size, zoom by U(scale).
+    """Rotate by U(-degrees, degrees), shift by U(-translate, translate) of the size, zoom U(scale).
 
     `x` holds raw [0, 1] pixels [N, C, H, W], so the zero padding that appears at the borders
     is MNIST's black background.

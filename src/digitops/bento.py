@@ -18,26 +18,44 @@ log = logging.getLogger(__name__)
 
 
 def import_champion(cfg) -> tuple[str, dict]:
-    """Copy the MLflow champion's checkpoint into the BentoML model store; return (tag, metadata)."""
+    """Copy the MLflow champion's checkpoint into the BentoML store; return (tag, metadata)."""
     import bentoml
     import mlflow
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        version, path = champion_checkpoint(client, cfg.mlflow.tracking_uri,
-                                            cfg.mlflow.registered_model, cfg.promotion.alias,
-                                            Path(tmp))
+        version, path = champion_checkpoint(
+            client,
+            cfg.mlflow.tracking_uri,
+            cfg.mlflow.registered_model,
+            cfg.promotion.alias,
+            Path(tmp),
+        )
         if version is None:
-            raise RuntimeError(f"no model has the alias '{cfg.promotion.alias}' in "
-                               f"{cfg.mlflow.registered_model}; run the promote stage first")
+            raise RuntimeError(
+                f"no model has the alias '{cfg.promotion.alias}' in "
+                f"{cfg.mlflow.registered_model}; run the promote stage first"
+            )
         _, metadata = checkpoint.load(path)
         labels = {"mlflow_version": str(version.version), "alias": cfg.promotion.alias}
-        summary = {k: metadata.get(k) for k in ("registered_version", "mlflow_run_id",
-                                                "test_accuracy", "data_version", "trained_at")}
+        summary = {
+            k: metadata.get(k)
+            for k in (
+                "registered_version",
+                "mlflow_run_id",
+                "test_accuracy",
+                "data_version",
+                "trained_at",
+            )
+        }
         with bentoml.models.create(STORE_MODEL_NAME, labels=labels, metadata=summary) as model:
             shutil.copy(path, model.path_of(CHECKPOINT_FILE))
-    log.info("imported %s v%s into the BentoML store as %s", cfg.mlflow.registered_model,
-             version.version, model.tag)
+    log.info(
+        "imported %s v%s into the BentoML store as %s",
+        cfg.mlflow.registered_model,
+        version.version,
+        model.tag,
+    )
     return str(model.tag), summary
 
 
@@ -49,14 +67,20 @@ def build(cfg, root: Path) -> dict:
     out = root / Path(cfg.paths.bento).parent
     dist = out / "dist"
     shutil.rmtree(dist, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist),
-                    str(root)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(root)],
+        check=True,
+    )
     # The Bento pins exactly the versions this project is tested with.
-    requirements = [line for line in (root / "constraints.txt").read_text().splitlines()
-                    if line and not line.startswith("#")]
+    requirements = [
+        line
+        for line in (root / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
-    bento = bentoml.bentos.build_bentofile(str(root / "serving" / "bentofile.yaml"),
-                                           build_ctx=str(root))
+    bento = bentoml.bentos.build_bentofile(
+        str(root / "serving" / "bentofile.yaml"), build_ctx=str(root)
+    )
     result = {"bento": str(bento.tag), "model": model_tag, **summary}
     (root / cfg.paths.bento).write_text(json.dumps(result, indent=2) + "\n")
     return result

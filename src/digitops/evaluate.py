@@ -55,8 +55,15 @@ def confusion_png(confusion: list[list[int]], title: str) -> bytes:
     # Log colour scale: on a 99%-accurate model the diagonal would wash out every error.
     ax.imshow(np.log1p(matrix), cmap="Blues")
     for (i, j), n in np.ndenumerate(matrix):
-        ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
-                color="white" if i == j else ("crimson" if n else "lightgray"))
+        ax.text(
+            j,
+            i,
+            str(n),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if i == j else ("crimson" if n else "lightgray"),
+        )
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -65,8 +72,9 @@ def confusion_png(confusion: list[list[int]], title: str) -> bytes:
     return buf.getvalue()
 
 
-def misclassified_png(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
-                      limit: int = 64) -> bytes:
+def misclassified_png(
+    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, limit: int = 64
+) -> bytes:
     """A grid of the most confidently wrong digits, titled `true->predicted (confidence)`."""
     import matplotlib
 
@@ -83,8 +91,9 @@ def misclassified_png(images: np.ndarray, labels: np.ndarray, probabilities: np.
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong, strict=False):
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{labels[i]}->{predicted[i]} ({probabilities[i, predicted[i]]:.2f})",
-                     fontsize=7)
+        ax.set_title(
+            f"{labels[i]}->{predicted[i]} ({probabilities[i, predicted[i]]:.2f})", fontsize=7
+        )
     if len(wrong) == 0:
         axes.flat[0].set_title("no mistakes", fontsize=9)
     fig.tight_layout()
@@ -129,9 +138,12 @@ def evaluate_checkpoint(cfg) -> dict:
     (out / "confusion.png").write_bytes(confusion_png(test["confusion"], title))
     (out / "misclassified.png").write_bytes(misclassified_png(images, labels, probabilities))
 
-    metadata.update(test_accuracy=test["accuracy"], test_loss=test["loss"],
-                    feedback_holdout_accuracy=holdout["accuracy"],
-                    feedback_holdout_count=holdout["count"])
+    metadata.update(
+        test_accuracy=test["accuracy"],
+        test_loss=test["loss"],
+        feedback_holdout_accuracy=holdout["accuracy"],
+        feedback_holdout_count=holdout["count"],
+    )
     run_id = metadata.get("mlflow_run_id")
     if run_id:
         import mlflow
@@ -144,11 +156,16 @@ def evaluate_checkpoint(cfg) -> dict:
             mlflow.log_artifacts(str(out), artifact_path="eval")
         metadata["registered_model"] = cfg.mlflow.registered_model
         metadata["registered_version"] = registry.log_and_register(
-            model, run_id, cfg.mlflow.tracking_uri, cfg.mlflow.registered_model,
+            model,
+            run_id,
+            cfg.mlflow.tracking_uri,
+            cfg.mlflow.registered_model,
             example=images[:2],
-            tags={"test_accuracy": f"{test['accuracy']:.4f}",
-                  "data_version": metadata.get("data_version"),
-                  "git_commit": metadata.get("git_commit")},
+            tags={
+                "test_accuracy": f"{test['accuracy']:.4f}",
+                "data_version": metadata.get("data_version"),
+                "git_commit": metadata.get("git_commit"),
+            },
         )
     checkpoint.save(cfg.paths.candidate, model, model_args, metadata)
     if run_id:

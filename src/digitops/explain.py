@@ -13,7 +13,9 @@ from PIL import Image
 from digitops.model import DigitCNN
 
 
-def grad_cam(model: DigitCNN, x: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
+def grad_cam(
+    model: DigitCNN, x: torch.Tensor, target: int | None = None
+) -> tuple[np.ndarray, torch.Tensor]:
     """Grad-CAM of the last conv block for one input [1, 1, 28, 28].
 
     Returns (heatmap float32 [28, 28] in [0, 1], logits [10]). `target` defaults to the

@@ -5,7 +5,8 @@ Layout of `data/feedback/` (versioned with the rest of `data/` by `data.dvc`):
     manifest.jsonl          one JSON object per accepted sample, appended in order
     images/<sha256>.png     the 28x28 8-bit grayscale model input (white ink on black, as MNIST)
 
-A relabelled sample is appended again; the last line for a hash wins. Manifest fields: `file` (path relative to the folder), `label` (0-9), `sha256` (of the
+A relabelled sample is appended again; the last line for a hash wins.
+Manifest fields: `file` (path relative to the folder), `label` (0-9), `sha256` (of the
 PNG's pixels, the de-duplication key), `split` (`train` or `holdout`, fixed by the hash so
 a sample never moves), `prediction_id`, `model_version`, `created_at`, `ingested_at`.
 """

@@ -1,4 +1,4 @@
-"""Feedback ingestion: pending labels from the service's store -> validated samples in data/feedback.
+"""Feedback ingestion: pending labels in the service's store -> validated data/feedback samples.
 
 Exactly once, whatever kills it: an image file is written atomically under its content hash,
 then its manifest line is appended and fsynced, then the store marks the item done. A rerun
@@ -33,8 +33,10 @@ class Summary:
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in self.quarantined.items()) or "none"
-        return (f"accepted {self.accepted} (relabelled {self.relabelled}), merged {self.merged} "
-                f"duplicates, quarantined {sum(self.quarantined.values())}: {reasons}")
+        return (
+            f"accepted {self.accepted} (relabelled {self.relabelled}), merged {self.merged} "
+            f"duplicates, quarantined {sum(self.quarantined.values())}: {reasons}"
+        )
 
 
 def repair_manifest(directory: Path) -> None:
@@ -96,12 +98,18 @@ def ingest(store: PredictionStore, directory: Path) -> Summary:
             existing = by_hash.get(sha)
             if existing is not None and existing.get("feedback_id") != fid:
                 if existing["label"] == label:
-                    store.mark(fid, "merged", f"duplicate of {existing['prediction_id']}",
-                               item["updated_at"])
+                    store.mark(
+                        fid,
+                        "merged",
+                        f"duplicate of {existing['prediction_id']}",
+                        item["updated_at"],
+                    )
                     summary.merged += 1
                 else:
-                    quarantine(f"conflicting labels: {label} here, {existing['label']} for the "
-                               f"same image from prediction {existing['prediction_id']}")
+                    quarantine(
+                        f"conflicting labels: {label} here, {existing['label']} for the "
+                        f"same image from prediction {existing['prediction_id']}"
+                    )
                 continue
             if existing is not None and existing["label"] == label:
                 # Written by a run that was killed before it could mark the item: just mark it.
@@ -115,8 +123,12 @@ def ingest(store: PredictionStore, directory: Path) -> Summary:
                 Image.fromarray(pixels).save(buf, format="PNG")
                 _write_atomic(directory / file, buf.getvalue())
             record = {
-                "file": file, "label": label, "sha256": sha, "split": feedback.split_for(sha),
-                "prediction_id": item["prediction_id"], "feedback_id": fid,
+                "file": file,
+                "label": label,
+                "sha256": sha,
+                "split": feedback.split_for(sha),
+                "prediction_id": item["prediction_id"],
+                "feedback_id": fid,
                 "model_version": item["model_version"],
                 "created_at": datetime.fromtimestamp(item["predicted_at"], UTC).isoformat(),
                 "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),

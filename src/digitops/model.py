@@ -22,7 +22,7 @@ def conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential
 
 
 class DigitCNN(nn.Module):
-    """Three 3x3 conv blocks (2x2 max-pool after the first two), a dense layer, dropout, 10 logits."""
+    """Three 3x3 conv blocks (2x2 max-pool after the first two), dense, dropout, 10 logits."""
 
     # Named blocks are the public handles for feature maps and Grad-CAM.
     conv_layers = ("conv1", "conv2", "conv3")

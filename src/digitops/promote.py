@@ -19,23 +19,33 @@ def decide(candidate: dict, champion: dict | None, tolerance_pp: float) -> tuple
         return True, "no champion yet"
     drop_pp = (champion["test_accuracy"] - candidate["test_accuracy"]) * 100
     if drop_pp > tolerance_pp:
-        return False, (f"MNIST test accuracy {candidate['test_accuracy']:.4%} is {drop_pp:.2f} pp "
-                       f"below the champion's {champion['test_accuracy']:.4%} "
-                       f"(tolerance {tolerance_pp} pp)")
+        return False, (
+            f"MNIST test accuracy {candidate['test_accuracy']:.4%} is {drop_pp:.2f} pp "
+            f"below the champion's {champion['test_accuracy']:.4%} "
+            f"(tolerance {tolerance_pp} pp)"
+        )
     cand_h, champ_h = candidate.get("holdout_accuracy"), champion.get("holdout_accuracy")
     if cand_h is not None and champ_h is not None and cand_h < champ_h:
-        return False, f"feedback hold-out accuracy {cand_h:.2%} is below the champion's {champ_h:.2%}"
-    return True, (f"MNIST test {candidate['test_accuracy']:.4%} vs champion "
-                  f"{champion['test_accuracy']:.4%}; hold-out "
-                  f"{'n/a' if cand_h is None else f'{cand_h:.2%}'} vs "
-                  f"{'n/a' if champ_h is None else f'{champ_h:.2%}'}")
+        return (
+            False,
+            f"feedback hold-out accuracy {cand_h:.2%} is below the champion's {champ_h:.2%}",
+        )
+    return True, (
+        f"MNIST test {candidate['test_accuracy']:.4%} vs champion "
+        f"{champion['test_accuracy']:.4%}; hold-out "
+        f"{'n/a' if cand_h is None else f'{cand_h:.2%}'} vs "
+        f"{'n/a' if champ_h is None else f'{champ_h:.2%}'}"
+    )
 
 
 def _scores(model, test: tuple, holdout: tuple) -> dict:
     t = score(predict_proba(model, test[0]), test[1])
     h = score(predict_proba(model, holdout[0]), holdout[1])
-    return {"test_accuracy": t["accuracy"], "holdout_accuracy": h["accuracy"],
-            "holdout_count": h["count"]}
+    return {
+        "test_accuracy": t["accuracy"],
+        "holdout_accuracy": h["accuracy"],
+        "holdout_count": h["count"],
+    }
 
 
 def champion_checkpoint(client, tracking_uri: str, name: str, alias: str, dest: Path):
@@ -47,13 +57,16 @@ def champion_checkpoint(client, tracking_uri: str, name: str, alias: str, dest: 
     except mlflow.exceptions.MlflowException:
         return None, None
     path = mlflow.artifacts.download_artifacts(
-        run_id=version.run_id, artifact_path="checkpoint/model.pt", dst_path=str(dest),
-        tracking_uri=tracking_uri)
+        run_id=version.run_id,
+        artifact_path="checkpoint/model.pt",
+        dst_path=str(dest),
+        tracking_uri=tracking_uri,
+    )
     return version, Path(path)
 
 
 def promote(cfg) -> dict:
-    """The `promote` stage: re-score champion and candidate on today's data, move the alias or not."""
+    """The `promote` stage: re-score champion and candidate on today's data; move the alias?"""
     import tempfile
 
     import mlflow
@@ -63,14 +76,17 @@ def promote(cfg) -> dict:
     candidate_model, meta = checkpoint.load(cfg.paths.candidate)
     version = meta.get("registered_version")
     if version is None:
-        raise RuntimeError(f"{cfg.paths.candidate} was not registered (no MLflow run); nothing to promote")
+        raise RuntimeError(
+            f"{cfg.paths.candidate} was not registered (no MLflow run); nothing to promote"
+        )
 
     test = mnist.load(Path(cfg.paths.mnist), "t10k")
     holdout = feedback.load(Path(cfg.paths.feedback), split="holdout")
     candidate = _scores(candidate_model, test, holdout)
     with tempfile.TemporaryDirectory() as tmp:
-        champ_version, champ_path = champion_checkpoint(client, cfg.mlflow.tracking_uri, name, alias,
-                                                          Path(tmp))
+        champ_version, champ_path = champion_checkpoint(
+            client, cfg.mlflow.tracking_uri, name, alias, Path(tmp)
+        )
         champion = None
         if champ_version is not None and champ_version.version != version:
             champion = _scores(checkpoint.load(champ_path)[0], test, holdout)
@@ -92,10 +108,12 @@ def promote(cfg) -> dict:
         "tolerance_pp": cfg.promotion.tolerance_pp,
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    tags = {"promotion.decision": "promoted" if promoted else "rejected",
-            "promotion.reason": reason,
-            "promotion.candidate": json.dumps(candidate),
-            "promotion.champion": json.dumps(champion)}
+    tags = {
+        "promotion.decision": "promoted" if promoted else "rejected",
+        "promotion.reason": reason,
+        "promotion.candidate": json.dumps(candidate),
+        "promotion.champion": json.dumps(champion),
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     path = Path(cfg.paths.promotion)

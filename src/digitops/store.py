@@ -82,8 +82,9 @@ class FeedbackResult:
 class PredictionStore:
     """Thread-safe; one connection guarded by a lock (SQLite allows one writer at a time anyway)."""
 
-    def __init__(self, path: str | Path, max_predictions: int = 100_000,
-                 max_original_bytes: int = 256 * 1024):
+    def __init__(
+        self, path: str | Path, max_predictions: int = 100_000, max_original_bytes: int = 256 * 1024
+    ):
         self.path = str(path)
         self.max_predictions = max_predictions
         self.max_original_bytes = max_original_bytes
@@ -93,14 +94,17 @@ class PredictionStore:
         try:
             if not uri:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10,
-                                       isolation_level=None, uri=uri)
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, timeout=10, isolation_level=None, uri=uri
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives app crashes
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as err:
-            raise StoreError(f"prediction store {self.path} cannot be opened for writing: {err}") from err
+            raise StoreError(
+                f"prediction store {self.path} cannot be opened for writing: {err}"
+            ) from err
 
     def close(self) -> None:
         with self._lock:
@@ -112,16 +116,31 @@ class PredictionStore:
         except sqlite3.OperationalError as err:  # disk full, read-only file, I/O error, locked
             raise StoreError(f"prediction store {self.path} is not writable: {err}") from err
 
-    def log_prediction(self, prediction_id: str, input_png: bytes, probabilities: np.ndarray,
-                       inverted: bool, model_version: str | None, original: bytes | None = None
-                       ) -> None:
+    def log_prediction(
+        self,
+        prediction_id: str,
+        input_png: bytes,
+        probabilities: np.ndarray,
+        inverted: bool,
+        model_version: str | None,
+        original: bytes | None = None,
+    ) -> None:
         entropy, margin = uncertainty(probabilities)
         if original is not None and len(original) > self.max_original_bytes:
             original = None  # the 28x28 input is always kept; big originals are not
-        row = (prediction_id, time.time(), input_png, original,
-               json.dumps([round(float(p), 6) for p in probabilities]),
-               int(np.argmax(probabilities)), float(np.max(probabilities)), entropy, margin,
-               int(bool(inverted)), model_version)
+        row = (
+            prediction_id,
+            time.time(),
+            input_png,
+            original,
+            json.dumps([round(float(p), 6) for p in probabilities]),
+            int(np.argmax(probabilities)),
+            float(np.max(probabilities)),
+            entropy,
+            margin,
+            int(bool(inverted)),
+            model_version,
+        )
         with self._lock:
             self._write("INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
             self._inserts += 1
@@ -134,15 +153,18 @@ class PredictionStore:
             """DELETE FROM predictions WHERE id IN (
                  SELECT p.id FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id
                  WHERE f.id IS NULL ORDER BY p.created_at DESC LIMIT -1 OFFSET ?)""",
-            (self.max_predictions,))
+            (self.max_predictions,),
+        )
 
-    def add_feedback(self, prediction_id: str, label: int, comment: str | None = None,
-                     client: str | None = None) -> FeedbackResult:
+    def add_feedback(
+        self, prediction_id: str, label: int, comment: str | None = None, client: str | None = None
+    ) -> FeedbackResult:
         """Label a prediction. Idempotent; a new label for the same prediction replaces the old."""
         now = time.time()
         with self._lock:
-            exists = self._db.execute("SELECT 1 FROM predictions WHERE id = ?",
-                                      (prediction_id,)).fetchone()
+            exists = self._db.execute(
+                "SELECT 1 FROM predictions WHERE id = ?", (prediction_id,)
+            ).fetchone()
             if not exists:
                 raise UnknownPrediction(prediction_id)
             previous = self._db.execute(
@@ -153,17 +175,26 @@ class PredictionStore:
                 self._write(
                     "INSERT INTO feedback (id, prediction_id, label, comment, client, status,"
                     " created_at, updated_at) VALUES (?,?,?,?,?, 'pending', ?, ?)",
-                    (feedback_id, prediction_id, label, comment, client, now, now))
+                    (feedback_id, prediction_id, label, comment, client, now, now),
+                )
                 return FeedbackResult(feedback_id, prediction_id, label, "pending", False, None)
             feedback_id, old_label, old_status = previous
             # A changed mind goes back to pending, even if the old label was already ingested:
             # ingestion then reconciles the dataset with the newest label.
             self._write(
                 "UPDATE feedback SET label = ?, comment = ?, status = 'pending', reason = NULL,"
-                " updated_at = ? WHERE id = ?", (label, comment, now, feedback_id))
+                " updated_at = ? WHERE id = ?",
+                (label, comment, now, feedback_id),
+            )
             replaced = old_label != label
-            return FeedbackResult(feedback_id, prediction_id, label, "pending", replaced,
-                                  old_label if replaced else None)
+            return FeedbackResult(
+                feedback_id,
+                prediction_id,
+                label,
+                "pending",
+                replaced,
+                old_label if replaced else None,
+            )
 
     def review_queue(self, k: int, strategy: str) -> list[dict]:
         """The k unlabelled predictions the model is least sure of (the active-learning query)."""
@@ -173,9 +204,19 @@ class PredictionStore:
                 f"""SELECT p.id, p.created_at, p.digit, p.confidence, p.probabilities, p.entropy,
                            p.margin, p.input_png
                     FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id
-                    WHERE f.id IS NULL ORDER BY {order} LIMIT ?""", (k,)).fetchall()
-        keys = ("prediction_id", "created_at", "digit", "confidence", "probabilities", "entropy",
-                "margin", "input_png")
+                    WHERE f.id IS NULL ORDER BY {order} LIMIT ?""",
+                (k,),
+            ).fetchall()
+        keys = (
+            "prediction_id",
+            "created_at",
+            "digit",
+            "confidence",
+            "probabilities",
+            "entropy",
+            "margin",
+            "input_png",
+        )
         items = [dict(zip(keys, row, strict=True)) for row in rows]
         for item in items:
             item["probabilities"] = json.loads(item["probabilities"])
@@ -183,12 +224,16 @@ class PredictionStore:
 
     def stats(self) -> dict:
         with self._lock:
-            counts = dict(self._db.execute(
-                "SELECT status, COUNT(*) FROM feedback GROUP BY status").fetchall())
+            counts = dict(
+                self._db.execute("SELECT status, COUNT(*) FROM feedback GROUP BY status").fetchall()
+            )
             predictions = self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
-        return {"pending": counts.get("pending", 0),
-                "ingested": counts.get("ingested", 0) + counts.get("merged", 0),
-                "rejected": counts.get("rejected", 0), "predictions": predictions}
+        return {
+            "pending": counts.get("pending", 0),
+            "ingested": counts.get("ingested", 0) + counts.get("merged", 0),
+            "rejected": counts.get("rejected", 0),
+            "predictions": predictions,
+        }
 
     # The ingestion job's side.
     def pending(self) -> list[dict]:
@@ -197,13 +242,26 @@ class PredictionStore:
                 """SELECT f.id, f.prediction_id, f.label, f.updated_at, p.input_png,
                           p.model_version, p.created_at
                    FROM feedback f JOIN predictions p ON p.id = f.prediction_id
-                   WHERE f.status = 'pending' ORDER BY f.updated_at""").fetchall()
-        keys = ("feedback_id", "prediction_id", "label", "updated_at", "input_png",
-                "model_version", "predicted_at")
+                   WHERE f.status = 'pending' ORDER BY f.updated_at"""
+            ).fetchall()
+        keys = (
+            "feedback_id",
+            "prediction_id",
+            "label",
+            "updated_at",
+            "input_png",
+            "model_version",
+            "predicted_at",
+        )
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
-    def mark(self, feedback_id: str, status: str, reason: str | None = None,
-             if_updated_at: float | None = None) -> bool:
+    def mark(
+        self,
+        feedback_id: str,
+        status: str,
+        reason: str | None = None,
+        if_updated_at: float | None = None,
+    ) -> bool:
         """Set a feedback item's status; with if_updated_at, only if nobody relabelled it since."""
         sql = "UPDATE feedback SET status = ?, reason = ? WHERE id = ?"
         params: tuple = (status, reason, feedback_id)
@@ -212,4 +270,3 @@ class PredictionStore:
             params += (if_updated_at,)
         with self._lock:
             return self._write(sql, params).rowcount == 1
-

@@ -42,8 +42,14 @@ class DigitClassifier(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         accuracy(logits, y)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, sync_dist=True,
-                 prog_bar=stage != "test")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            sync_dist=True,
+            prog_bar=stage != "test",
+        )
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage != "test")
         return loss
 
@@ -65,7 +71,10 @@ class DigitClassifier(pl.LightningModule):
         scheduler = self.scheduler_factory(
             optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_train_end(self) -> None:
         # Proof that every rank trained and that DDP kept their weights identical.

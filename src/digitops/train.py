@@ -45,8 +45,10 @@ class EpochHistory(pl.Callback):
         m = trainer.callback_metrics
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         row = [trainer.current_epoch]
-        row += [round(float(m[k]), 6) if k in m else "" for k in
-                ("train/loss_epoch", "train/acc", "val/loss", "val/acc")]
+        row += [
+            round(float(m[k]), 6) if k in m else ""
+            for k in ("train/loss_epoch", "train/acc", "val/loss", "val/acc")
+        ]
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([*row, f"{lr:.6g}"])
 
@@ -94,8 +96,9 @@ def train(cfg: DictConfig) -> dict | None:
     if isinstance(logger, MLFlowLogger):
         logger.log_hyperparams(flatten({k: v for k, v in resolved.items() if k != "paths"}))
         if trainer.is_global_zero:
-            logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True),
-                                       "config.yaml")
+            logger.experiment.log_text(
+                logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml"
+            )
             for key, value in provenance.items():
                 logger.experiment.set_tag(logger.run_id, key, value)
 
@@ -116,7 +119,9 @@ def train(cfg: DictConfig) -> dict | None:
         "mnist_sha256": checksums,
         "config": resolved,
         "mlflow_run_id": getattr(logger, "run_id", None),
-        "mlflow_tracking_uri": cfg.mlflow.tracking_uri if isinstance(logger, MLFlowLogger) else None,
+        "mlflow_tracking_uri": cfg.mlflow.tracking_uri
+        if isinstance(logger, MLFlowLogger)
+        else None,
         "ranks": summary,
         "torch_threads": torch.get_num_threads(),
         "host_cpus": os.cpu_count(),
@@ -125,6 +130,11 @@ def train(cfg: DictConfig) -> dict | None:
     checkpoint.save(cfg.paths.checkpoint, system.model, system.model_args, metadata)
     if isinstance(logger, MLFlowLogger):
         logger.log_metrics({"train_seconds": wall})
-    log.info("trained %d epochs in %.0fs: val acc %.4f; ranks %s", trainer.current_epoch, wall,
-             metrics.get("val/acc", float("nan")), summary)
+    log.info(
+        "trained %d epochs in %.0fs: val acc %.4f; ranks %s",
+        trainer.current_epoch,
+        wall,
+        metrics.get("val/acc", float("nan")),
+        summary,
+    )
     return metadata

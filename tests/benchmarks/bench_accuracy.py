@@ -1,6 +1,6 @@
 """End-to-end accuracy on the held-out real-world set, through POST /predict.
 
-    python -m tests.benchmarks.bench_accuracy [--set tests/fixtures/realworld] [--out artifacts/bench]
+    python -m tests.benchmarks.bench_accuracy [--set DIR] [--out artifacts/bench]
 
 Writes realworld.json and realworld.md: accuracy overall and per kind, and every miss.
 """
@@ -25,20 +25,32 @@ def score_through_api(client, directory: Path = REALWORLD) -> dict:
     misses = []
     for row in rows:
         data = (directory / row["file"]).read_bytes()
-        r = client.post("/predict", files={"image": (row["file"], data, "application/octet-stream")})
+        r = client.post(
+            "/predict", files={"image": (row["file"], data, "application/octet-stream")}
+        )
         body = r.json()
         predicted = body.get("digit") if r.status_code == 200 else None
         hit = predicted == int(row["label"])
         per_kind[row["kind"]][0] += hit
         per_kind[row["kind"]][1] += 1
         if not hit:
-            misses.append({**row, "predicted": predicted, "status": r.status_code,
-                           "confidence": body.get("confidence"), "error": body.get("error"),
-                           "inverted": body.get("inverted")})
+            misses.append(
+                {
+                    **row,
+                    "predicted": predicted,
+                    "status": r.status_code,
+                    "confidence": body.get("confidence"),
+                    "error": body.get("error"),
+                    "inverted": body.get("inverted"),
+                }
+            )
     correct = sum(c for c, _ in per_kind.values())
-    return {"count": len(rows), "accuracy": correct / len(rows),
-            "per_kind": {k: {"accuracy": c / n, "count": n} for k, (c, n) in sorted(per_kind.items())},
-            "misses": misses}
+    return {
+        "count": len(rows),
+        "accuracy": correct / len(rows),
+        "per_kind": {k: {"accuracy": c / n, "count": n} for k, (c, n) in sorted(per_kind.items())},
+        "misses": misses,
+    }
 
 
 def main() -> None:
@@ -55,12 +67,25 @@ def main() -> None:
         result["model"] = client.get("/model").json()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "realworld.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Real-world accuracy: {result['accuracy']:.2%} of {result['count']}", "",
-             "| kind | accuracy | count |", "|---|---|---|"]
-    lines += [f"| {k} | {v['accuracy']:.2%} | {v['count']} |" for k, v in result["per_kind"].items()]
-    lines += ["", "| file | label | predicted | confidence | inverted | source |", "|---|---|---|---|---|---|"]
-    lines += [f"| {m['file']} | {m['label']} | {m['predicted']} | {m['confidence']} | "
-              f"{m['inverted']} | {m['source']} |" for m in result["misses"]]
+    lines = [
+        f"# Real-world accuracy: {result['accuracy']:.2%} of {result['count']}",
+        "",
+        "| kind | accuracy | count |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {v['accuracy']:.2%} | {v['count']} |" for k, v in result["per_kind"].items()
+    ]
+    lines += [
+        "",
+        "| file | label | predicted | confidence | inverted | source |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {m['file']} | {m['label']} | {m['predicted']} | {m['confidence']} | "
+        f"{m['inverted']} | {m['source']} |"
+        for m in result["misses"]
+    ]
     text = "\n".join(lines) + "\n"
     (args.out / "realworld.md").write_text(text)
     print(text)

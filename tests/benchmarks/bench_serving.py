@@ -41,8 +41,11 @@ def free_port() -> int:
 
 def canvas_png(out: Path) -> Path:
     """A real test digit drawn as on the web page: 280x280, white on black."""
-    images, _ = mnist.load(ROOT / "data" / "mnist", "t10k") if (ROOT / "data/mnist").exists() \
+    images, _ = (
+        mnist.load(ROOT / "data" / "mnist", "t10k")
+        if (ROOT / "data/mnist").exists()
         else (None, None)
+    )
     if images is None:
         fixture = out / "mnist"
         fixture.mkdir(parents=True, exist_ok=True)
@@ -73,14 +76,19 @@ def bare_model(seconds: float) -> dict:
             model(x32)
             n += 32
         rate = n / (time.perf_counter() - start)
-    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
-            "throughput_c32": rate}
+    return {
+        "p50_ms": float(np.percentile(times, 50)),
+        "p99_ms": float(np.percentile(times, 99)),
+        "throughput_c32": rate,
+    }
 
 
 def serve(cmd: list[str], port: int, log: Path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -105,11 +113,29 @@ def wrk(port: int, path: str, image: Path, connections: int, seconds: float) -> 
     env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": path}
     url = f"http://127.0.0.1:{port}{path}"
     # Warm up (first requests load lazily-initialised code paths), then measure.
-    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d2s", "-s", str(LUA), url], env=env,
-                   capture_output=True, timeout=60)
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-                          "-s", str(LUA), url], env=env, capture_output=True, text=True,
-                         timeout=seconds + 60)
+    subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", "-d2s", "-s", str(LUA), url],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(LUA),
+            url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
     line = next(x for x in out.stdout.splitlines() if x.startswith("JSON "))
     result = json.loads(line[5:])
     result["throughput"] = result["requests"] / result["seconds"]
@@ -120,13 +146,18 @@ def measure_server(name, cmd, port, endpoints, image, seconds, out) -> dict:
     proc = serve(cmd, port, out / f"{name}.log")
     try:
         # Check it answers correctly before timing it.
-        r = httpx.post(f"http://127.0.0.1:{port}/predict",
-                       files={"image": ("d.png", image.read_bytes(), "image/png")}, timeout=30)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/predict",
+            files={"image": ("d.png", image.read_bytes(), "image/png")},
+            timeout=30,
+        )
         r.raise_for_status()
         results = {}
         for path in endpoints:
-            results[path] = {"c1": wrk(port, path, image, 1, seconds),
-                             "c32": wrk(port, path, image, 32, seconds)}
+            results[path] = {
+                "c1": wrk(port, path, image, 1, seconds),
+                "c32": wrk(port, path, image, 32, seconds),
+            }
         return results
     finally:
         stop(proc)
@@ -145,8 +176,10 @@ def report(results: dict, out: Path) -> str:
         for k, v in checks.items()
     }
     lines = [
-        "# Serving benchmark", "",
-        f"{results['machine']}; {results['seconds']} s per measurement; wrk on loopback.", "",
+        "# Serving benchmark",
+        "",
+        f"{results['machine']}; {results['seconds']} s per measurement; wrk on loopback.",
+        "",
         "| system | endpoint | p50 c=1 (ms) | p99 c=1 (ms) | req/s c=32 | p99 c=32 (ms) | errors |",
         "|---|---|---|---|---|---|---|",
         f"| bare model forward | - | {results['model']['p50_ms']:.2f} | "
@@ -157,15 +190,17 @@ def report(results: dict, out: Path) -> str:
             lines.append(
                 f"| {system} | {path} | {r['c1']['p50_ms']:.2f} | {r['c1']['p99_ms']:.2f} | "
                 f"{r['c32']['throughput']:.0f} | {r['c32']['p99_ms']:.1f} | "
-                f"{r['c1']['errors'] + r['c32']['errors']} |")
+                f"{r['c1']['errors'] + r['c32']['errors']} |"
+            )
     lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
     for key, value in checks.items():
         goal = f">= {TARGETS[key]}x" if key == "throughput_vs_naive" else f"<= {TARGETS[key]} ms"
         lines.append(f"| {key} | {value:.2f} | {goal} | {'yes' if verdicts[key] else 'NO'} |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps({**results, "checks": checks,
-                                                  "met": verdicts}, indent=2) + "\n")
+    (out / "report.json").write_text(
+        json.dumps({**results, "checks": checks, "met": verdicts}, indent=2) + "\n"
+    )
     return text
 
 
@@ -176,22 +211,64 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     image = canvas_png(args.out)
-    results = {"seconds": args.seconds,
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-               "model": bare_model(args.seconds)}
+    results = {
+        "seconds": args.seconds,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "model": bare_model(args.seconds),
+    }
     port = free_port()
     results["fastapi_baseline"] = measure_server(
-        "fastapi_baseline", ["uvicorn", "tests.benchmarks.fastapi_baseline:app", "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        port, ["/predict"], image, args.seconds, args.out)
+        "fastapi_baseline",
+        [
+            "uvicorn",
+            "tests.benchmarks.fastapi_baseline:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        port,
+        ["/predict"],
+        image,
+        args.seconds,
+        args.out,
+    )
     results["naive_bentoml"] = measure_server(
-        "naive_bentoml", ["bentoml", "serve", "tests.benchmarks.naive_service:NaiveDigitService",
-                          "--host", "127.0.0.1", "--port", str(port)],
-        port, ["/predict"], image, args.seconds, args.out)
+        "naive_bentoml",
+        [
+            "bentoml",
+            "serve",
+            "tests.benchmarks.naive_service:NaiveDigitService",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        port,
+        ["/predict"],
+        image,
+        args.seconds,
+        args.out,
+    )
     results["digitops"] = measure_server(
-        "digitops", ["bentoml", "serve", "serving.service:DigitService", "--host", "127.0.0.1",
-                     "--port", str(port)],
-        port, ["/predict", "/explain"], image, args.seconds, args.out)
+        "digitops",
+        [
+            "bentoml",
+            "serve",
+            "serving.service:DigitService",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        port,
+        ["/predict", "/explain"],
+        image,
+        args.seconds,
+        args.out,
+    )
     print(report(results, args.out))
 
 

@@ -1,7 +1,9 @@
 """The limit for any Python HTTP wrapper: one FastAPI route, same preprocessing + model, no extras.
 
-    uvicorn tests.benchmarks.fastapi_baseline:app --port 3001
+uvicorn tests.benchmarks.fastapi_baseline:app --port 3001
 """
+
+from typing import Annotated
 
 import torch
 from fastapi import FastAPI, File, UploadFile
@@ -14,7 +16,7 @@ served = load_served_model()
 
 
 @app.post("/predict")
-def predict(image: UploadFile = File(...)):
+def predict(image: Annotated[UploadFile, File()]):
     prepared = preprocess(image.file.read())
     with torch.inference_mode():
         probabilities = torch.softmax(served.model(prepared.tensor()), dim=1)[0]
