@@ -23,9 +23,11 @@ import bentoml
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from digitops import api, explain
 from digitops.preprocess import (
@@ -63,6 +65,20 @@ def error(status: int, message: str) -> JSONResponse:
 @app.exception_handler(ImageError)
 async def bad_input(request: Request, exc: ImageError) -> JSONResponse:
     return error(exc.status, str(exc))
+
+
+@app.exception_handler(RequestValidationError)
+async def bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()
+    )
+    return error(400, f"invalid request parameters: {problems}")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = "no such endpoint; see /docs" if exc.status_code == 404 else str(exc.detail)
+    return error(exc.status_code, message)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -184,11 +200,19 @@ class DigitService:
         payload = api.prediction_payload(
             probabilities, input_png, prepared.inverted, self.served, api.new_prediction_id()
         )
-        await self._log(payload, input_png, probabilities, data)
+        if options.log:
+            await self._log(payload, input_png, probabilities, data, options.noise)
+        else:
+            payload["logged"] = False
         return payload
 
     async def _log(
-        self, payload: dict, input_png: bytes, probabilities: np.ndarray, original: bytes
+        self,
+        payload: dict,
+        input_png: bytes,
+        probabilities: np.ndarray,
+        original: bytes,
+        noise: float,
     ) -> None:
         """Record the prediction for feedback and review; a broken store never fails /predict."""
 
@@ -202,6 +226,7 @@ class DigitService:
                 payload["inverted"],
                 payload["model"]["version"],
                 original,
+                noise,
             )
 
         try:

@@ -6,6 +6,7 @@ Screenshots of each state go to the test's tmp folder and are copied to artifact
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -29,6 +30,8 @@ SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 # Below this test accuracy (the shipped smoke model) a drawn digit is only checked to be a digit.
 GOOD_MODEL_ACCURACY = 0.99
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# Only linked from the page, never fetched: the page must not call it.
+MLFLOW_UI = "http://127.0.0.1:5000/"
 # The canvas is 280x280; strokes are given in its pixels.
 ONE = [[(140, 40), (140, 240)]]
 SEVEN = [[(70, 55), (210, 55), (125, 240)]]
@@ -50,14 +53,19 @@ def server(tmp_path_factory):
         **os.environ,
         "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home")),
         "DIGITOPS_PREDICTIONS_DB": str(tmp / "predictions.db"),
+        "DIGITOPS_MLFLOW_UI": MLFLOW_UI,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
+    command = ["bentoml", "serve", "serving.service:DigitService", "--host", "127.0.0.1"]
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            ["bentoml", "serve", "serving.service:DigitService", "--host", "127.0.0.1",
-             "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [*command, "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -88,9 +96,14 @@ def browser():
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         yield browser
         browser.close()
 
@@ -131,6 +144,11 @@ def digit_png(server, mnist_dir, tmp_path_factory) -> tuple[Path, int]:
                 path.write_bytes(buffer.getvalue())
                 return path, int(labels[i])
     pytest.fail("the served model got none of the first 50 MNIST test digits right")
+
+
+def off_machine(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme not in ("data", "blob") and parts.hostname not in LOOPBACK
 
 
 class Ui:
@@ -180,17 +198,27 @@ class Ui:
         """No console errors but `expected_errors`; no request left loopback."""
         errors = [e for e in self.errors if not any(x in e for x in expected_errors)]
         assert not errors, errors
-        remote = [
-            url for url in self.urls
-            if urlsplit(url).scheme not in ("data", "blob") and urlsplit(url).hostname not in LOOPBACK
-        ]  # fmt: skip
+        remote = [url for url in self.urls if off_machine(url)]
         assert not remote, remote
-        self.context.close()
 
 
 @pytest.fixture
-def ui(browser, server, shots):
-    return Ui(browser, server, shots, viewport={"width": 1280, "height": 900})
+def open_ui(browser, server, shots):
+    """Opens pages of the app (each in its own browser context); closes them after the test."""
+    opened: list[Ui] = []
+
+    def open_page(**context_options) -> Ui:
+        opened.append(Ui(browser, server, shots, **context_options))
+        return opened[-1]
+
+    yield open_page
+    for ui in opened:
+        ui.context.close()
+
+
+@pytest.fixture
+def ui(open_ui) -> Ui:
+    return open_ui(viewport={"width": 1280, "height": 900})
 
 
 def stats(base: str) -> dict:
@@ -225,7 +253,9 @@ def test_drawn_digits_are_predicted_and_explained(ui, good_model):
     page.locator(f"#chart .bar[data-digit='{other}']").click()
     ui.settle()
     assert f"class {other}" in ui.text("#cam-caption")
-    assert page.locator(f"#chart .bar[data-digit='{other}']").get_attribute("aria-pressed") == "true"
+    assert (
+        page.locator(f"#chart .bar[data-digit='{other}']").get_attribute("aria-pressed") == "true"
+    )
     page.get_by_label("Feature maps of").select_option("conv3")
     ui.settle()
     assert "channels of conv3" in ui.text("#maps-caption")
@@ -256,6 +286,24 @@ def test_uploaded_mnist_digit_shows_its_label(ui, digit_png):
     ui.settle()
     assert ui.page.locator("#input-preview").get_attribute("src") != before
     assert "was inverted" in ui.text("#inverted")
+
+    # Dropped on the drop zone, the same file gives the same answer (inversion back on auto).
+    ui.page.get_by_label("Auto", exact=True).check()
+    ui.settle()
+    ui.page.evaluate(
+        """async ([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const drop = new DataTransfer();
+            drop.items.add(new File([bytes], name, { type: "image/png" }));
+            const zone = document.getElementById("dropzone");
+            zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: drop, bubbles: true }));
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: drop, bubbles: true }));
+        }""",
+        [base64.b64encode(path.read_bytes()).decode(), "dropped.png"],
+    )
+    ui.page.wait_for_function("document.querySelector('#source').textContent.includes('dropped')")
+    ui.settle()
+    assert ui.text("#digit") == str(label)
     ui.assert_clean()
 
 
@@ -295,6 +343,8 @@ def test_a_correction_is_recorded_and_can_be_replaced(ui, server, digit_png):
     pending = stats(server)["pending"]
     wrong = (digit_png[1] + 1) % 10
 
+    assert ui.text("#feedback-question") == f"Correct? The model says {digit_png[1]}."
+    assert page.locator("#feedback-digits").is_hidden()
     page.get_by_role("button", name="No", exact=True).click()
     page.get_by_role("button", name=f"It is a {wrong}").click()
     status = page.locator("#feedback-status")
@@ -323,6 +373,8 @@ def test_review_queue_items_are_labelled_in_one_click(ui, server, mnist_dir):
     page.get_by_role("tab", name="Review").click()
     items = page.locator("#review-list .review-item")
     items.first.wait_for()
+    assert page.locator("#view-predict").is_hidden()
+    assert page.url.endswith("#review")
     assert ui.text("#stat-pending") == str(pending)
     page.get_by_label("Least sure by").select_option("margin")
     items.first.wait_for()
@@ -339,7 +391,7 @@ def test_review_queue_items_are_labelled_in_one_click(ui, server, mnist_dir):
     ui.assert_clean()
 
 
-def test_api_errors_are_shown_in_plain_words(ui, server, tmp_path):
+def test_api_errors_are_shown_in_plain_words(ui, server, tmp_path, digit_png):
     fake = tmp_path / "notes.png"
     fake.write_bytes(b"this is a shopping list, not an image")
     with fake.open("rb") as f:
@@ -347,11 +399,20 @@ def test_api_errors_are_shown_in_plain_words(ui, server, tmp_path):
     assert expected.status_code == 400
     message = expected.json()["error"]
 
+    ui.page.set_input_files("#file", digit_png[0])
+    ui.settle()
+    assert ui.text("#digit") == str(digit_png[1])
+
     ui.page.set_input_files("#file", fake)
     ui.page.locator("#result-error").filter(has_text=message).wait_for()
+    ui.settle()
     shown = ui.text("#result-error")
     assert "{" not in shown and "status" not in shown, shown  # words, not a JSON dump
+    # The earlier answer is gone: next to the new file it would read as that file's answer.
     assert ui.text("#digit") == "–"
+    assert ui.page.locator("#input-preview").is_hidden()
+    assert ui.page.locator("#cam-image").is_hidden()
+    assert message in ui.text("#explain-error")
     ui.shot("08-error")
     # Chromium logs every 4xx reply as a console error; these three are the point of the test.
     ui.assert_clean(expected_errors=("status of 400",))
@@ -359,22 +420,31 @@ def test_api_errors_are_shown_in_plain_words(ui, server, tmp_path):
 
 def test_model_view_shows_the_serving_model(ui, model_card):
     page = ui.page
-    page.get_by_role("tab", name="Model").click()
+    page.get_by_role("tab", name="Predict").focus()
+    page.keyboard.press("End")  # tabs follow the ARIA pattern: arrows, Home, End
+    assert page.get_by_role("tab", name="Model").get_attribute("aria-selected") == "true"
     card = page.locator("#model-card")
     card.filter(has_text=model_card["source"]).wait_for()
     if model_card.get("version") is not None:
         assert str(model_card["version"]) in card.inner_text()
-    assert page.locator("#mlflow-link").is_visible() == bool(
-        model_card.get("mlflow_ui_url") and model_card.get("mlflow_run_id")
-    )
+    link = page.locator("#mlflow-link a")
+    if model_card.get("mlflow_ui_url") and model_card.get("mlflow_run_id"):
+        run = model_card["mlflow_run_id"]
+        assert link.get_attribute("href") == f"{MLFLOW_UI}#/experiments/0/runs/{run}"
+    else:
+        assert link.count() == 0
     assert page.url.endswith("#model")
     ui.shot("09-model")
     ui.assert_clean()
 
 
-def test_phone_layout_and_touch_drawing(browser, server, shots):
-    ui = Ui(browser, server, shots, viewport={"width": 360, "height": 780},
-            device_scale_factor=2, is_mobile=True, has_touch=True)  # fmt: skip
+def test_phone_layout_and_touch_drawing(open_ui):
+    ui = open_ui(
+        viewport={"width": 360, "height": 780},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+    )
     page = ui.page
     assert page.evaluate("document.documentElement.scrollWidth") <= 360, "page scrolls sideways"
     box = page.locator("#canvas").bounding_box()
@@ -383,7 +453,9 @@ def test_phone_layout_and_touch_drawing(browser, server, shots):
     # A finger stroke through the DevTools protocol: touch pointer events, not mouse ones.
     cdp = ui.context.new_cdp_session(page)
     x, top, bottom = box["x"] + box["width"] / 2, box["y"] + 30, box["y"] + box["height"] - 30
-    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": top}]})
+    cdp.send(
+        "Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": top}]}
+    )
     for i in range(1, 13):
         point = {"x": x, "y": top + (bottom - top) * i / 12}
         cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})

@@ -113,3 +113,18 @@ def test_retention_drops_oldest_unlabelled_only(tmp_path):
     store._enforce_retention()
     kept = {r[0] for r in store._db.execute("SELECT id FROM predictions")}
     assert kept == {"p0", "p3", "p4", "p5"}
+
+
+def test_previews_are_not_logged_and_noisy_inputs_stay_out_of_the_queue(client, digits):
+    images, _ = digits
+    files = {"image": ("d.png", png_bytes(images[7]), "image/png")}
+    preview = client.post("/predict", files=files, data={"log": "false"}).json()
+    assert preview["logged"] is False
+    r = client.post("/feedback", json={"prediction_id": preview["prediction_id"], "label": 9})
+    assert r.status_code == 404
+    noisy = client.post("/predict", files=files, data={"noise": "0.6", "seed": "1"}).json()
+    queued = {i["prediction_id"] for i in client.get("/review_queue?k=200").json()["items"]}
+    assert noisy["prediction_id"] not in queued
+    # ...but a correction of a noisy input is still a real label.
+    r = client.post("/feedback", json={"prediction_id": noisy["prediction_id"], "label": 9})
+    assert r.status_code == 200

@@ -8,6 +8,7 @@ const NOISE_SEED = 1234;
 const DRAW_DEBOUNCE_MS = 250;
 const NOISE_DEBOUNCE_MS = 150;
 const REVIEW_SIZE = 12;
+const CAM_CAPTION = $("cam-caption").textContent;
 
 const state = {
   source: null, // {kind: "drawing" | "upload", name, file?}
@@ -79,14 +80,15 @@ async function api(path, { method = "GET", form, json, signal } = {}) {
   return body;
 }
 
-function showError(id, err) {
+function showError(id, err, lead = "") {
   const box = $(id);
   if (!err) {
     box.hidden = true;
     box.textContent = "";
     return;
   }
-  box.textContent = err instanceof ApiError ? err.message : `Something went wrong in this page: ${err.message}`;
+  const words = err instanceof ApiError ? err.message : `Something went wrong in this page: ${err.message}`;
+  box.textContent = lead + words;
   box.hidden = false;
 }
 
@@ -126,19 +128,18 @@ function cancelPending() {
   updateBusy();
 }
 
-/** Run one kind of request, cancelling the previous one of that kind: only the newest renders. */
-async function latest(kind, task, render, errorBox) {
+/** Run one kind of request, cancelling the previous one of that kind: only the newest renders.
+ * `render` gets the reply, `fail` the error; neither runs for a request that was superseded. */
+async function latest(kind, task, render, fail) {
   controllers[kind]?.abort();
   const controller = new AbortController();
   controllers[kind] = controller;
   updateBusy();
   try {
     const reply = await task(controller.signal);
-    if (controller.signal.aborted) return;
-    showError(errorBox, null);
-    render(reply);
+    if (!controller.signal.aborted) render(reply);
   } catch (err) {
-    if (!controller.signal.aborted) showError(errorBox, err);
+    if (!controller.signal.aborted) fail(err);
   } finally {
     if (controllers[kind] === controller) delete controllers[kind];
     updateBusy();
@@ -221,6 +222,8 @@ function endStroke(event) {
 }
 canvas.addEventListener("pointerup", endStroke);
 canvas.addEventListener("pointercancel", endStroke);
+// Capture can be lost without a pointerup (an alert, a tab switch): never stay stuck mid-stroke.
+canvas.addEventListener("lostpointercapture", endStroke);
 
 function undo() {
   if (!state.strokes.length) return;
@@ -263,8 +266,10 @@ function useUpload(file) {
 }
 // Some files (HEIC photos, say) reach the server fine but cannot be shown by this browser.
 $("upload-preview").addEventListener("error", () => {
+  $("upload-preview").hidden = true;
   $("upload-name").textContent += " (this browser cannot show it)";
 });
+$("upload-preview").addEventListener("load", () => ($("upload-preview").hidden = false));
 
 for (const id of ["file", "camera"]) {
   $(id).addEventListener("change", (event) => {
@@ -331,9 +336,18 @@ function analyseAll() {
 function predict() {
   latest(
     "predict",
-    async (signal) => api("/predict", { method: "POST", form: await imageForm(), signal }),
+    // Previews mid-stroke are not logged: half-drawn digits would flood the review queue.
+    async (signal) =>
+      api("/predict", {
+        method: "POST",
+        form: await imageForm({ log: state.pointerId === null ? null : "false" }),
+        signal,
+      }),
     renderPrediction,
-    "result-error",
+    (err) => {
+      clearPrediction(); // an old answer next to a new input would be read as its answer
+      showError("result-error", err);
+    },
   );
 }
 
@@ -343,7 +357,11 @@ function explain() {
     async (signal) =>
       api("/explain", { method: "POST", form: await imageForm({ target: state.target }), signal }),
     renderCam,
-    "explain-error",
+    (err) => {
+      $("cam-image").hidden = true;
+      $("cam-caption").textContent = CAM_CAPTION;
+      showError("explain-error", err, "Nothing to explain. ");
+    },
   );
 }
 
@@ -354,7 +372,11 @@ function featureMaps() {
     async (signal) =>
       api("/feature_maps", { method: "POST", form: await imageForm({ layer }), signal }),
     renderMaps,
-    "explain-error",
+    (err) => {
+      $("maps-image").hidden = true;
+      $("maps-caption").textContent = "";
+      showError("explain-error", err, "Nothing to explain. ");
+    },
   );
 }
 
@@ -379,6 +401,8 @@ function buildChart() {
 }
 
 function renderPrediction(reply) {
+  showError("result-error", null);
+  $("result").classList.add("has-result");
   state.result = reply;
   $("digit").textContent = String(reply.digit);
   $("confidence").textContent = `${percent(reply.confidence)} sure`;
@@ -401,17 +425,22 @@ function renderPrediction(reply) {
 }
 
 function renderCam(reply) {
+  showError("explain-error", null);
   const img = $("cam-image");
   img.src = png(reply.overlay_png);
   img.hidden = false;
   img.alt = `Grad-CAM heat map for class ${reply.target} over the input`;
   const who = state.target === null ? "the predicted class" : "class";
+  const evidence = Math.max(...(reply.cam ?? [[1]]).flat());
   $("cam-caption").textContent =
-    `Grad-CAM for ${who} ${reply.target} (layer ${reply.layer}): red marks the pixels that ` +
-    `pushed the model towards ${reply.target}.`;
+    `Grad-CAM for ${who} ${reply.target} (layer ${reply.layer}): ` +
+    (evidence > 0
+      ? `red marks the pixels that pushed the model towards ${reply.target}.`
+      : `nothing in the image pushed the model towards ${reply.target}.`);
 }
 
 function renderMaps(reply) {
+  showError("explain-error", null);
   const img = $("maps-image");
   img.src = png(reply.grid_png);
   img.hidden = false;
@@ -434,17 +463,26 @@ function chooseTarget(digit) {
   if (hasInput()) explain();
 }
 
+/** Back to the empty page: no input, nothing pending, nothing shown. */
 function resetResult() {
   cancelPending();
-  state.result = null;
   state.target = null;
   $("cam-target").value = "";
+  $("source").textContent = "No input yet: draw a digit or upload an image.";
+  for (const id of ["cam-image", "maps-image"]) $(id).hidden = true;
+  $("cam-caption").textContent = CAM_CAPTION;
+  $("maps-caption").textContent = "";
+  for (const id of ["result-error", "explain-error"]) showError(id, null);
+  clearPrediction();
+}
+
+function clearPrediction() {
+  state.result = null;
+  $("result").classList.remove("has-result");
   $("digit").textContent = "–";
   $("confidence").textContent = "";
   $("inverted").textContent = "";
-  $("source").textContent = "No input yet: draw a digit or upload an image.";
-  for (const id of ["input-preview", "cam-image", "maps-image"]) $(id).hidden = true;
-  $("maps-caption").textContent = "";
+  $("input-preview").hidden = true;
   $("chart").querySelectorAll(".bar").forEach((bar) => {
     bar.disabled = true;
     bar.classList.remove("top");
@@ -452,7 +490,7 @@ function resetResult() {
     bar.querySelector(".fill").style.width = "0%";
     bar.querySelector(".value").textContent = "";
   });
-  for (const id of ["result-error", "explain-error"]) showError(id, null);
+  markTarget();
   askFeedback(null);
 }
 
@@ -509,7 +547,8 @@ async function sendFeedback(label) {
       json: { prediction_id: reply.prediction_id, label },
     });
     showError("feedback-error", null);
-    let text = `Thank you: saved as ${saved.label} (${saved.status}, waiting for review).`;
+    let text = `Thank you: saved as ${saved.label}. It stays ${saved.status} until the next ` +
+      "ingestion checks it.";
     if (saved.replaced) {
       const before = saved.previous_label ?? "an earlier one";
       text += ` This replaced the earlier label ${before}.`;

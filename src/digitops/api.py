@@ -84,6 +84,7 @@ class Options:
     target: int | None = None
     layer: str = "conv1"
     arrays: bool = False
+    log: bool = True  # the web page sends false for previews while a stroke is still drawn
     extra: dict = field(default_factory=dict)
 
 
@@ -124,8 +125,9 @@ def parse_options(raw: dict[str, str], layers: tuple[str, ...] = DigitCNN.conv_l
         if value not in layers:
             raise ImageError(f"'layer' must be one of {', '.join(layers)}, got {value!r}")
         kwargs["layer"] = value
-    if (value := raw.get("arrays")) not in (None, ""):
-        kwargs["arrays"] = value.lower() in ("1", "true", "yes", "on")
+    for flag in ("arrays", "log"):
+        if (value := raw.get(flag)) not in (None, ""):
+            kwargs[flag] = value.lower() in ("1", "true", "yes", "on")
     return Options(**kwargs)
 
 

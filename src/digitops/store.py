@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     entropy       REAL NOT NULL,
     margin        REAL NOT NULL,
     inverted      INTEGER NOT NULL,
-    model_version TEXT
+    model_version TEXT,
+    noise         REAL NOT NULL DEFAULT 0     -- stress-test noise added to the input
 );
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -124,6 +125,7 @@ class PredictionStore:
         inverted: bool,
         model_version: str | None,
         original: bytes | None = None,
+        noise: float = 0.0,
     ) -> None:
         entropy, margin = uncertainty(probabilities)
         if original is not None and len(original) > self.max_original_bytes:
@@ -140,9 +142,10 @@ class PredictionStore:
             margin,
             int(bool(inverted)),
             model_version,
+            float(noise),
         )
         with self._lock:
-            self._write("INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+            self._write("INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
             self._inserts += 1
             if self._inserts % 1000 == 0:
                 self._enforce_retention()
@@ -197,14 +200,17 @@ class PredictionStore:
             )
 
     def review_queue(self, k: int, strategy: str) -> list[dict]:
-        """The k unlabelled predictions the model is least sure of (the active-learning query)."""
+        """The k unlabelled predictions the model is least sure of (the active-learning query).
+
+        Stress-test inputs (noise added on purpose) are not candidates: their doubt is made up.
+        """
         order = STRATEGIES[strategy]
         with self._lock:
             rows = self._db.execute(
                 f"""SELECT p.id, p.created_at, p.digit, p.confidence, p.probabilities, p.entropy,
                            p.margin, p.input_png
                     FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id
-                    WHERE f.id IS NULL ORDER BY {order} LIMIT ?""",
+                    WHERE f.id IS NULL AND p.noise = 0 ORDER BY {order} LIMIT ?""",
                 (k,),
             ).fetchall()
         keys = (

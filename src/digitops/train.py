@@ -85,6 +85,15 @@ def train(cfg: DictConfig) -> dict | None:
 
     datamodule = build_datamodule(cfg)
     system = build_system(cfg)
+    if cfg.get("init_from"):
+        # Fine-tuning: start from a trained model's weights (e.g. the champion) instead of noise.
+        start, start_meta = checkpoint.load(cfg.init_from)
+        if start_meta["model_args"] != system.model_args:
+            raise ValueError(
+                f"init_from {cfg.init_from} has model args {start_meta['model_args']}, "
+                f"the config asks for {system.model_args}"
+            )
+        system.model.load_state_dict(start.state_dict())
     logger = hydra.utils.instantiate(cfg.logger)
     callbacks = [EpochHistory(cfg.paths.history), LearningRateMonitor("epoch")]
     if cfg.trainer.get("enable_progress_bar", True):
