@@ -52,7 +52,7 @@ lint: $(STAMP) ## ruff lint + format check
 mlflow-ui: $(STAMP) ## browse and compare runs on http://127.0.0.1:5000 (same store as training)
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
-clean: ## remove run outputs (keeps .venv/, data/ and the MLflow store)
-	rm -rf artifacts logs .pytest_cache
+clean: ## remove logs, benchmark reports and caches (keeps .venv/, data/, DVC outputs, MLflow)
+	rm -rf logs artifacts/bench artifacts/screenshots .pytest_cache
 
 .PHONY: help setup data train repro ingest serve test test-fast bench lint mlflow-ui clean

@@ -1,6 +1,6 @@
 """The BentoML service: HTTP routes wired to digitops functions.
 
-    bentoml serve api.service:DigitService       # http://127.0.0.1:3000
+    bentoml serve serving.service:DigitService       # http://127.0.0.1:3000
 
 Configuration (environment):
     DIGITOPS_MODEL_TAG          BentoML store tag to serve (default: latest `digit-cnn`,
@@ -15,7 +15,9 @@ Configuration (environment):
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 from pathlib import Path
 
 import anyio
@@ -121,6 +123,10 @@ async def read_images(request: Request, limit: int, field: str) -> tuple[list[by
         if not files:
             got = sorted({k for k, _ in form.multi_items()}) or "no fields"
             raise ImageError(f"no file in form field '{field}' (got {got}); {SEND_INSTEAD}")
+        if field == IMAGE_FIELD and len(files) > 1:
+            raise ImageError(
+                f"{len(files)} files sent; send one image here, or many to /predict_batch"
+            )
         blobs = []
         for upload in files:
             data = await upload.read(limit + 1)
@@ -144,11 +150,11 @@ async def read_images(request: Request, limit: int, field: str) -> tuple[list[by
 @bentoml.asgi_app(app, path="/")
 class DigitService:
     def __init__(self) -> None:
-        self.served = api.load_served_model(api.os.environ.get("DIGITOPS_MODEL_TAG"))
+        self.served = api.load_served_model(os.environ.get("DIGITOPS_MODEL_TAG"))
         self.max_bytes = api.env_int("DIGITOPS_MAX_UPLOAD_BYTES", DEFAULT_MAX_BYTES)
         try:
             self.store: PredictionStore | None = PredictionStore(
-                api.os.environ.get("DIGITOPS_PREDICTIONS_DB", "var/predictions.db"),
+                os.environ.get("DIGITOPS_PREDICTIONS_DB", "var/predictions.db"),
                 max_predictions=api.env_int("DIGITOPS_MAX_PREDICTIONS", 100_000),
             )
         except StoreError as err:  # predictions must go on without their log
@@ -196,44 +202,7 @@ class DigitService:
         options = api.parse_options(raw)
         prepared = await self._prepare(data, options)
         probabilities = (await self._probabilities(prepared.pixels[None]))[0]
-        input_png = explain.png(prepared.pixels)
-        payload = api.prediction_payload(
-            probabilities, input_png, prepared.inverted, self.served, api.new_prediction_id()
-        )
-        if options.log:
-            await self._log(payload, input_png, probabilities, data, options.noise)
-        else:
-            payload["logged"] = False
-        return payload
-
-    async def _log(
-        self,
-        payload: dict,
-        input_png: bytes,
-        probabilities: np.ndarray,
-        original: bytes,
-        noise: float,
-    ) -> None:
-        """Record the prediction for feedback and review; a broken store never fails /predict."""
-
-        def write():
-            if self.store is None:
-                raise StoreError("no prediction store")
-            self.store.log_prediction(
-                payload["prediction_id"],
-                input_png,
-                probabilities,
-                payload["inverted"],
-                payload["model"]["version"],
-                original,
-                noise,
-            )
-
-        try:
-            await anyio.to_thread.run_sync(write)
-        except StoreError as err:
-            payload["logged"] = False
-            log.warning("prediction not logged: %s", err)
+        return await self._reply(prepared, probabilities, data, options)
 
     @app.post("/predict_batch")
     async def predict_batch(self, request: Request):
@@ -248,17 +217,45 @@ class DigitService:
             except ImageError as err:  # one bad image must not fail its neighbours
                 results[i] = {"error": str(err), "status": err.status}
         if ready:
-            pixels = np.stack([p.pixels for _, p in ready])
-            probabilities = await self._probabilities(pixels)
+            probabilities = await self._probabilities(np.stack([p.pixels for _, p in ready]))
             for (i, prepared), probs in zip(ready, probabilities, strict=True):
-                results[i] = api.prediction_payload(
-                    probs,
-                    explain.png(prepared.pixels),
-                    prepared.inverted,
-                    self.served,
-                    api.new_prediction_id(),
-                )
+                results[i] = await self._reply(prepared, probs, blobs[i], options)
         return {"results": results, "count": len(results)}
+
+    async def _reply(
+        self, prepared: Preprocessed, probabilities: np.ndarray, original: bytes, options
+    ) -> dict:
+        """The prediction's JSON, recorded for feedback and review unless the caller opted out.
+
+        A broken store never fails a prediction: the reply then says `logged: false`.
+        """
+        input_png = explain.png(prepared.pixels)
+        payload = api.prediction_payload(
+            probabilities, input_png, prepared.inverted, self.served, api.new_prediction_id()
+        )
+        if not options.log:
+            payload["logged"] = False
+            return payload
+
+        def write():
+            if self.store is None:
+                raise StoreError("no prediction store")
+            self.store.log_prediction(
+                payload["prediction_id"],
+                input_png,
+                probabilities,
+                prepared.inverted,
+                payload["model"]["version"],
+                original,
+                options.noise,
+            )
+
+        try:
+            await anyio.to_thread.run_sync(write)
+        except StoreError as err:
+            payload["logged"] = False
+            log.warning("prediction not logged: %s", err)
+        return payload
 
     @app.post("/explain")
     async def explain(self, request: Request):
@@ -283,6 +280,7 @@ class DigitService:
             self.served,
             api.new_prediction_id(),
         )
+        del payload["prediction_id"]  # explanations are not logged: give feedback via /predict
         target = options.target if options.target is not None else payload["digit"]
         return {
             **payload,
@@ -383,14 +381,21 @@ class DigitService:
     @app.post("/admin/reload")
     async def reload(self, request: Request):
         """Switch to the newest model in the BentoML store without a restart (token required)."""
-        token = api.os.environ.get("DIGITOPS_ADMIN_TOKEN")
+        token = os.environ.get("DIGITOPS_ADMIN_TOKEN")
         if not token:
             raise ImageError("reload is disabled: set DIGITOPS_ADMIN_TOKEN on the server", 403)
-        if request.headers.get("authorization") != f"Bearer {token}":
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
             raise ImageError("missing or wrong admin token (Authorization: Bearer <token>)", 401)
-        served = await anyio.to_thread.run_sync(
-            lambda: api.load_served_model(api.os.environ.get("DIGITOPS_MODEL_TAG"))
-        )
+        try:
+            # No fallback: a failed lookup must never swap the champion for the shipped model.
+            served = await anyio.to_thread.run_sync(
+                lambda: api.load_served_model(os.environ.get("DIGITOPS_MODEL_TAG"), fallback=False)
+            )
+        except RuntimeError as err:
+            raise ImageError(
+                f"reload failed, still serving {self.served.source}: {err}", 503
+            ) from None
         previous, self.served = self.served.card(), served  # one reference swap: no gap
         log.info("reloaded: now serving %s (was %s)", served.source, previous["source"])
         return {"previous": previous, "current": served.card()}

@@ -87,18 +87,17 @@ def test_feedback_retrains_and_promotes_a_better_model(project, full_mnist):
 
     # 2. Users draw in that style and correct the model through the real service.
     db = project / "var" / "predictions.db"
-    with bentoml_serve(
-        project, DIGITOPS_PREDICTIONS_DB=str(db), DIGITOPS_FEEDBACK_PER_MINUTE="10000"
-    ) as (base, _), httpx.Client(base_url=base, timeout=60) as c:
+    with (
+        bentoml_serve(
+            project, DIGITOPS_PREDICTIONS_DB=str(db), DIGITOPS_FEEDBACK_PER_MINUTE="10000"
+        ) as (base, _),
+        httpx.Client(base_url=base, timeout=60) as c,
+    ):
         for pixels, label in zip(styled, labels[:N_STYLED], strict=True):
-            reply = c.post(
-                "/predict", files={"image": ("d.png", png_bytes(pixels), "image/png")}
-            )
+            reply = c.post("/predict", files={"image": ("d.png", png_bytes(pixels), "image/png")})
             pid = reply.json()["prediction_id"]
             assert (
-                c.post(
-                    "/feedback", json={"prediction_id": pid, "label": int(label)}
-                ).status_code
+                c.post("/feedback", json={"prediction_id": pid, "label": int(label)}).status_code
                 == 200
             )
         assert c.get("/feedback/stats").json()["pending"] == N_STYLED

@@ -100,7 +100,7 @@ def test_rate_limiter_window_slides():
 def test_read_only_store_raises_store_error(tmp_path, digits):
     path = tmp_path / "p.db"
     PredictionStore(path).close()
-    with pytest.raises(StoreError, match="not writable|cannot be opened"):
+    with pytest.raises(StoreError, match="not usable|cannot be opened"):
         store = PredictionStore(f"file:{path}?mode=ro")
         store.log_prediction("id", b"png", [0.1] * 10, False, "1")
 

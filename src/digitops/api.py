@@ -8,11 +8,10 @@ from __future__ import annotations
 import base64
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from digitops import checkpoint
 from digitops.model import DigitCNN
@@ -56,8 +55,10 @@ class ServedModel:
         }
 
 
-def load_served_model(store_tag: str | None = None, shipped: Path = SHIPPED_MODEL) -> ServedModel:
-    """The champion imported into the BentoML model store, else the shipped default model."""
+def load_served_model(
+    store_tag: str | None = None, shipped: Path = SHIPPED_MODEL, fallback: bool = True
+) -> ServedModel:
+    """The champion imported into the BentoML model store, else (if `fallback`) the shipped one."""
     tag = store_tag or f"{STORE_MODEL_NAME}:latest"
     try:
         import bentoml
@@ -66,13 +67,12 @@ def load_served_model(store_tag: str | None = None, shipped: Path = SHIPPED_MODE
         model, metadata = checkpoint.load(stored.path_of(CHECKPOINT_FILE))
         source = f"bentoml model store {stored.tag}"
     except Exception as err:  # no store, no such tag, or an unreadable entry: fall back
-        if store_tag:  # asked for explicitly: do not silently serve something else
+        if store_tag or not fallback:  # never silently serve something other than asked
             raise RuntimeError(
                 f"model {store_tag!r} not usable from the BentoML store: {err}"
             ) from err
         model, metadata = checkpoint.load(shipped)
         source = f"shipped {shipped}"
-    torch.set_grad_enabled(False)  # inference only; Grad-CAM re-enables it locally
     return ServedModel(model, metadata, source)
 
 
@@ -85,7 +85,6 @@ class Options:
     layer: str = "conv1"
     arrays: bool = False
     log: bool = True  # the web page sends false for previews while a stroke is still drawn
-    extra: dict = field(default_factory=dict)
 
 
 def _parse_float(name: str, value: str, lo: float, hi: float) -> float:

@@ -59,6 +59,26 @@ def import_champion(cfg) -> tuple[str, dict]:
     return str(model.tag), summary
 
 
+def runtime_requirements(root: Path) -> list[str]:
+    """The project's runtime dependencies at exactly the versions constraints.txt tests.
+
+    Dev tools (pytest, ruff, playwright) stay out of the Bento.
+    """
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[canonicalize_name(name)] = version.strip()
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    names = [canonicalize_name(Requirement(d).name) for d in project["dependencies"]]
+    return [f"{name}=={pins[name]}" if name in pins else name for name in names]
+
+
 def build(cfg, root: Path) -> dict:
     """The `bento` stage: import the champion, then `bentoml build` the service in `root`."""
     import bentoml
@@ -67,17 +87,10 @@ def build(cfg, root: Path) -> dict:
     out = root / Path(cfg.paths.bento).parent
     dist = out / "dist"
     shutil.rmtree(dist, ignore_errors=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(root)],
-        check=True,
-    )
-    # The Bento pins exactly the versions this project is tested with.
-    requirements = [
-        line
-        for line in (root / "constraints.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    ]
-    (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    # No build isolation: setuptools is already here, so building needs no download.
+    wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*wheel, "-w", str(dist), str(root)], check=True)
+    (out / "requirements.txt").write_text("\n".join(runtime_requirements(root)) + "\n")
     bento = bentoml.bentos.build_bentofile(
         str(root / "serving" / "bentofile.yaml"), build_ctx=str(root)
     )

@@ -30,6 +30,7 @@ def save(path: str | Path, model: DigitCNN, model_args: dict, metadata: dict[str
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; servers may run as another user
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path

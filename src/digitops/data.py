@@ -10,7 +10,7 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from digitops import feedback, mnist
 from digitops.augment import random_affine
-from digitops.preprocess import MNIST_MEAN, MNIST_STD
+from digitops.preprocess import standardize
 
 
 def _tensors(images, labels) -> TensorDataset:
@@ -88,5 +88,5 @@ class MnistDataModule(pl.LightningDataModule):
                 translate=self.augment.get("translate", 0.1),
                 scale=tuple(self.augment.get("scale", (0.9, 1.1))),
             )
-        x = (x - MNIST_MEAN) / MNIST_STD
+        x = standardize(x)
         return x, labels

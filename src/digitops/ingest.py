@@ -7,9 +7,11 @@ after a crash finds the manifest line of an item still marked pending and only m
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +24,24 @@ from digitops import feedback
 from digitops.store import PredictionStore
 
 MIN_INK_PIXELS = 10  # fewer bright pixels than this in a 28x28 input is not a digit
+LOCK = ".ingest.lock"
+
+
+class IngestBusy(RuntimeError):
+    """Another ingestion run holds the lock on this feedback folder."""
+
+
+def _failpoint(name: str) -> None:
+    """Crash-test hook: DIGITOPS_FAILPOINT=name:n SIGKILLs this process the n-th time it passes."""
+    spec = os.environ.get("DIGITOPS_FAILPOINT", "")
+    if not spec.startswith(f"{name}:"):
+        return
+    _failpoint.hits[name] = _failpoint.hits.get(name, 0) + 1
+    if _failpoint.hits[name] == int(spec.split(":")[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_failpoint.hits = {}
 
 
 @dataclass
@@ -39,8 +59,10 @@ class Summary:
         )
 
 
-def repair_manifest(directory: Path) -> None:
-    """Cut a torn last line left by a killed writer, so appends start on a fresh line."""
+def repair(directory: Path) -> None:
+    """Undo what a killed run left half done: a torn manifest line, temporary image files."""
+    for leftover in (directory / feedback.IMAGES).glob("*.part"):
+        leftover.unlink()
     path = directory / feedback.MANIFEST
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -72,16 +94,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def ingest(store: PredictionStore, directory: Path) -> Summary:
     directory = Path(directory)
     (directory / feedback.IMAGES).mkdir(parents=True, exist_ok=True)
-    repair_manifest(directory)
+    with open(directory / LOCK, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IngestBusy(f"another ingestion run is working on {directory}") from None
+        repair(directory)
+        return _ingest_locked(store, directory)
+
+
+def _ingest_locked(store: PredictionStore, directory: Path) -> Summary:
     by_hash = {r["sha256"]: r for r in feedback.read_manifest(directory)}
     summary = Summary()
     with open(directory / feedback.MANIFEST, "a") as manifest:
         for item in store.pending():
-            fid, label = item["feedback_id"], item["label"]
+            fid, label, seen = item["feedback_id"], item["label"], item["updated_at"]
 
-            def quarantine(reason: str, item=item) -> None:
-                store.mark(item["feedback_id"], "rejected", reason, item["updated_at"])
-                summary.quarantined[reason.split(":")[0]] += 1
+            def quarantine(reason: str, fid=fid, seen=seen) -> None:
+                if store.mark(fid, "rejected", reason, seen):
+                    summary.quarantined[reason.split(":")[0]] += 1
 
             try:
                 pixels = _decode(item["input_png"])
@@ -97,31 +128,24 @@ def ingest(store: PredictionStore, directory: Path) -> Summary:
             sha = feedback.pixel_hash(pixels)
             existing = by_hash.get(sha)
             if existing is not None and existing.get("feedback_id") != fid:
-                if existing["label"] == label:
-                    store.mark(
-                        fid,
-                        "merged",
-                        f"duplicate of {existing['prediction_id']}",
-                        item["updated_at"],
-                    )
-                    summary.merged += 1
-                else:
+                if existing["label"] != label:
                     quarantine(
                         f"conflicting labels: {label} here, {existing['label']} for the "
                         f"same image from prediction {existing['prediction_id']}"
                     )
+                elif store.mark(fid, "merged", f"duplicate of {existing['prediction_id']}", seen):
+                    summary.merged += 1
                 continue
             if existing is not None and existing["label"] == label:
                 # Written by a run that was killed before it could mark the item: just mark it.
-                store.mark(fid, "ingested", None, item["updated_at"])
-                summary.accepted += 1
+                summary.accepted += store.mark(fid, "ingested", None, seen)
                 continue
-            relabel = existing is not None  # the same user changed their mind after ingestion
             file = f"{feedback.IMAGES}/{sha}.png"
             if not (directory / file).exists():
                 buf = io.BytesIO()
                 Image.fromarray(pixels).save(buf, format="PNG")
                 _write_atomic(directory / file, buf.getvalue())
+            _failpoint("image")
             record = {
                 "file": file,
                 "label": label,
@@ -136,8 +160,10 @@ def ingest(store: PredictionStore, directory: Path) -> Summary:
             manifest.write(json.dumps(record) + "\n")
             manifest.flush()
             os.fsync(manifest.fileno())
+            _failpoint("manifest")
+            # A relabelled sample (the user changed their mind after ingestion) is appended
+            # again; readers take the last line for a hash.
+            summary.relabelled += existing is not None
             by_hash[sha] = record
-            store.mark(fid, "ingested", None, item["updated_at"])
-            summary.accepted += 1
-            summary.relabelled += relabel
+            summary.accepted += store.mark(fid, "ingested", None, seen)
     return summary

@@ -79,17 +79,16 @@ class Preprocessed:
         return normalize(torch.tensor(self.pixels).unsqueeze(0))
 
 
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Pixels scaled to [0, 1] -> the model's input scale (what training used)."""
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 28, 28] or [N, 1, 28, 28], white ink on black -> float input [N, 1, 28, 28]."""
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    return (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD
-
-
-def denormalize(x: torch.Tensor) -> np.ndarray:
-    """Model input back to uint8 pixels, for showing what the model saw."""
-    pixels = (x.detach().cpu().float() * MNIST_STD + MNIST_MEAN).clamp(0, 1) * 255
-    return pixels.round().to(torch.uint8).squeeze(1).numpy()
+    return standardize(images.float() / 255.0)
 
 
 def parse_invert(value: str | bool | None) -> bool | None:

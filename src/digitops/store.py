@@ -111,11 +111,12 @@ class PredictionStore:
         with self._lock:
             self._db.close()
 
-    def _write(self, sql: str, params=()) -> sqlite3.Cursor:
+    def _run(self, sql: str, params=()) -> sqlite3.Cursor:
+        """Every query goes through here: any database failure becomes one StoreError."""
         try:
             return self._db.execute(sql, params)
-        except sqlite3.OperationalError as err:  # disk full, read-only file, I/O error, locked
-            raise StoreError(f"prediction store {self.path} is not writable: {err}") from err
+        except sqlite3.Error as err:  # disk full, read-only file, I/O error, locked, corrupt
+            raise StoreError(f"prediction store {self.path} is not usable: {err}") from err
 
     def log_prediction(
         self,
@@ -145,14 +146,14 @@ class PredictionStore:
             float(noise),
         )
         with self._lock:
-            self._write("INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            self._run("INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
             self._inserts += 1
             if self._inserts % 1000 == 0:
                 self._enforce_retention()
 
     def _enforce_retention(self) -> None:
         """Drop the oldest predictions nobody labelled once over the cap; labelled ones stay."""
-        self._write(
+        self._run(
             """DELETE FROM predictions WHERE id IN (
                  SELECT p.id FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id
                  WHERE f.id IS NULL ORDER BY p.created_at DESC LIMIT -1 OFFSET ?)""",
@@ -165,39 +166,33 @@ class PredictionStore:
         """Label a prediction. Idempotent; a new label for the same prediction replaces the old."""
         now = time.time()
         with self._lock:
-            exists = self._db.execute(
+            exists = self._run(
                 "SELECT 1 FROM predictions WHERE id = ?", (prediction_id,)
             ).fetchone()
             if not exists:
                 raise UnknownPrediction(prediction_id)
-            previous = self._db.execute(
+            previous = self._run(
                 "SELECT id, label, status FROM feedback WHERE prediction_id = ?", (prediction_id,)
             ).fetchone()
             if previous is None:
                 feedback_id = uuid.uuid4().hex
-                self._write(
+                self._run(
                     "INSERT INTO feedback (id, prediction_id, label, comment, client, status,"
                     " created_at, updated_at) VALUES (?,?,?,?,?, 'pending', ?, ?)",
                     (feedback_id, prediction_id, label, comment, client, now, now),
                 )
                 return FeedbackResult(feedback_id, prediction_id, label, "pending", False, None)
             feedback_id, old_label, old_status = previous
+            if old_label == label:  # the same answer again (a double click): nothing changes
+                return FeedbackResult(feedback_id, prediction_id, label, old_status, False, None)
             # A changed mind goes back to pending, even if the old label was already ingested:
             # ingestion then reconciles the dataset with the newest label.
-            self._write(
+            self._run(
                 "UPDATE feedback SET label = ?, comment = ?, status = 'pending', reason = NULL,"
                 " updated_at = ? WHERE id = ?",
                 (label, comment, now, feedback_id),
             )
-            replaced = old_label != label
-            return FeedbackResult(
-                feedback_id,
-                prediction_id,
-                label,
-                "pending",
-                replaced,
-                old_label if replaced else None,
-            )
+            return FeedbackResult(feedback_id, prediction_id, label, "pending", True, old_label)
 
     def review_queue(self, k: int, strategy: str) -> list[dict]:
         """The k unlabelled predictions the model is least sure of (the active-learning query).
@@ -206,7 +201,7 @@ class PredictionStore:
         """
         order = STRATEGIES[strategy]
         with self._lock:
-            rows = self._db.execute(
+            rows = self._run(
                 f"""SELECT p.id, p.created_at, p.digit, p.confidence, p.probabilities, p.entropy,
                            p.margin, p.input_png
                     FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id
@@ -231,9 +226,9 @@ class PredictionStore:
     def stats(self) -> dict:
         with self._lock:
             counts = dict(
-                self._db.execute("SELECT status, COUNT(*) FROM feedback GROUP BY status").fetchall()
+                self._run("SELECT status, COUNT(*) FROM feedback GROUP BY status").fetchall()
             )
-            predictions = self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+            predictions = self._run("SELECT COUNT(*) FROM predictions").fetchone()[0]
         return {
             "pending": counts.get("pending", 0),
             "ingested": counts.get("ingested", 0) + counts.get("merged", 0),
@@ -244,7 +239,7 @@ class PredictionStore:
     # The ingestion job's side.
     def pending(self) -> list[dict]:
         with self._lock:
-            rows = self._db.execute(
+            rows = self._run(
                 """SELECT f.id, f.prediction_id, f.label, f.updated_at, p.input_png,
                           p.model_version, p.created_at
                    FROM feedback f JOIN predictions p ON p.id = f.prediction_id
@@ -275,4 +270,4 @@ class PredictionStore:
             sql += " AND updated_at = ?"
             params += (if_updated_at,)
         with self._lock:
-            return self._write(sql, params).rowcount == 1
+            return self._run(sql, params).rowcount == 1

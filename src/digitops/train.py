@@ -75,6 +75,26 @@ def build_system(cfg: DictConfig) -> DigitClassifier:
     )
 
 
+def resolve_init(cfg: DictConfig) -> Path:
+    """`init_from`: a checkpoint path, or `champion` (the registry's, else the shipped model)."""
+    if cfg.init_from != "champion":
+        return Path(cfg.init_from)
+    import mlflow
+
+    from digitops.promote import champion_checkpoint
+
+    dest = Path(cfg.paths.train_dir) / "init"
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    version, path = champion_checkpoint(
+        client, cfg.mlflow.tracking_uri, cfg.mlflow.registered_model, cfg.promotion.alias, dest
+    )
+    if path is None:
+        log.info("no champion in the registry yet: fine-tuning from %s", cfg.paths.shipped_model)
+        return Path(cfg.paths.shipped_model)
+    log.info("fine-tuning from champion version %s", version.version)
+    return path
+
+
 def train(cfg: DictConfig) -> dict | None:
     """Fit, then (on rank 0) save the checkpoint. Returns its metadata, or None on other ranks."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -86,8 +106,8 @@ def train(cfg: DictConfig) -> dict | None:
     datamodule = build_datamodule(cfg)
     system = build_system(cfg)
     if cfg.get("init_from"):
-        # Fine-tuning: start from a trained model's weights (e.g. the champion) instead of noise.
-        start, start_meta = checkpoint.load(cfg.init_from)
+        # Fine-tuning: start from a trained model's weights instead of noise.
+        start, start_meta = checkpoint.load(resolve_init(cfg))
         if start_meta["model_args"] != system.model_args:
             raise ValueError(
                 f"init_from {cfg.init_from} has model args {start_meta['model_args']}, "
