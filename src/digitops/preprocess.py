@@ -39,6 +39,8 @@ MIN_EDGE = 0.5 / 255
 EDGE_WIDTH = 2
 # Blobs smaller than this fraction of the largest one are specks, not strokes.
 SPECK_FRACTION = 0.05
+# At least this share of a drawing's pixels is exactly its background colour.
+FLAT_FRACTION = 0.5
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # stroke pixels touching at a corner are one stroke
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
 INVERT_WORDS = {
@@ -204,11 +206,47 @@ def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
     Raises EmptyImageError when nothing in the image stands out as ink.
     """
     gray = _grayscale(image)
+    background = _flat_background(gray)
     if invert is None:
-        invert = _looks_dark_on_light(gray)
-    pixels = _center(_find_ink(gray, invert))
+        invert = background > 0.5 if background is not None else _looks_dark_on_light(gray)
+    if background is not None and (background > 0.5) == invert:
+        ink = _drawn_ink(gray, background)
+    else:
+        ink = _find_ink(gray, invert)
+    pixels = _center(ink)
     pixels.flags.writeable = False  # Preprocessed is frozen; so are its pixels
     return Preprocessed(pixels=pixels, inverted=bool(invert))
+
+
+def _flat_background(gray: np.ndarray) -> float | None:
+    """The background level of a digital drawing (a canvas export), or None for anything else.
+
+    A drawing's background is one exact value over most of the image; a photo or scan always
+    has some noise. For drawings the lighting and noise modelling is unnecessary, and skipping
+    it makes the live-drawing path several times faster.
+    """
+    levels = np.rint(gray[::2, ::2] * 255).astype(np.uint8).ravel()
+    counts = np.bincount(levels, minlength=256)
+    mode = int(counts.argmax())
+    if counts[mode] < FLAT_FRACTION * levels.size:
+        return None
+    return mode / 255
+
+
+def _drawn_ink(gray: np.ndarray, background: float) -> np.ndarray:
+    """Ink of a drawing on a flat background: every pixel that differs from it, specks dropped."""
+    ink = np.abs(gray - background) / max(background, 1 - background)
+    strong = ink > MIN_CONTRAST
+    labels, count = ndimage.label(strong, structure=EIGHT_CONNECTED)
+    if count == 0:
+        raise EmptyImageError()
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0
+    # Strokes without stray dots, plus their anti-aliased edges; faint resampling halos farther
+    # out would stretch the bounding box.
+    kept = (areas >= SPECK_FRACTION * areas.max())[labels]
+    edges = ndimage.binary_dilation(kept, EIGHT_CONNECTED, iterations=EDGE_WIDTH)
+    return np.where(edges, ink, 0)
 
 
 def _grayscale(image: Image.Image) -> np.ndarray:
