@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 # Below this test accuracy (the shipped smoke model) a drawn digit is only checked to be a digit.
-GOOD_MODEL_ACCURACY = 0.99
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Only linked from the page, never fetched: the page must not call it.
 MLFLOW_UI = "http://127.0.0.1:5000/"
@@ -121,11 +120,6 @@ def shots(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_card(server) -> dict:
     return httpx.get(f"{server}/model", timeout=10).json()
-
-
-@pytest.fixture(scope="module")
-def good_model(model_card) -> bool:
-    return (model_card.get("test_accuracy") or 0) >= GOOD_MODEL_ACCURACY
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +221,7 @@ def stats(base: str) -> dict:
     return reply.json()
 
 
-def test_drawn_digits_are_predicted_and_explained(ui, good_model):
+def test_drawn_digits_are_predicted_and_explained(ui):
     page = ui.page
     for name, strokes, expected in [("one", ONE, 1), ("seven", SEVEN, 7)]:
         clear = page.get_by_role("button", name="Clear")
@@ -236,9 +230,7 @@ def test_drawn_digits_are_predicted_and_explained(ui, good_model):
         assert ui.text("#digit") == "–"
         ui.draw(strokes)
         digit = ui.text("#digit")
-        assert digit in "0123456789" and len(digit) == 1, digit
-        if good_model:
-            assert digit == str(expected), f"drew a {expected}, the page says {digit}"
+        assert digit == str(expected), f"drew a {expected}, the page says {digit}"
         assert page.locator("#chart .bar").count() == 10
         assert page.locator("#chart .bar.top").get_attribute("data-digit") == digit
         assert "%" in ui.text("#confidence")

@@ -129,7 +129,8 @@ def fetch(dest: Path, sources: Sequence[str]) -> dict[str, str]:
             raise MnistError(f"{err}; source: {label}") from None
         except Exception as err:  # a source that is unavailable is expected; say why and go on
             log.info("MNIST source %s unavailable: %s", label, err)
-            tried.append(f"{label}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            reason = " ".join(str(err).split())[:200] or type(err).__name__  # one line
+            tried.append(f"{label}: {reason}")
     raise MnistError(
         "could not obtain MNIST; tried " + "; ".join(tried or ["no sources configured"])
     )
