@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +71,43 @@ def client(tmp_path_factory):
 
     with TestClient(DigitService.to_asgi()) as c:
         yield c
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command of the project (dvc, python -m pipelines...) and insist it succeeds."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "BENTOML_HOME": str(cwd / ".bentoml"),
+    }
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def scratch_repo(dest: Path, mnist_dir: Path, edits: dict[str, list[tuple[str, str]]]) -> Path:
+    """A git + DVC copy of this checkout with `mnist_dir` as its MNIST, an empty feedback set,
+    and text replacements applied to its files (e.g. a faster trainer); committed."""
+    files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    (dest / "dvc.lock").unlink(missing_ok=True)  # its outputs are not in this copy's cache
+    shutil.copytree(mnist_dir, dest / "data" / "mnist")
+    (dest / "data" / "feedback").mkdir(parents=True)
+    (dest / "data" / "feedback" / "manifest.jsonl").touch()
+    for rel, replacements in edits.items():
+        text = (dest / rel).read_text()
+        for old, new in replacements:
+            assert old in text, f"{rel} has no {old!r}"
+            text = text.replace(old, new)
+        (dest / rel).write_text(text)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "add", "-q", "data"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
+        run(cmd, cwd=dest)
+    return dest

@@ -7,7 +7,6 @@ only meaningful on the real test set. About 5-10 minutes on 2 CPU cores.
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import pytest
 
 from digitops import checkpoint, mnist
 from digitops.evaluate import predict_proba
-from tests.test_e2e_serve import bentoml_serve
-from tests.test_pipeline import run
+from tests.conftest import run, scratch_repo
+from tests.servers import bentoml_serve
 from tests.test_service import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,37 +46,19 @@ def full_mnist(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, full_mnist) -> Path:
-    dest = tmp_path_factory.mktemp("loop") / "repo"
-    files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    shutil.copytree(full_mnist, dest / "data" / "mnist")
-    (dest / "data" / "feedback").mkdir(parents=True)
-    (dest / "data" / "feedback" / "manifest.jsonl").touch()
-    # The fast retraining config: fine-tune from the shipped model for one epoch.
-    config = dest / "conf" / "config.yaml"
-    config.write_text(
-        config.read_text()
-        .replace("init_from: null", "init_from: champion")
-        .replace("lr: 0.003", "lr: 0.0005")
-    )
-    default = dest / "conf" / "trainer" / "default.yaml"
-    default.write_text(
-        default.read_text()
-        .replace("max_epochs: 15", "max_epochs: 1")
-        .replace("enable_progress_bar: true", "enable_progress_bar: false")
-    )
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "add", "-q", "data"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        run(cmd, cwd=dest)
-    return dest
+    """A scratch repo on the full MNIST whose retraining is the fast one: fine-tune the
+    champion (the shipped model before there is one) for one epoch at a low learning rate."""
+    edits = {
+        "conf/config.yaml": [
+            ("init_from: null", "init_from: champion"),
+            ("lr: 0.003", "lr: 0.0005"),
+        ],
+        "conf/trainer/default.yaml": [
+            ("max_epochs: 15", "max_epochs: 1"),
+            ("enable_progress_bar: true", "enable_progress_bar: false"),
+        ],
+    }
+    return scratch_repo(tmp_path_factory.mktemp("loop") / "repo", full_mnist, edits)
 
 
 def test_feedback_retrains_and_promotes_a_better_model(project, full_mnist):

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,6 +17,7 @@ import pytest
 from PIL import Image
 
 from digitops import mnist
+from tests.servers import bentoml_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,52 +32,10 @@ SEVEN = [[(70, 55), (210, 55), (125, 240)]]
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("serve")
-    log = tmp / "serve.log"
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home")),
-        "DIGITOPS_PREDICTIONS_DB": str(tmp / "predictions.db"),
-        "DIGITOPS_MLFLOW_UI": MLFLOW_UI,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    command = ["bentoml", "serve", "serving.service:DigitService", "--host", "127.0.0.1"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"server not ready in 120 s:\n{log.read_text()[-3000:]}")
-    yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    with bentoml_serve(tmp_path_factory.mktemp("serve"), DIGITOPS_MLFLOW_UI=MLFLOW_UI) as (base, _):
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -1,79 +1,19 @@
 """A real `bentoml serve` subprocess on 127.0.0.1: every endpoint, bad inputs, then stop."""
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from digitops import mnist
+from tests.servers import bentoml_serve
 from tests.test_service import bomb_png, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def bentoml_serve(workdir: Path, **env: str):
-    """`bentoml serve` as a subprocess on a free loopback port; yields (base_url, log_path)."""
-    port = free_port()
-    log = workdir / "serve.log"
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(workdir / "bentoml_home"),
-        "DIGITOPS_PREDICTIONS_DB": str(workdir / "predictions.db"),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        **env,
-    }
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                "bentoml",
-                "serve",
-                "serving.service:DigitService",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"server not ready in 120 s:\n{log.read_text()[-3000:]}")
-        yield base, log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

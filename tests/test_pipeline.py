@@ -1,29 +1,17 @@
 """Slow tier: the real entry points as subprocesses - DDP on 2 CPU processes, `dvc repro`."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from digitops import checkpoint, mnist
+from tests.conftest import run, scratch_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "BENTOML_HOME": str(cwd / ".bentoml"),
-    }
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
 
 
 def test_ddp_two_cpu_processes_both_train(tmp_path, mnist_dir):
@@ -62,29 +50,14 @@ def test_ddp_two_cpu_processes_both_train(tmp_path, mnist_dir):
 
 @pytest.fixture
 def project(tmp_path, mnist_dir) -> Path:
-    """A git + DVC copy of the repo whose data/ holds the fixture MNIST and the smoke trainer."""
-    dest = tmp_path / "repo"
-    tracked = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT).stdout.split()
-    for rel in tracked:
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(("tests/", "models/")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    shutil.copytree(mnist_dir, dest / "data" / "mnist")
-    (dest / "data" / "feedback").mkdir(parents=True)
-    (dest / "data" / "feedback" / "manifest.jsonl").touch()
-    config = dest / "conf" / "config.yaml"
-    config.write_text(
-        config.read_text()
-        .replace("trainer: default", "trainer: smoke")
-        .replace("val_size: 5000", "val_size: 200")
-    )
-    run(["git", "init", "-q"], cwd=dest)
-    run(["dvc", "add", "-q", "data"], cwd=dest)
-    run(["git", "add", "-A"], cwd=dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest)
-    return dest
+    """A scratch repo on the fixture MNIST with the smoke trainer."""
+    edits = {
+        "conf/config.yaml": [
+            ("trainer: default", "trainer: smoke"),
+            ("val_size: 5000", "val_size: 200"),
+        ]
+    }
+    return scratch_repo(tmp_path / "repo", mnist_dir, edits)
 
 
 def test_dvc_repro_runs_stages_then_is_a_no_op(project):

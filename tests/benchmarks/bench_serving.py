@@ -13,10 +13,7 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,16 +24,11 @@ from PIL import Image
 
 from digitops import mnist
 from digitops.api import load_served_model
+from tests.servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = Path(__file__).with_name("post_image.lua")
 TARGETS = {"predict_p50_ms": 5.0, "explain_p50_ms": 10.0, "throughput_vs_naive": 2.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def canvas_png(out: Path) -> Path:
@@ -83,32 +75,6 @@ def bare_model(seconds: float) -> dict:
     }
 
 
-def serve(cmd: list[str], port: int, log: Path):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited:\n{log.read_text()[-2000:]}")
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{cmd} not up in 120 s")
-
-
-def stop(proc) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def wrk(port: int, path: str, image: Path, connections: int, seconds: float) -> dict:
     env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": path}
     url = f"http://127.0.0.1:{port}{path}"
@@ -142,25 +108,18 @@ def wrk(port: int, path: str, image: Path, connections: int, seconds: float) -> 
     return result
 
 
-def measure_server(name, cmd, port, endpoints, image, seconds, out) -> dict:
-    proc = serve(cmd, port, out / f"{name}.log")
-    try:
+def measure_server(name, cmd, port, endpoints, image, seconds, out, ready_path) -> dict:
+    with running(cmd, port, out / f"{name}.log", ready_path=ready_path) as base:
         # Check it answers correctly before timing it.
-        r = httpx.post(
-            f"http://127.0.0.1:{port}/predict",
-            files={"image": ("d.png", image.read_bytes(), "image/png")},
-            timeout=30,
-        )
-        r.raise_for_status()
-        results = {}
-        for path in endpoints:
-            results[path] = {
+        files = {"image": ("d.png", image.read_bytes(), "image/png")}
+        httpx.post(f"{base}/predict", files=files, timeout=30).raise_for_status()
+        return {
+            path: {
                 "c1": wrk(port, path, image, 1, seconds),
                 "c32": wrk(port, path, image, 32, seconds),
             }
-        return results
-    finally:
-        stop(proc)
+            for path in endpoints
+        }
 
 
 def report(results: dict, out: Path) -> str:
@@ -217,58 +176,39 @@ def main() -> None:
         "model": bare_model(args.seconds),
     }
     port = free_port()
-    results["fastapi_baseline"] = measure_server(
-        "fastapi_baseline",
-        [
-            "uvicorn",
-            "tests.benchmarks.fastapi_baseline:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        port,
-        ["/predict"],
-        image,
-        args.seconds,
-        args.out,
-    )
-    results["naive_bentoml"] = measure_server(
-        "naive_bentoml",
-        [
-            "bentoml",
-            "serve",
-            "tests.benchmarks.naive_service:NaiveDigitService",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        port,
-        ["/predict"],
-        image,
-        args.seconds,
-        args.out,
-    )
-    results["digitops"] = measure_server(
-        "digitops",
-        [
-            "bentoml",
-            "serve",
-            "serving.service:DigitService",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        port,
-        ["/predict", "/explain"],
-        image,
-        args.seconds,
-        args.out,
-    )
+    loopback = ["--host", "127.0.0.1", "--port", str(port)]
+    systems = [
+        # name, command, endpoints, the path that answers 200 once it is up
+        (
+            "fastapi_baseline",
+            [
+                "uvicorn",
+                "tests.benchmarks.fastapi_baseline:app",
+                *loopback,
+                "--log-level",
+                "warning",
+            ],
+            ["/predict"],
+            "/docs",
+        ),
+        (
+            "naive_bentoml",
+            ["bentoml", "serve", "tests.benchmarks.naive_service:NaiveDigitService", *loopback],
+            ["/predict"],
+            "/readyz",
+        ),
+        (
+            "digitops",
+            ["bentoml", "serve", "serving.service:DigitService", *loopback],
+            ["/predict", "/explain"],
+            "/readyz",
+        ),
+    ]
+    # One at a time, so no server shares the cores with another.
+    for name, cmd, endpoints, ready in systems:
+        results[name] = measure_server(
+            name, cmd, port, endpoints, image, args.seconds, args.out, ready
+        )
     print(report(results, args.out))
 
 

@@ -1,0 +1,83 @@
+"""Real server processes for the e2e tests and the benchmarks, on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(
+    cmd: list[str],
+    port: int,
+    log: Path,
+    ready_path: str = "/readyz",
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> Iterator[str]:
+    """Start `cmd` in its own process group, wait for `ready_path` to answer 200, yield the base
+    URL; stop the whole group afterwards."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **(env or {}),
+    }
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(base + ready_path, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[0]} not ready in {timeout} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def bentoml_serve(
+    workdir: Path, service: str = "serving.service:DigitService", **env: str
+) -> Iterator[tuple[str, Path]]:
+    """`bentoml serve` with its BentoML home and prediction store in `workdir`."""
+    port = free_port()
+    log = workdir / "serve.log"
+    settings = {
+        "BENTOML_HOME": str(workdir / "bentoml_home"),
+        "DIGITOPS_PREDICTIONS_DB": str(workdir / "predictions.db"),
+        **env,
+    }
+    cmd = ["bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port)]
+    with running(cmd, port, log, env=settings) as base:
+        yield base, log
