@@ -336,23 +336,36 @@ class DigitService:
 
     @app.post("/feedback")
     async def feedback(self, request: Request):
-        """Say what the digit really was: {prediction_id, label 0-9, comment?}. Idempotent."""
+        """Say what the digit really was: JSON {prediction_id, label 0-9, comment?}, or an image
+        (multipart field 'image', or a raw image body) with `label`. Idempotent."""
         client = request.client.host if request.client else "unknown"
         if not self.feedback_limiter.allow(client):
             raise ImageError("too much feedback from this client; wait a minute and retry", 429)
-        try:
-            body = await request.json()
-        except Exception:
-            raise ImageError(
-                'malformed JSON; send {"prediction_id": "...", "label": 0-9}'
-            ) from None
-        prediction_id, label, comment = api.parse_feedback(body)
         if self.store is None:
             raise ImageError(
                 "feedback is unavailable: the prediction store could not be opened "
                 "(see the server log)",
                 503,
             )
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith(("multipart/form-data", "image/")):
+            # A labelled image that never went through /predict: predict (and log) it first,
+            # so it is stored and validated exactly like every other correction.
+            (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
+            api.parse_feedback({**raw, "prediction_id": "pending"})  # bad label: 400 first
+            options = api.parse_options(raw)
+            prepared = await self._prepare(data, options)
+            probabilities = (await self._probabilities(prepared.pixels[None]))[0]
+            logged = await self._reply(prepared, probabilities, data, options)
+            body = {**raw, "prediction_id": logged["prediction_id"]}
+        else:
+            try:
+                body = await request.json()
+            except Exception:
+                raise ImageError(
+                    'malformed JSON; send {"prediction_id": "...", "label": 0-9}'
+                ) from None
+        prediction_id, label, comment = api.parse_feedback(body)
         try:
             result = await anyio.to_thread.run_sync(
                 lambda: self.store.add_feedback(prediction_id, label, comment, client)

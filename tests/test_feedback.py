@@ -128,3 +128,18 @@ def test_previews_are_not_logged_and_noisy_inputs_stay_out_of_the_queue(client, 
     # ...but a correction of a noisy input is still a real label.
     r = client.post("/feedback", json={"prediction_id": noisy["prediction_id"], "label": 9})
     assert r.status_code == 200
+
+
+def test_feedback_with_an_image_and_label(client, digits):
+    images, labels = digits
+    before = client.get("/feedback/stats").json()
+    files = {"image": ("d.png", png_bytes(images[9]), "image/png")}
+    r = client.post("/feedback", files=files, data={"label": str(labels[9]), "comment": "mine"})
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "pending" and r.json()["label"] == int(labels[9])
+    after = client.get("/feedback/stats").json()
+    assert after["pending"] == before["pending"] + 1
+    assert after["predictions"] == before["predictions"] + 1
+    bad = client.post("/feedback", files=files, data={"label": "11"})
+    assert bad.status_code == 400 and "label" in bad.json()["error"]
+    assert client.get("/feedback/stats").json()["predictions"] == after["predictions"]
