@@ -212,6 +212,12 @@ class DigitService:
         probabilities = await anyio.to_thread.run_sync(self.classify.local, np.concatenate(batches))
         return np.split(probabilities, sizes)
 
+    async def _read_one(self, request: Request) -> tuple[bytes, api.Options, Preprocessed]:
+        """The single image of a request, its options, and the 28x28 input made from it."""
+        (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
+        options = api.parse_options(raw)
+        return data, options, await self._prepare(data, options)
+
     async def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities for pixels [N, 28, 28]; concurrent requests share adaptive batches."""
         return await self._forward_batched(pixels)
@@ -219,9 +225,7 @@ class DigitService:
     @app.post("/predict")
     async def predict(self, request: Request):
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
-        (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
-        options = api.parse_options(raw)
-        prepared = await self._prepare(data, options)
+        data, options, prepared = await self._read_one(request)
         probabilities = (await self._probabilities(prepared.pixels[None]))[0]
         return await self._reply(prepared, probabilities, data, options)
 
@@ -281,9 +285,7 @@ class DigitService:
     @app.post("/explain")
     async def explain(self, request: Request):
         """Grad-CAM of the last conv block for the predicted (or `target`) class."""
-        (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
-        options = api.parse_options(raw)
-        prepared = await self._prepare(data, options)
+        data, options, prepared = await self._read_one(request)
 
         def work():
             cam, logits = explain.grad_cam(self.served.model, prepared.tensor(), options.target)
@@ -299,9 +301,8 @@ class DigitService:
             explain.png(prepared.pixels),
             prepared.inverted,
             self.served,
-            api.new_prediction_id(),
+            prediction_id=None,  # explanations are not logged: feedback goes through /predict
         )
-        del payload["prediction_id"]  # explanations are not logged: give feedback via /predict
         target = options.target if options.target is not None else payload["digit"]
         return {
             **payload,
@@ -314,9 +315,7 @@ class DigitService:
     @app.post("/feature_maps")
     async def feature_maps(self, request: Request):
         """Every channel of one conv block (`layer`=conv1..conv3) as a PNG grid."""
-        (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
-        options = api.parse_options(raw)
-        prepared = await self._prepare(data, options)
+        data, options, prepared = await self._read_one(request)
 
         def work():
             maps = explain.feature_maps(self.served.model, prepared.tensor(), options.layer)

@@ -143,10 +143,11 @@ def prediction_payload(
     input_png: bytes,
     inverted: bool,
     served: ServedModel,
-    prediction_id: str,
+    prediction_id: str | None,
 ) -> dict:
+    """The JSON of a prediction; without `prediction_id` when it is not logged for feedback."""
     digit = int(np.argmax(probabilities))
-    return {
+    payload = {
         "digit": digit,
         "confidence": round(float(probabilities[digit]), 6),
         "probabilities": [round(float(p), 6) for p in probabilities],
@@ -155,6 +156,9 @@ def prediction_payload(
         "prediction_id": prediction_id,
         "model": served.identity(),
     }
+    if prediction_id is None:
+        del payload["prediction_id"]
+    return payload
 
 
 def env_int(name: str, default: int) -> int:
