@@ -7,6 +7,7 @@ the way MNIST's are: white ink on black, the longest side 20 px, the centre of m
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -234,19 +235,47 @@ def _flat_background(gray: np.ndarray) -> float | None:
 
 
 def _drawn_ink(gray: np.ndarray, background: float) -> np.ndarray:
-    """Ink of a drawing on a flat background: every pixel that differs from it, specks dropped."""
+    """Ink of a drawing on a flat background: every pixel that differs from it, specks dropped.
+
+    Returns the strokes' neighbourhood only (their bounding box plus the edge margin): the rest
+    of a drawing is background, and skipping it is most of the speed of the live-drawing path.
+    """
     ink = np.abs(gray - background) / max(background, 1 - background)
     strong = ink > MIN_CONTRAST
-    labels, count = ndimage.label(strong, structure=EIGHT_CONNECTED)
-    if count == 0:
+    rows, cols = np.flatnonzero(strong.any(axis=1)), np.flatnonzero(strong.any(axis=0))
+    if rows.size == 0:
         raise EmptyImageError()
+    box = (
+        slice(max(rows[0] - EDGE_WIDTH, 0), rows[-1] + EDGE_WIDTH + 1),
+        slice(max(cols[0] - EDGE_WIDTH, 0), cols[-1] + EDGE_WIDTH + 1),
+    )
+    ink, strong = ink[box], strong[box]
+    labels, _ = ndimage.label(strong, structure=EIGHT_CONNECTED)
     areas = np.bincount(labels.ravel())
     areas[0] = 0
+    specks = areas < SPECK_FRACTION * areas.max()
+    specks[0] = False  # the background is not a speck, and is not kept either (strong is 0)
+    kept = strong & ~specks[labels] if specks.any() else strong
     # Strokes without stray dots, plus their anti-aliased edges; faint resampling halos farther
     # out would stretch the bounding box.
-    kept = (areas >= SPECK_FRACTION * areas.max())[labels]
-    edges = ndimage.binary_dilation(kept, EIGHT_CONNECTED, iterations=EDGE_WIDTH)
-    return np.where(edges, ink, 0)
+    return np.where(_grow(kept, EDGE_WIDTH), ink, 0)
+
+
+def _grow(mask: np.ndarray, width: int) -> np.ndarray:
+    """The mask dilated by `width` px in all 8 directions (a (2w+1)-square structuring element).
+
+    Shifted ORs of numpy slices: several times faster than scipy's dilation at these sizes.
+    """
+    height, breadth = mask.shape
+    padded = np.pad(mask, width)
+    side = 2 * width + 1
+    rows = np.zeros((height, breadth + 2 * width), dtype=bool)
+    for dy in range(side):
+        rows |= padded[dy : dy + height]
+    grown = np.zeros_like(mask)
+    for dx in range(side):
+        grown |= rows[:, dx : dx + breadth]
+    return grown
 
 
 def _grayscale(image: Image.Image) -> np.ndarray:
@@ -306,7 +335,7 @@ def _looks_dark_on_light(gray: np.ndarray) -> bool:
     The median is the background as long as ink covers under half the image; block means keep
     noise from setting the extremes.
     """
-    small = _pool(gray, np.mean)
+    small = _block_mean(gray)
     return bool(np.median(small) > (small.min() + small.max()) / 2)
 
 
@@ -335,8 +364,7 @@ def _find_ink(gray: np.ndarray, invert: bool) -> np.ndarray:
     # Fainter pixels count as the strokes' anti-aliased edges only right beside them: grown
     # further (hysteresis), they can creep through faint background texture across the image.
     floor = 3 * noise
-    edges = ndimage.binary_dilation(kept, EIGHT_CONNECTED, iterations=EDGE_WIDTH)
-    mask = edges & (signal > max(floor, MIN_EDGE))
+    mask = _grow(kept, EDGE_WIDTH) & (signal > max(floor, MIN_EDGE))
     # Taking off the noise floor lets the faintest kept pixels fade out instead of ending in a
     # step; a clean image (no noise) keeps its exact values, so an MNIST digit passes unchanged.
     stroke = np.percentile(signal[kept], 90)  # the level a stroke's core reaches
@@ -349,13 +377,23 @@ def _block_side(shape: tuple[int, ...]) -> int:
     return max(1, min(shape) // 64)
 
 
-def _pool(image: np.ndarray, reduce) -> np.ndarray:
-    """Each block of the image reduced to one pixel by `reduce` (np.mean, np.max)."""
+def _blocks(image: np.ndarray) -> list[np.ndarray]:
+    """The image's pixels at each offset within its blocks (see _block_side): one array per
+    offset, one pixel per block, edges padded."""
     factor = _block_side(image.shape)
     height, width = image.shape
     padded = np.pad(image, ((0, -height % factor), (0, -width % factor)), mode="edge")
-    h, w = padded.shape[0] // factor, padded.shape[1] // factor
-    return reduce(padded.reshape(h, factor, w, factor), axis=(1, 3))
+    return [padded[i::factor, j::factor] for i in range(factor) for j in range(factor)]
+
+
+def _block_mean(image: np.ndarray) -> np.ndarray:
+    # Summing strided views is several times faster than a reshaped mean(axis=(1, 3)).
+    parts = _blocks(image)
+    return sum(parts[1:], parts[0]) / len(parts)
+
+
+def _block_max(image: np.ndarray) -> np.ndarray:
+    return functools.reduce(np.maximum, _blocks(image))
 
 
 def _background(ink: np.ndarray) -> np.ndarray:
@@ -363,7 +401,7 @@ def _background(ink: np.ndarray) -> np.ndarray:
     # Block maxima, not means: a dark gap narrower than a block (between strokes, or the inside
     # of a stroke forced to the wrong polarity) must not drag the background down around it.
     # They sit a little above the noise, which only hides more of it.
-    small = _pool(ink, np.max)
+    small = _block_max(ink)
     size = max(3, min(small.shape) // 3)  # a third of the image: wider than even a thick stroke
     # Odd reflection continues lighting gradients past the edge; plain padding would flatten them
     # there and leave a band of false ink along the darker border.
