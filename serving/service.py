@@ -10,21 +10,26 @@ Configuration (environment):
     DIGITOPS_MAX_PREDICTIONS    retention cap of unlabelled predictions (default 100000)
     DIGITOPS_FEEDBACK_PER_MINUTE  feedback rate limit per client (default 60)
     DIGITOPS_ADMIN_TOKEN        enables POST /admin/reload (Authorization: Bearer <token>)
+    DIGITOPS_WORKERS            worker processes (default 1); each batches its own requests,
+                                and the feedback rate limit applies per worker
     DIGITOPS_MLFLOW_UI          MLflow UI base URL, linked from the web page
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import anyio
 import bentoml
 import numpy as np
 import torch
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -33,6 +38,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from digitops import api, explain
+from digitops.batching import GreedyBatcher
 from digitops.preprocess import (
     DEFAULT_MAX_BYTES,
     ImageError,
@@ -52,10 +58,19 @@ STATIC = Path(__file__).with_name("static")
 app = FastAPI(title="digitops", docs_url=None, redoc_url=None, openapi_url=None)
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-# max latency is the dispatcher's budget before it sheds load (503); it waits far less than
-# this when requests are sparse, as it learns the model's latency as it goes.
+# For callers of the `classify` API, max latency is BentoML's dispatcher's budget before it sheds
+# load (503). The HTTP routes batch with GreedyBatcher (see digitops.batching for why).
 BATCH_MAX_SIZE = 64
 BATCH_MAX_LATENCY_MS = 1000
+# Worker processes share the cores; each gets its share for torch and for the CPU-bound steps of
+# a request. More than one pays on many cores; on few, one worker with batching does as well,
+# and the workers share one listening socket, so a client's kept-alive connections are not
+# spread evenly among them.
+WORKERS = api.env_int("DIGITOPS_WORKERS", 1)
+CORES_PER_WORKER = max(1, (os.cpu_count() or 1) // WORKERS)
+# A reload is announced here to the other workers of the same server (they share its parent).
+RELOAD_NOTICE = Path(tempfile.gettempdir()) / f"digitops-reload-{os.getppid()}.json"
+RELOAD_POLL_SECONDS = 1.0
 IMAGE_FIELD = "image"
 BATCH_FIELD = "images"
 MAX_BATCH_IMAGES = 256
@@ -63,10 +78,6 @@ SEND_INSTEAD = (
     f"send a PNG/JPEG/WebP/BMP/GIF as multipart form field '{IMAGE_FIELD}', "
     "or as the raw request body with an image/* Content-Type"
 )
-
-
-def _overloaded():
-    raise ImageError("the server is overloaded; retry in a moment", 503)
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -154,11 +165,14 @@ async def read_images(request: Request, limit: int, field: str) -> tuple[list[by
     name="digitops",
     http={"host": "127.0.0.1", "port": 3000},
     traffic={"timeout": 30, "max_concurrency": 512},
-    workers=1,
+    workers=WORKERS,
 )
 @bentoml.asgi_app(app, path="/")
 class DigitService:
     def __init__(self) -> None:
+        torch.set_num_threads(CORES_PER_WORKER)
+        # Reloads announced from now on are followed, including any during the load below.
+        self._started_ns = time.time_ns()
         self.served = api.load_served_model(os.environ.get("DIGITOPS_MODEL_TAG"))
         self.max_bytes = api.env_int("DIGITOPS_MAX_UPLOAD_BYTES", DEFAULT_MAX_BYTES)
         try:
@@ -169,16 +183,14 @@ class DigitService:
         except StoreError as err:  # predictions must go on without their log
             self.store = None
             log.warning("%s; predictions will not be logged and feedback is disabled", err)
+        # CPU-bound steps (decoding, filtering, Grad-CAM) get a thread per core: more would only
+        # contend for the cores, and each decode in flight holds up to a full-size image.
+        self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = api.RateLimiter(api.env_int("DIGITOPS_FEEDBACK_PER_MINUTE", 60))
-        # The dispatcher behind @bentoml.api(batchable=True), used in process: the routes' own
-        # calls batch together without a JSON round trip through the service's HTTP client,
-        # which cost more than the forward pass it batches.
-        self._forward_batched = CorkDispatcher(
-            max_latency_in_ms=BATCH_MAX_LATENCY_MS,
-            max_batch_size=BATCH_MAX_SIZE,
-            fallback=_overloaded,
-            get_batch_size=len,
-        )(self._forward_batches)
+        # In process: the routes' calls batch together without a round trip through the
+        # service's HTTP client, which cost more than the forward pass it batches.
+        self._forward_batched = GreedyBatcher(self.classify.local, BATCH_MAX_SIZE)
+        threading.Thread(target=self._follow_reloads, name="reload-follower", daemon=True).start()
         card = self.served.card()
         log.info(
             "serving model from %s (version %s, test accuracy %s)",
@@ -199,35 +211,35 @@ class DigitService:
             logits = self.served.model(normalize(torch.from_numpy(x.astype(np.uint8))))
             return torch.softmax(logits, dim=1).numpy()
 
-    async def _prepare(self, data: bytes, options: api.Options) -> Preprocessed:
-        # Image decoding and filtering is CPU work: keep it off the event loop.
-        prepared = await anyio.to_thread.run_sync(lambda: preprocess(data, invert=options.invert))
-        if options.noise > 0:
-            noisy = add_noise(prepared.pixels, options.noise, options.seed)
-            prepared = Preprocessed(pixels=noisy, inverted=prepared.inverted)
-        return prepared
+    async def _prepare(self, data: bytes, options: api.Options) -> tuple[Preprocessed, bytes]:
+        """The model's 28x28 input (with the requested noise) and its PNG, in one trip off the
+        event loop: decoding and filtering are CPU work."""
 
-    async def _forward_batches(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        sizes = np.cumsum([len(b) for b in batches])[:-1]
-        probabilities = await anyio.to_thread.run_sync(self.classify.local, np.concatenate(batches))
-        return np.split(probabilities, sizes)
+        def work():
+            prepared = preprocess(data, invert=options.invert)
+            if options.noise > 0:
+                noisy = add_noise(prepared.pixels, options.noise, options.seed)
+                prepared = Preprocessed(pixels=noisy, inverted=prepared.inverted)
+            return prepared, explain.png(prepared.pixels)
 
-    async def _read_one(self, request: Request) -> tuple[bytes, api.Options, Preprocessed]:
-        """The single image of a request, its options, and the 28x28 input made from it."""
+        return await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
+
+    async def _read_one(self, request: Request) -> tuple[bytes, api.Options, Preprocessed, bytes]:
+        """The single image of a request, its options, and the 28x28 input made from it (+ PNG)."""
         (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
         options = api.parse_options(raw)
-        return data, options, await self._prepare(data, options)
+        return data, options, *await self._prepare(data, options)
 
     async def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities for pixels [N, 28, 28]; concurrent requests share adaptive batches."""
+        """Probabilities for pixels [N, 28, 28]; concurrent requests share batches."""
         return await self._forward_batched(pixels)
 
     @app.post("/predict")
     async def predict(self, request: Request):
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
-        data, options, prepared = await self._read_one(request)
+        data, options, prepared, input_png = await self._read_one(request)
         probabilities = (await self._probabilities(prepared.pixels[None]))[0]
-        return await self._reply(prepared, probabilities, data, options)
+        return JSONResponse(await self._reply(prepared, input_png, probabilities, data, options))
 
     @app.post("/predict_batch")
     async def predict_batch(self, request: Request):
@@ -235,26 +247,30 @@ class DigitService:
         blobs, raw = await read_images(request, self.max_bytes, BATCH_FIELD)
         options = api.parse_options(raw)
         results: list[dict | None] = [None] * len(blobs)
-        ready: list[tuple[int, Preprocessed]] = []
+        ready: list[tuple[int, Preprocessed, bytes]] = []
         for i, data in enumerate(blobs):
             try:
-                ready.append((i, await self._prepare(data, options)))
+                ready.append((i, *await self._prepare(data, options)))
             except ImageError as err:  # one bad image must not fail its neighbours
                 results[i] = {"error": str(err), "status": err.status}
         if ready:
-            probabilities = await self._probabilities(np.stack([p.pixels for _, p in ready]))
-            for (i, prepared), probs in zip(ready, probabilities, strict=True):
-                results[i] = await self._reply(prepared, probs, blobs[i], options)
-        return {"results": results, "count": len(results)}
+            probabilities = await self._probabilities(np.stack([p.pixels for _, p, _ in ready]))
+            for (i, prepared, png), probs in zip(ready, probabilities, strict=True):
+                results[i] = await self._reply(prepared, png, probs, blobs[i], options)
+        return JSONResponse({"results": results, "count": len(results)})
 
     async def _reply(
-        self, prepared: Preprocessed, probabilities: np.ndarray, original: bytes, options
+        self,
+        prepared: Preprocessed,
+        input_png: bytes,
+        probabilities: np.ndarray,
+        original: bytes,
+        options: api.Options,
     ) -> dict:
         """The prediction's JSON, recorded for feedback and review unless the caller opted out.
 
         A broken store never fails a prediction: the reply then says `logged: false`.
         """
-        input_png = explain.png(prepared.pixels)
         payload = api.prediction_payload(
             probabilities, input_png, prepared.inverted, self.served, api.new_prediction_id()
         )
@@ -285,7 +301,7 @@ class DigitService:
     @app.post("/explain")
     async def explain(self, request: Request):
         """Grad-CAM of the last conv block for the predicted (or `target`) class."""
-        data, options, prepared = await self._read_one(request)
+        _, options, prepared, input_png = await self._read_one(request)
 
         def work():
             cam, logits = explain.grad_cam(self.served.model, prepared.tensor(), options.target)
@@ -295,33 +311,35 @@ class DigitService:
                 explain.overlay_png(prepared.pixels, cam),
             )
 
-        cam, probabilities, overlay = await anyio.to_thread.run_sync(work)
+        cam, probabilities, overlay = await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
         payload = api.prediction_payload(
             probabilities,
-            explain.png(prepared.pixels),
+            input_png,
             prepared.inverted,
             self.served,
             prediction_id=None,  # explanations are not logged: feedback goes through /predict
         )
         target = options.target if options.target is not None else payload["digit"]
-        return {
-            **payload,
-            "target": target,
-            "layer": "conv3",
-            "cam": np.round(cam, 4).tolist(),
-            "overlay_png": api.b64(overlay),
-        }
+        return JSONResponse(
+            {
+                **payload,
+                "target": target,
+                "layer": "conv3",
+                "cam": np.round(cam, 4).tolist(),
+                "overlay_png": api.b64(overlay),
+            }
+        )
 
     @app.post("/feature_maps")
     async def feature_maps(self, request: Request):
         """Every channel of one conv block (`layer`=conv1..conv3) as a PNG grid."""
-        data, options, prepared = await self._read_one(request)
+        _, options, prepared, _ = await self._read_one(request)
 
         def work():
             maps = explain.feature_maps(self.served.model, prepared.tensor(), options.layer)
             return maps, explain.grid_png(maps)
 
-        maps, grid = await anyio.to_thread.run_sync(work)
+        maps, grid = await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
         reply = {
             "layer": options.layer,
             "channels": int(maps.shape[0]),
@@ -353,9 +371,9 @@ class DigitService:
             (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
             api.parse_feedback({**raw, "prediction_id": "pending"})  # bad label: 400 first
             options = api.parse_options(raw)
-            prepared = await self._prepare(data, options)
+            prepared, input_png = await self._prepare(data, options)
             probabilities = (await self._probabilities(prepared.pixels[None]))[0]
-            logged = await self._reply(prepared, probabilities, data, options)
+            logged = await self._reply(prepared, input_png, probabilities, data, options)
             body = {**raw, "prediction_id": logged["prediction_id"]}
         else:
             try:
@@ -431,7 +449,30 @@ class DigitService:
             ) from None
         previous, self.served = self.served.card(), served  # one reference swap: no gap
         log.info("reloaded: now serving %s (was %s)", served.source, previous["source"])
-        return {"previous": previous, "current": served.card()}
+        # The other workers switch to the same store entry within RELOAD_POLL_SECONDS.
+        notice = RELOAD_NOTICE.with_suffix(f".{os.getpid()}.tmp")
+        notice.write_text(json.dumps({"tag": served.store_tag, "pid": os.getpid()}))
+        notice.replace(RELOAD_NOTICE)  # atomic: followers never read half a notice
+        return {"previous": previous, "current": served.card(), "workers": WORKERS}
+
+    def _follow_reloads(self) -> None:
+        """Switch to the model another worker of this server reloaded (runs in its own thread)."""
+        seen = self._started_ns  # older notices are from an earlier server with the same parent
+        while True:
+            time.sleep(RELOAD_POLL_SECONDS)
+            try:
+                changed = RELOAD_NOTICE.stat().st_mtime_ns
+                if changed <= seen:
+                    continue
+                seen = changed
+                tag = json.loads(RELOAD_NOTICE.read_text())["tag"]
+                if tag != self.served.store_tag:
+                    self.served = api.load_served_model(tag, fallback=False)
+                    log.info("followed a reload: now serving %s", self.served.source)
+            except FileNotFoundError:
+                continue
+            except Exception as err:  # keep serving the current model, and keep following
+                log.warning("could not follow a reload: %s", err)
 
     @app.get("/", include_in_schema=False)
     async def index(self):

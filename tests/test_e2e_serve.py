@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -110,11 +111,12 @@ def test_unwritable_store_keeps_predicting_and_says_why(tmp_path, mnist_dir):
         assert "cannot be opened" in log.read_text()
 
 
-def test_admin_reload_switches_model_with_no_failed_requests(tmp_path, mnist_dir):
+def test_admin_reload_switches_every_worker_with_no_failed_requests(tmp_path, mnist_dir):
     import concurrent.futures
 
     images, _ = mnist.load(mnist_dir, "t10k")
-    with bentoml_serve(tmp_path, DIGITOPS_ADMIN_TOKEN="s3cret") as (base, _):
+    serving = bentoml_serve(tmp_path, DIGITOPS_ADMIN_TOKEN="s3cret", DIGITOPS_WORKERS="2")
+    with serving as (base, _):
         # Put a model in the server's BentoML store, then ask the running server to switch.
         env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml_home")}
         subprocess.run(
@@ -133,18 +135,31 @@ def test_admin_reload_switches_model_with_no_failed_requests(tmp_path, mnist_dir
             check=True,
             timeout=120,
         )
+
+        def sources() -> set[str]:
+            # A new connection per request, so that both workers answer.
+            return {
+                httpx.get(f"{base}/model", timeout=30).json()["source"].split()[0]
+                for _ in range(20)
+            }
+
         with httpx.Client(base_url=base, timeout=30) as c:
             assert c.post("/admin/reload").status_code == 401
-            assert c.get("/model").json()["source"].startswith("shipped")
+            assert sources() == {"shipped"}
             files = {"image": ("d.png", png_bytes(images[0]), "image/png")}
 
             def hammer(_):
-                return c.post("/predict", files=files).status_code
+                return httpx.post(f"{base}/predict", files=files, timeout=30).status_code
 
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 codes = pool.map(hammer, range(60))
                 reload = c.post("/admin/reload", headers={"authorization": "Bearer s3cret"})
                 codes = list(codes)
             assert reload.status_code == 200, reload.text
+            assert reload.json()["current"]["source"].startswith("bentoml model store")
             assert codes == [200] * 60
-            assert c.get("/model").json()["source"].startswith("bentoml model store")
+        # The worker that took the reload announces it; the other follows within a second.
+        deadline = time.monotonic() + 10
+        while (seen := sources()) != {"bentoml"} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert seen == {"bentoml"}

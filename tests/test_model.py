@@ -3,7 +3,7 @@
 import torch
 
 from digitops import checkpoint
-from digitops.model import DigitCNN
+from digitops.model import DigitCNN, fold_batchnorm
 
 
 def test_output_shape_and_named_conv_blocks():
@@ -41,3 +41,25 @@ def test_checkpoint_rebuilds_model_without_config(tmp_path):
     assert torch.equal(model(x), loaded(x))
     assert metadata["test_accuracy"] == 0.99 and metadata["model_args"] == args
     assert not list(tmp_path.glob("*.part")), "atomic save must not leave temp files"
+
+
+def test_folded_batchnorm_computes_the_same_function():
+    torch.manual_seed(0)
+    model = DigitCNN()
+    with torch.no_grad():  # BatchNorm statistics as after training, not the identity defaults
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(8, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+        for name in DigitCNN.conv_layers:  # feature maps and Grad-CAM read the blocks' outputs
+            x_model, x_folded = getattr(model, name)(x), getattr(folded, name)(x)
+            torch.testing.assert_close(x_folded, x_model, atol=1e-4, rtol=1e-4)
+            x = x_model
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original intact

@@ -454,3 +454,15 @@ def test_add_noise_refuses_bad_level(digits, level):
     with pytest.raises(ImageError, match="between 0 and 1") as caught:
         add_noise(digits[0], level)
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_grow_is_square_dilation(width):
+    from digitops.preprocess import _grow
+
+    rng = np.random.default_rng(width)
+    square = np.ones((3, 3), dtype=bool)
+    for shape in [(1, 1), (1, 9), (7, 1), (28, 28), (45, 31)]:
+        mask = rng.random(shape) > 0.9
+        expected = ndimage.binary_dilation(mask, square, iterations=width)
+        assert np.array_equal(_grow(mask, width), expected)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from digitops import checkpoint
-from digitops.model import DigitCNN
+from digitops.model import DigitCNN, fold_batchnorm
 from digitops.preprocess import ImageError
 
 # Relative to the working directory: the repo for `make serve`, the Bento's src/ when packaged.
@@ -30,6 +30,7 @@ class ServedModel:
     model: DigitCNN
     metadata: dict
     source: str
+    store_tag: str | None = None  # the BentoML store entry, when it came from there
 
     def identity(self) -> dict:
         m = self.metadata
@@ -65,15 +66,15 @@ def load_served_model(
 
         stored = bentoml.models.get(tag)
         model, metadata = checkpoint.load(stored.path_of(CHECKPOINT_FILE))
-        source = f"bentoml model store {stored.tag}"
+        source, found = f"bentoml model store {stored.tag}", str(stored.tag)
     except Exception as err:  # no store, no such tag, or an unreadable entry: fall back
         if store_tag or not fallback:  # never silently serve something other than asked
             raise RuntimeError(
                 f"model {store_tag!r} not usable from the BentoML store: {err}"
             ) from err
         model, metadata = checkpoint.load(shipped)
-        source = f"shipped {shipped}"
-    return ServedModel(model, metadata, source)
+        source, found = f"shipped {shipped}", None
+    return ServedModel(fold_batchnorm(model), metadata, source, found)
 
 
 @dataclass(frozen=True)

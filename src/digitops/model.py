@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -56,3 +58,16 @@ class DigitCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map normalised (N, 1, 28, 28) images to (N, 10) logits."""
         return self.classifier(self.features(x))
+
+
+def fold_batchnorm(model: DigitCNN) -> DigitCNN:
+    """An inference copy with each BatchNorm folded into the conv before it: the same function
+    in eval mode, with three fewer layers to run per forward pass."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for name in folded.conv_layers:
+        block = getattr(folded, name)
+        block[0] = fuse_conv_bn_eval(block[0], block[1])
+        block[1] = nn.Identity()
+    return folded
