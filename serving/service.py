@@ -190,7 +190,9 @@ class DigitService:
         # In process: the routes' calls batch together without a round trip through the
         # service's HTTP client, which cost more than the forward pass it batches.
         self._forward_batched = GreedyBatcher(self.classify.local, BATCH_MAX_SIZE)
-        threading.Thread(target=self._follow_reloads, name="reload-follower", daemon=True).start()
+        if WORKERS > 1:
+            follower = threading.Thread(target=self._follow_reloads, name="reload", daemon=True)
+            follower.start()
         card = self.served.card()
         log.info(
             "serving model from %s (version %s, test accuracy %s)",
@@ -449,10 +451,10 @@ class DigitService:
             ) from None
         previous, self.served = self.served.card(), served  # one reference swap: no gap
         log.info("reloaded: now serving %s (was %s)", served.source, previous["source"])
-        # The other workers switch to the same store entry within RELOAD_POLL_SECONDS.
-        notice = RELOAD_NOTICE.with_suffix(f".{os.getpid()}.tmp")
-        notice.write_text(json.dumps({"tag": served.store_tag, "pid": os.getpid()}))
-        notice.replace(RELOAD_NOTICE)  # atomic: followers never read half a notice
+        if WORKERS > 1:  # the others switch to the same store entry within RELOAD_POLL_SECONDS
+            notice = RELOAD_NOTICE.with_suffix(f".{os.getpid()}.tmp")
+            notice.write_text(json.dumps({"tag": served.store_tag, "pid": os.getpid()}))
+            notice.replace(RELOAD_NOTICE)  # atomic: followers never read half a notice
         return {"previous": previous, "current": served.card(), "workers": WORKERS}
 
     def _follow_reloads(self) -> None:

@@ -21,8 +21,10 @@ def grad_cam(
     Returns (heatmap float32 [28, 28] in [0, 1], logits [10]). `target` defaults to the
     predicted class.
     """
+    with torch.no_grad():  # the gradient is taken at the last conv block: no graph before it
+        features = model.features(x)
     with torch.enable_grad():
-        activations = model.features(x.detach()).requires_grad_(True)
+        activations = features.requires_grad_(True)
         logits = model.classifier(activations)[0]
         cls = int(logits.argmax()) if target is None else int(target)
         (gradients,) = torch.autograd.grad(logits[cls], activations)
