@@ -187,9 +187,9 @@ class DigitService:
         # contend for the cores, and each decode in flight holds up to a full-size image.
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = api.RateLimiter(api.env_int("DIGITOPS_FEEDBACK_PER_MINUTE", 60))
-        # In process: the routes' calls batch together without a round trip through the
-        # service's HTTP client, which cost more than the forward pass it batches.
-        self._forward_batched = GreedyBatcher(self.classify.local, BATCH_MAX_SIZE)
+        # Probabilities for pixels [N, 28, 28]; concurrent requests share batches. In process:
+        # no round trip through the service's HTTP client, which cost more than the forward pass.
+        self._probabilities = GreedyBatcher(self.classify.local, BATCH_MAX_SIZE)
         if WORKERS > 1:
             follower = threading.Thread(target=self._follow_reloads, name="reload", daemon=True)
             follower.start()
@@ -231,10 +231,6 @@ class DigitService:
         (data,), raw = await read_images(request, self.max_bytes, IMAGE_FIELD)
         options = api.parse_options(raw)
         return data, options, *await self._prepare(data, options)
-
-    async def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities for pixels [N, 28, 28]; concurrent requests share batches."""
-        return await self._forward_batched(pixels)
 
     @app.post("/predict")
     async def predict(self, request: Request):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 
 from digitops import checkpoint
 from digitops.model import DigitCNN, fold_batchnorm
-from digitops.preprocess import ImageError
+from digitops.preprocess import ImageError, parse_invert
 
 # Relative to the working directory: the repo for `make serve`, the Bento's src/ when packaged.
 SHIPPED_MODEL = Path(os.environ.get("DIGITOPS_SHIPPED_MODEL", "models/default/model.pt"))
@@ -110,8 +111,6 @@ def _parse_int(name: str, value: str, lo: int, hi: int) -> int:
 
 def parse_options(raw: dict[str, str], layers: tuple[str, ...] = DigitCNN.conv_layers) -> Options:
     """Validate request options (form fields or query parameters); unknown keys are ignored."""
-    from digitops.preprocess import parse_invert
-
     kwargs: dict = {}
     if (value := raw.get("invert")) not in (None, ""):
         kwargs["invert"] = parse_invert(value)
@@ -175,8 +174,6 @@ class RateLimiter:
         self._events: dict[str, list[float]] = {}
 
     def allow(self, client: str, now: float | None = None) -> bool:
-        import time
-
         now = time.monotonic() if now is None else now
         recent = [t for t in self._events.get(client, []) if now - t < self.window]
         allowed = len(recent) < self.limit

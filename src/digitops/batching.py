@@ -28,7 +28,7 @@ class GreedyBatcher:
         self.max_batch_size = max_batch_size
         self._waiting: collections.deque[tuple[np.ndarray, asyncio.Future]] = collections.deque()
         self._running = False
-        self.batches = 0  # forward calls made, for tests and metrics
+        self.batches = 0  # forward calls made
 
     async def __call__(self, inputs: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()

@@ -4,20 +4,18 @@ fixed JSON as big as a /predict reply. No preprocessing, no model.
 bentoml serve tests.benchmarks.floor_service:FloorService --port 3003
 """
 
-import os
-
 import bentoml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from digitops.api import env_int
 
 app = FastAPI()
 # The size of a real /predict reply: ten probabilities, a 28x28 PNG in base64, the model's name.
 REPLY = {"digit": 7, "probabilities": [0.1] * 10, "input_png": "A" * 400, "model": {}}
 
 
-@bentoml.service(
-    http={"host": "127.0.0.1", "port": 3003}, workers=int(os.environ.get("DIGITOPS_WORKERS", 1))
-)
+@bentoml.service(http={"host": "127.0.0.1", "port": 3003}, workers=env_int("DIGITOPS_WORKERS", 1))
 @bentoml.asgi_app(app, path="/")
 class FloorService:
     @app.post("/predict")
