@@ -5,7 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from digitops.bento import build
+from digitops.release.bento import build
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

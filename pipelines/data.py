@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from digitops import feedback, mnist
+from digitops.data import feedback, mnist
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

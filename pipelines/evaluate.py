@@ -4,7 +4,7 @@ write DVC metrics and plots, log them to the training run and register the model
 import hydra
 from omegaconf import DictConfig
 
-from digitops.evaluate import evaluate_checkpoint
+from digitops.release.evaluate import evaluate_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -13,8 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from digitops.ingest import IngestBusy, ingest
-from digitops.store import PredictionStore, StoreError
+from digitops.inference.ingest import IngestBusy, ingest
+from digitops.inference.store import PredictionStore, StoreError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

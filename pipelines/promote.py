@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from digitops.promote import promote
+from digitops.release.promote import promote
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -8,7 +8,7 @@ python -m pipelines.train +experiment=fast logger=csv
 import hydra
 from omegaconf import DictConfig
 
-from digitops.train import train
+from digitops.training.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

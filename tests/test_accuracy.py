@@ -19,8 +19,9 @@ def test_mnist_digits_keep_their_class_through_preprocessing(client, mnist_dir):
     the model gives the raw 28x28 digit."""
     import numpy as np
 
-    from digitops import checkpoint, mnist
-    from digitops.evaluate import predict_proba
+    from digitops import checkpoint
+    from digitops.data import mnist
+    from digitops.release.evaluate import predict_proba
     from tests.test_service import png_bytes
 
     model, _ = checkpoint.load("models/default/model.pt")

@@ -15,14 +15,15 @@ import mlflow
 import numpy as np
 import pytest
 
-from digitops import checkpoint, mnist
-from digitops.evaluate import predict_proba
+from digitops import checkpoint
+from digitops.data import mnist
+from digitops.release.evaluate import predict_proba
 from tests.conftest import run, scratch_repo
 from tests.servers import bentoml_serve
 from tests.test_service import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # two full `dvc repro` runs
 N_STYLED = 250  # corrections sent; one in five lands in the feedback hold-out
 
 

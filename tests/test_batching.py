@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from digitops.batching import GreedyBatcher
+from digitops.inference.batching import GreedyBatcher
 
 
 class Recorder:

@@ -6,9 +6,9 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 
-from digitops.data import MnistDataModule
+from digitops.data.datamodule import MnistDataModule
 from digitops.model import DigitCNN
-from digitops.train import build_datamodule, build_system
+from digitops.training.train import build_datamodule, build_system
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from digitops import feedback, mnist
-from digitops.augment import random_affine
-from digitops.data import MnistDataModule
+from digitops.data import feedback, mnist
+from digitops.data.augment import random_affine
+from digitops.data.datamodule import MnistDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "mnist"

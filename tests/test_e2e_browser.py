@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from digitops import mnist
+from digitops.data import mnist
 from tests.servers import bentoml_serve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from digitops import mnist
+from digitops.data import mnist
 from tests.servers import bentoml_serve
 from tests.test_service import bomb_png, png_bytes
 

@@ -4,9 +4,9 @@ import concurrent.futures
 
 import pytest
 
-from digitops import mnist
-from digitops.api import RateLimiter
-from digitops.store import PredictionStore, StoreError
+from digitops.data import mnist
+from digitops.inference.http import RateLimiter
+from digitops.inference.store import PredictionStore, StoreError
 from tests.test_service import png_bytes
 
 

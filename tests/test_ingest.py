@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitops import feedback, mnist
-from digitops.ingest import ingest
-from digitops.store import PredictionStore
+from digitops.data import feedback, mnist
+from digitops.inference.ingest import ingest
+from digitops.inference.store import PredictionStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,8 +84,8 @@ def test_changed_mind_after_ingestion_relabels_the_sample(tmp_path, digits):
 KILLABLE = """
 import sys
 from pathlib import Path
-from digitops.ingest import ingest
-from digitops.store import PredictionStore
+from digitops.inference.ingest import ingest
+from digitops.inference.store import PredictionStore
 print(ingest(PredictionStore(sys.argv[1]), Path(sys.argv[2])), flush=True)
 """
 
@@ -131,7 +131,7 @@ def test_sigkill_at_any_point_neither_loses_nor_duplicates(tmp_path, digits, cra
 def test_a_second_concurrent_run_is_refused(tmp_path):
     import fcntl
 
-    from digitops.ingest import LOCK, IngestBusy
+    from digitops.inference.ingest import LOCK, IngestBusy
 
     out = tmp_path / "feedback"
     out.mkdir()

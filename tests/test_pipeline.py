@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from digitops import checkpoint, mnist
+from digitops import checkpoint
+from digitops.data import mnist
 from tests.conftest import run, scratch_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,27 @@ def test_dvc_repro_runs_stages_then_is_a_no_op(project):
     assert promotion["promoted"] and promotion["reason"] == "no champion yet"
     bento = json.loads((project / "artifacts" / "bento" / "bento.json").read_text())
     assert bento["bento"].startswith("digitops:") and bento["registered_version"] == "1"
+
+
+def stale(project: Path) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    status = json.loads(run(["dvc", "status", "--json"], cwd=project).stdout or "{}")
+    return {name.split(":")[-1] for name in status}
+
+
+def test_an_edit_reruns_only_the_stages_that_run_the_edited_code(project):
+    run(["dvc", "repro"], cwd=project)
+    assert stale(project) == set()
+    with open(project / "src" / "digitops" / "inference" / "store.py", "a") as f:
+        f.write("# a serving-side edit\n")
+    # Only the Bento packages the request path; the model is not retrained or re-evaluated.
+    assert stale(project) == {"bento"}
+    with open(project / "src" / "digitops" / "release" / "promote.py", "a") as f:
+        f.write("# a release-side edit\n")
+    assert stale(project) == {"promote", "bento"}
+    with open(project / "src" / "digitops" / "model.py", "a") as f:
+        f.write("# a model edit\n")
+    assert stale(project) == {"train", "evaluate", "promote", "bento"}
 
 
 def test_dvc_remote_push_pull_offline(project):

@@ -1,4 +1,4 @@
-"""Real MNIST digits rendered the ways users send them, through digitops.preprocess."""
+"""Real MNIST digits rendered the ways users send them, through digitops.inference.preprocess."""
 
 from __future__ import annotations
 
@@ -15,18 +15,17 @@ import torch
 from PIL import ExifTags, Image
 from scipy import ndimage
 
-from digitops import mnist
-from digitops.preprocess import (
-    EmptyImageError,
-    ImageError,
+from digitops.data import mnist
+from digitops.inference.errors import EmptyImageError, ImageError, RequestError
+from digitops.inference.preprocess import (
     Preprocessed,
     add_noise,
     decode,
-    normalize,
     parse_invert,
     preprocess,
     to_mnist,
 )
+from digitops.model import normalize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mnist"
 # Test digits 0-5 are a 7, 2, 1, 0, 4 and 1.
@@ -260,7 +259,7 @@ def test_parse_invert(value, expected):
 
 @pytest.mark.parametrize("value", ["maybe", "", "2", "invert"])
 def test_parse_invert_refuses_other_values(value):
-    with pytest.raises(ImageError, match="auto, true, false") as caught:
+    with pytest.raises(RequestError, match="auto, true, false") as caught:
         parse_invert(value)
     assert caught.value.status == 400
 
@@ -451,14 +450,14 @@ def test_add_noise(digits):
 
 @pytest.mark.parametrize("level", [-0.1, 1.5, float("nan")])
 def test_add_noise_refuses_bad_level(digits, level):
-    with pytest.raises(ImageError, match="between 0 and 1") as caught:
+    with pytest.raises(RequestError, match="between 0 and 1") as caught:
         add_noise(digits[0], level)
     assert caught.value.status == 400
 
 
 @pytest.mark.parametrize("width", [1, 2, 3])
 def test_grow_is_square_dilation(width):
-    from digitops.preprocess import _grow
+    from digitops.inference.preprocess import _grow
 
     rng = np.random.default_rng(width)
     square = np.ones((3, 3), dtype=bool)

@@ -1,6 +1,6 @@
 """The promotion gate's decision rule."""
 
-from digitops.promote import decide
+from digitops.release.promote import decide
 
 CHAMPION = {"test_accuracy": 0.9950, "holdout_accuracy": 0.80}
 

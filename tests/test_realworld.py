@@ -2,7 +2,7 @@
 
 The committed set was written by
 
-    python -m digitops.realworld --out tests/fixtures/realworld --count 400 --seed 0 \
+    python -m tests.realworld --out tests/fixtures/realworld --count 400 --seed 0 \
         --mnist data/mnist --first-index 5000
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitops import realworld
+from tests import realworld
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "tests" / "fixtures" / "realworld"
@@ -81,7 +81,7 @@ def test_every_kind_is_made_and_decodes(small_set):
 
 
 def test_canvas_is_light_on_dark_and_paper_dark_on_light(mnist_dir):
-    from digitops import mnist
+    from digitops.data import mnist
 
     digit = mnist.load(mnist_dir, "t10k")[0][0]
     for seed in range(4):
@@ -114,3 +114,9 @@ def test_committed_set_lists_existing_images_with_digit_labels():
     assert min(indices) >= 5000 and len(set(indices)) == len(indices)
     total = sum(p.stat().st_size for p in COMMITTED.iterdir())
     assert total < 6_000_000
+
+
+def test_ci_installs_every_font_the_generator_uses():
+    ci = (ROOT / ".ci" / "run").read_text()
+    listed = re.search(r"^fonts=\((.*)\)$", ci, flags=re.M).group(1).split()
+    assert sorted(listed) == sorted(realworld.FONT_PACKAGES)

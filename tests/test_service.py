@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitops import mnist
+from digitops.data import mnist
 
 
 @pytest.fixture(scope="module")

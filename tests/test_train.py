@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from digitops import checkpoint, mnist, registry
-from digitops.evaluate import evaluate_checkpoint, predict_proba
-from digitops.preprocess import normalize
-from digitops.train import HISTORY_FIELDS, train
+from digitops import checkpoint
+from digitops.data import mnist
+from digitops.model import normalize
+from digitops.release.evaluate import evaluate_checkpoint, predict_proba
+from digitops.tracking import Tracking
+from digitops.training.train import HISTORY_FIELDS, train
 from tests.conftest import compose_cfg
 
 
@@ -49,7 +51,7 @@ def test_registered_model_predicts_like_trained_checkpoint(trained, mnist_dir):
     cfg, _, _ = trained
     candidate, metadata = checkpoint.load(cfg.paths.candidate)
     assert metadata["registered_version"] == "1"
-    loaded = registry.load(f"models:/{cfg.mlflow.registered_model}/1", cfg.mlflow.tracking_uri)
+    loaded = Tracking.from_config(cfg).load_logged_model("1")
     images, _ = mnist.load(mnist_dir, "t10k")
     x = normalize(torch.from_numpy(images[:50]))
     with torch.inference_mode():

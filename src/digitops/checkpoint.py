@@ -1,26 +1,28 @@
 """The hand-off from training to serving: weights + constructor arguments + metadata.
 
 `load` rebuilds the network from the file alone; serving never needs the training config.
+The same file travels everywhere: as a DVC output, as the MLflow run's artifact
+`checkpoint/model.pt`, and as the one file of the BentoML store model `digit-cnn`.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from digitops.files import atomic_write
 from digitops.model import DigitCNN
 
 FORMAT_VERSION = 1
+FILE_NAME = "model.pt"
+BENTO_MODEL = "digit-cnn"  # the BentoML model store entry the bento stage writes and serving reads
 
 
 def save(path: str | Path, model: DigitCNN, model_args: dict, metadata: dict[str, Any]) -> Path:
     """Write atomically, so a killed run never leaves a half checkpoint under the real name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format_version": FORMAT_VERSION,
@@ -28,11 +30,8 @@ def save(path: str | Path, model: DigitCNN, model_args: dict, metadata: dict[str
         "state_dict": state,
         "metadata": dict(metadata),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; servers may run as another user
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 

@@ -1,4 +1,5 @@
-"""The digit CNN in plain torch: serving, Grad-CAM and feature maps use it without Lightning."""
+"""The digit CNN and its input scale, in plain torch: training, evaluation, serving, Grad-CAM
+and feature maps all use it, none of them through Lightning."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ from torch import nn
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
+# Mean and standard deviation of MNIST training pixels scaled to [0, 1].
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Pixels scaled to [0, 1] -> the model's input scale (what training used)."""
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] or [N, 1, 28, 28], white ink on black -> float input [N, 1, 28, 28]."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    return standardize(images.float() / 255.0)
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:

@@ -1,11 +1,121 @@
-"""Provenance for runs and models: git commit, data version, flattened config."""
+"""The one module that talks to MLflow: runs, the model registry and its aliases.
+
+Also the provenance every run records (git commit, data version) and the config flattened
+into run parameters. Everything else calls `Tracking`; nothing else imports mlflow.
+"""
 
 from __future__ import annotations
 
+import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import torch
 import yaml
+from mlflow.models import infer_signature
+
+from digitops import checkpoint
+from digitops.model import DigitCNN, normalize
+
+log = logging.getLogger(__name__)
+
+# Where a run keeps the checkpoint that serving rebuilds the model from (not the pt2 graph).
+CHECKPOINT_ARTIFACT = f"checkpoint/{checkpoint.FILE_NAME}"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A version of the registered model, with its checkpoint downloaded to `path`."""
+
+    version: str
+    run_id: str
+    path: Path
+
+
+class Tracking:
+    """One tracking server (or embedded store) and the registered model this project writes."""
+
+    def __init__(self, tracking_uri: str, model_name: str):
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.client = mlflow.MlflowClient(tracking_uri)
+
+    @classmethod
+    def from_config(cls, cfg) -> Tracking:
+        return cls(cfg.mlflow.tracking_uri, cfg.mlflow.registered_model)
+
+    # Runs.
+    def describe_run(self, run_id: str, config_yaml: str, tags: dict[str, str]) -> None:
+        """Attach the resolved config (as a file) and provenance tags to a training run."""
+        self.client.log_text(run_id, config_yaml, "config.yaml")
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def log_evaluation(self, run_id: str, metrics: dict[str, float], artifacts: Path) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, key, value)
+        self.client.log_artifacts(run_id, str(artifacts), artifact_path="eval")
+
+    def log_checkpoint(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path=Path(CHECKPOINT_ARTIFACT).parent)
+
+    # The registry.
+    def register(
+        self, model: DigitCNN, run_id: str, example: np.ndarray, tags: dict[str, str]
+    ) -> str:
+        """Log `model` to run `run_id` (pytorch flavour, signature, example) and register it.
+
+        Returns the new version. The model is logged as a torch.export graph (`pt2`): loading
+        it runs no pickled code, and it was traced in eval mode.
+        """
+        x = normalize(torch.from_numpy(example)).numpy()
+        with torch.inference_mode():
+            signature = infer_signature(x, model(torch.from_numpy(x)).numpy())
+        mlflow.set_tracking_uri(self.tracking_uri)  # log_model has only the fluent API
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                registered_model_name=self.model_name,
+                signature=signature,
+                input_example=x,
+                serialization_format="pt2",
+                pip_requirements=["torch", "digitops"],
+            )
+        version = str(info.registered_model_version)
+        self.tag_version(version, tags)
+        log.info("registered %s version %s from run %s", self.model_name, version, run_id)
+        return version
+
+    def tag_version(self, version: str, tags: dict[str, object]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, version, key, str(value))
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.model_name, alias, version)
+
+    def aliased(self, alias: str, dest: Path) -> RegisteredModel | None:
+        """The version holding `alias`, its checkpoint downloaded into `dest`; None if no
+        version holds it."""
+        try:
+            version = self.client.get_model_version_by_alias(self.model_name, alias)
+        except mlflow.exceptions.MlflowException:
+            return None
+        path = mlflow.artifacts.download_artifacts(
+            run_id=version.run_id,
+            artifact_path=CHECKPOINT_ARTIFACT,
+            dst_path=str(dest),
+            tracking_uri=self.tracking_uri,
+        )
+        return RegisteredModel(str(version.version), version.run_id, Path(path))
+
+    def load_logged_model(self, version: str) -> torch.nn.Module:
+        """The pt2 graph of a registered version, as a callable module on CPU."""
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.pytorch.load_model(f"models:/{self.model_name}/{version}", map_location="cpu")
 
 
 def git_commit(cwd: str | Path = ".") -> str:

@@ -23,9 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from digitops import mnist
-from digitops.api import load_served_model
+from digitops.data import mnist
+from digitops.inference.served import load_served_model
+from digitops.inference.settings import Settings
 from tests.servers import free_port, running
+
+SETTINGS = Settings.from_env()
 
 ROOT = Path(__file__).resolve().parents[2]
 # Worker processes per system: the baseline and the naive service as their defaults (one); ours
@@ -57,7 +60,7 @@ def canvas_png(out: Path) -> Path:
 
 
 def bare_model(seconds: float) -> dict:
-    model = load_served_model().model
+    model = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model).model
     x1 = torch.zeros(1, 1, 28, 28)
     x32 = torch.zeros(32, 1, 28, 28)
     with torch.inference_mode():

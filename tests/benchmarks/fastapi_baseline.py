@@ -8,11 +8,14 @@ from typing import Annotated
 import torch
 from fastapi import FastAPI, File, UploadFile
 
-from digitops.api import load_served_model
-from digitops.preprocess import preprocess
+from digitops.inference.preprocess import preprocess
+from digitops.inference.served import load_served_model
+from digitops.inference.settings import Settings
+
+SETTINGS = Settings.from_env()
 
 app = FastAPI()
-served = load_served_model()
+served = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
 
 
 @app.post("/predict")

@@ -8,14 +8,14 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from digitops.api import env_int
+from digitops.inference.settings import Settings
 
 app = FastAPI()
 # The size of a real /predict reply: ten probabilities, a 28x28 PNG in base64, the model's name.
 REPLY = {"digit": 7, "probabilities": [0.1] * 10, "input_png": "A" * 400, "model": {}}
 
 
-@bentoml.service(http={"host": "127.0.0.1", "port": 3003}, workers=env_int("DIGITOPS_WORKERS", 1))
+@bentoml.service(http={"host": "127.0.0.1", "port": 3003}, workers=Settings.from_env().workers)
 @bentoml.asgi_app(app, path="/")
 class FloorService:
     @app.post("/predict")

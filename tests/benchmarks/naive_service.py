@@ -8,14 +8,17 @@ from pathlib import Path
 import bentoml
 import torch
 
-from digitops.api import load_served_model
-from digitops.preprocess import preprocess
+from digitops.inference.preprocess import preprocess
+from digitops.inference.served import load_served_model
+from digitops.inference.settings import Settings
+
+SETTINGS = Settings.from_env()
 
 
 @bentoml.service(http={"host": "127.0.0.1", "port": 3002})
 class NaiveDigitService:
     def __init__(self) -> None:
-        self.served = load_served_model()
+        self.served = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
 
     @bentoml.api
     def predict(self, image: Path) -> dict:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from digitops.preprocess import normalize
+from digitops import checkpoint
+from digitops.data import feedback, mnist
+from digitops.model import normalize
+from digitops.tracking import Tracking
 
 
 @torch.inference_mode()
@@ -109,11 +114,6 @@ def evaluate_checkpoint(cfg) -> dict:
     Writes under `paths.eval_dir`: metrics.json, confusion.csv/png, misclassified.png and the
     candidate checkpoint (the trained one with its scores and registry version in its metadata).
     """
-    import json
-    from pathlib import Path
-
-    from digitops import checkpoint, feedback, mnist, registry
-
     out = Path(cfg.paths.eval_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, metadata = checkpoint.load(cfg.paths.checkpoint)
@@ -145,21 +145,16 @@ def evaluate_checkpoint(cfg) -> dict:
         feedback_holdout_count=holdout["count"],
     )
     run_id = metadata.get("mlflow_run_id")
-    if run_id:
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics({"test/acc": test["accuracy"], "test/loss": test["loss"]})
-            if holdout["count"]:
-                mlflow.log_metric("feedback_holdout/acc", holdout["accuracy"])
-            mlflow.log_artifacts(str(out), artifact_path="eval")
+    if run_id:  # trained with the MLflow logger: evaluate the same run, register the model
+        tracking = Tracking.from_config(cfg)
+        scores = {"test/acc": test["accuracy"], "test/loss": test["loss"]}
+        if holdout["count"]:
+            scores["feedback_holdout/acc"] = holdout["accuracy"]
+        tracking.log_evaluation(run_id, scores, out)
         metadata["registered_model"] = cfg.mlflow.registered_model
-        metadata["registered_version"] = registry.log_and_register(
+        metadata["registered_version"] = tracking.register(
             model,
             run_id,
-            cfg.mlflow.tracking_uri,
-            cfg.mlflow.registered_model,
             example=images[:2],
             tags={
                 "test_accuracy": f"{test['accuracy']:.4f}",
@@ -170,6 +165,5 @@ def evaluate_checkpoint(cfg) -> dict:
     checkpoint.save(cfg.paths.candidate, model, model_args, metadata)
     if run_id:
         # Serving rebuilds the model from this file (weights + args + metadata), not the pt2 graph.
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_artifact(cfg.paths.candidate, artifact_path="checkpoint")
+        tracking.log_checkpoint(run_id, Path(cfg.paths.candidate))
     return metrics

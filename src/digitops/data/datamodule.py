@@ -8,9 +8,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from digitops import feedback, mnist
-from digitops.augment import random_affine
-from digitops.preprocess import standardize
+from digitops.data import feedback, mnist
+from digitops.data.augment import random_affine
+from digitops.model import standardize
 
 
 def _tensors(images, labels) -> TensorDataset:

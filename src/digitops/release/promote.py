@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from digitops import checkpoint, feedback, mnist
-from digitops.evaluate import predict_proba, score
+from digitops import checkpoint
+from digitops.data import feedback, mnist
+from digitops.release.evaluate import predict_proba, score
+from digitops.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +51,10 @@ def _scores(model, test: tuple, holdout: tuple) -> dict:
     }
 
 
-def champion_checkpoint(client, tracking_uri: str, name: str, alias: str, dest: Path):
-    """(version, local checkpoint path) of the model holding `alias`, or (None, None)."""
-    import mlflow
-
-    try:
-        version = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None, None
-    path = mlflow.artifacts.download_artifacts(
-        run_id=version.run_id,
-        artifact_path="checkpoint/model.pt",
-        dst_path=str(dest),
-        tracking_uri=tracking_uri,
-    )
-    return version, Path(path)
-
-
 def promote(cfg) -> dict:
     """The `promote` stage: re-score champion and candidate on today's data; move the alias?"""
-    import tempfile
-
-    import mlflow
-
-    name, alias = cfg.mlflow.registered_model, cfg.promotion.alias
-    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    alias = cfg.promotion.alias
+    tracking = Tracking.from_config(cfg)
     candidate_model, meta = checkpoint.load(cfg.paths.candidate)
     version = meta.get("registered_version")
     if version is None:
@@ -84,25 +66,23 @@ def promote(cfg) -> dict:
     holdout = feedback.load(Path(cfg.paths.feedback), split="holdout")
     candidate = _scores(candidate_model, test, holdout)
     with tempfile.TemporaryDirectory() as tmp:
-        champ_version, champ_path = champion_checkpoint(
-            client, cfg.mlflow.tracking_uri, name, alias, Path(tmp)
-        )
+        holder = tracking.aliased(alias, Path(tmp))
         champion = None
-        if champ_version is not None and champ_version.version != version:
-            champion = _scores(checkpoint.load(champ_path)[0], test, holdout)
-    if champ_version is not None and champ_version.version == version:
+        if holder is not None and holder.version != version:
+            champion = _scores(checkpoint.load(holder.path)[0], test, holdout)
+    if holder is not None and holder.version == version:
         promoted, reason = True, "candidate already is the champion"
     else:
         promoted, reason = decide(candidate, champion, cfg.promotion.tolerance_pp)
 
     if promoted:
-        client.set_registered_model_alias(name, alias, version)
+        tracking.set_alias(alias, version)
     decision = {
         "promoted": promoted,
         "reason": reason,
         "candidate_version": version,
-        "champion_version": champ_version.version if champ_version is not None else None,
-        "serving_version": version if promoted else champ_version.version,
+        "champion_version": holder.version if holder is not None else None,
+        "serving_version": version if promoted else holder.version,
         "candidate": candidate,
         "champion": champion,
         "tolerance_pp": cfg.promotion.tolerance_pp,
@@ -114,8 +94,7 @@ def promote(cfg) -> dict:
         "promotion.candidate": json.dumps(candidate),
         "promotion.champion": json.dumps(champion),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    tracking.tag_version(version, tags)
     path = Path(cfg.paths.promotion)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(decision, indent=2) + "\n")

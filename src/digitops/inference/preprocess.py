@@ -1,6 +1,7 @@
 """Everything between an image and the model's input tensor, in one place.
 
-Training, evaluation, the service and the tests all normalise through here. Any image a user
+The service, the accuracy benchmark and the tests all prepare images through here; the
+model's input scale itself (`normalize`) lives with the model. Any image a user
 sends (a canvas export, a scan, a phone photo of ink on paper) becomes a 28x28 uint8 digit drawn
 the way MNIST's are: white ink on black, the longest side 20 px, the centre of mass at (14, 14).
 """
@@ -17,9 +18,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-# Mean and standard deviation of MNIST training pixels scaled to [0, 1].
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
+from digitops.inference.errors import EmptyImageError, ImageError, RequestError
+from digitops.model import normalize
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # decoded-size limit against decompression bombs
@@ -50,26 +50,6 @@ INVERT_WORDS = {
 }  # fmt: skip
 
 
-class ImageError(ValueError):
-    """Bad input; .status is the HTTP status to answer with (400/413/415/422)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-class EmptyImageError(ImageError):
-    """No ink found: the image is blank or nothing in it stands out from the background."""
-
-    def __init__(self, message: str | None = None):
-        super().__init__(
-            message
-            or "No digit found: the image is blank or nothing stands out from its background. "
-            "Send a drawing or photo of one digit with clear contrast.",
-            status=422,
-        )
-
-
 @dataclass(frozen=True, eq=False)  # numpy arrays have no single truth value to compare by
 class Preprocessed:
     """One image as the model sees it, and whether it had to be inverted to get there."""
@@ -82,32 +62,20 @@ class Preprocessed:
         return normalize(torch.tensor(self.pixels).unsqueeze(0))
 
 
-def standardize(x: torch.Tensor) -> torch.Tensor:
-    """Pixels scaled to [0, 1] -> the model's input scale (what training used)."""
-    return (x - MNIST_MEAN) / MNIST_STD
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 28, 28] or [N, 1, 28, 28], white ink on black -> float input [N, 1, 28, 28]."""
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    return standardize(images.float() / 255.0)
-
-
 def parse_invert(value: str | bool | None) -> bool | None:
     """An `invert` request value: "auto" or None -> None (decide from the image), else a bool."""
     if value is None or isinstance(value, bool):
         return value
     word = str(value).strip().lower()
     if word not in INVERT_WORDS:
-        raise ImageError(f"invert must be one of {', '.join(INVERT_WORDS)}; got {value!r}.")
+        raise RequestError(f"invert must be one of {', '.join(INVERT_WORDS)}; got {value!r}.")
     return INVERT_WORDS[word]
 
 
 def add_noise(pixels: np.ndarray, level: float, seed: int | None = None) -> np.ndarray:
     """Gaussian noise of standard deviation level*255 on uint8 pixels, for robustness checks."""
     if not 0 <= level <= 1:  # also refuses NaN
-        raise ImageError(f"noise level must be between 0 and 1; got {level}.")
+        raise RequestError(f"noise level must be between 0 and 1; got {level}.")
     noise = np.random.default_rng(seed).normal(0.0, level * 255, pixels.shape)
     return np.clip(np.rint(pixels + noise), 0, 255).astype(np.uint8)
 

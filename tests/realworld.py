@@ -5,7 +5,7 @@ MNIST *test* digits (never training digits) as web-canvas drawings and as photos
 paper, and digits from handwriting fonts in both styles. Everything is derived from one seed,
 so the same command writes the same files.
 
-    python -m digitops.realworld --out DIR --count 400 --seed 0 --first-index 5000
+    python -m tests.realworld --out DIR --count 400 --seed 0 --first-index 5000
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from digitops import mnist
+from digitops.data import mnist
 
 log = logging.getLogger(__name__)
 

@@ -10,34 +10,25 @@ import sys
 import tempfile
 from pathlib import Path
 
+import bentoml
+
 from digitops import checkpoint
-from digitops.api import CHECKPOINT_FILE, STORE_MODEL_NAME
-from digitops.promote import champion_checkpoint
+from digitops.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
 
 def import_champion(cfg) -> tuple[str, dict]:
     """Copy the MLflow champion's checkpoint into the BentoML store; return (tag, metadata)."""
-    import bentoml
-    import mlflow
-
-    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        version, path = champion_checkpoint(
-            client,
-            cfg.mlflow.tracking_uri,
-            cfg.mlflow.registered_model,
-            cfg.promotion.alias,
-            Path(tmp),
-        )
-        if version is None:
+        champion = Tracking.from_config(cfg).aliased(cfg.promotion.alias, Path(tmp))
+        if champion is None:
             raise RuntimeError(
                 f"no model has the alias '{cfg.promotion.alias}' in "
                 f"{cfg.mlflow.registered_model}; run the promote stage first"
             )
-        _, metadata = checkpoint.load(path)
-        labels = {"mlflow_version": str(version.version), "alias": cfg.promotion.alias}
+        _, metadata = checkpoint.load(champion.path)
+        labels = {"mlflow_version": champion.version, "alias": cfg.promotion.alias}
         summary = {
             k: metadata.get(k)
             for k in (
@@ -48,12 +39,14 @@ def import_champion(cfg) -> tuple[str, dict]:
                 "trained_at",
             )
         }
-        with bentoml.models.create(STORE_MODEL_NAME, labels=labels, metadata=summary) as model:
-            shutil.copy(path, model.path_of(CHECKPOINT_FILE))
+        with bentoml.models.create(
+            checkpoint.BENTO_MODEL, labels=labels, metadata=summary
+        ) as model:
+            shutil.copy(champion.path, model.path_of(checkpoint.FILE_NAME))
     log.info(
         "imported %s v%s into the BentoML store as %s",
         cfg.mlflow.registered_model,
-        version.version,
+        champion.version,
         model.tag,
     )
     return str(model.tag), summary
@@ -81,8 +74,6 @@ def runtime_requirements(root: Path) -> list[str]:
 
 def build(cfg, root: Path) -> dict:
     """The `bento` stage: import the champion, then `bentoml build` the service in `root`."""
-    import bentoml
-
     model_tag, summary = import_champion(cfg)
     out = root / Path(cfg.paths.bento).parent
     dist = out / "dist"

@@ -16,10 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 
-from digitops import checkpoint, mnist
-from digitops.data import MnistDataModule
-from digitops.system import DigitClassifier
-from digitops.tracking import data_version, flatten, git_commit
+from digitops import checkpoint
+from digitops.data import mnist
+from digitops.data.datamodule import MnistDataModule
+from digitops.tracking import Tracking, data_version, flatten, git_commit
+from digitops.training.system import DigitClassifier
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +80,13 @@ def resolve_init(cfg: DictConfig) -> Path:
     """`init_from`: a checkpoint path, or `champion` (the registry's, else the shipped model)."""
     if cfg.init_from != "champion":
         return Path(cfg.init_from)
-    import mlflow
-
-    from digitops.promote import champion_checkpoint
-
     dest = Path(cfg.paths.train_dir) / "init"
-    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
-    version, path = champion_checkpoint(
-        client, cfg.mlflow.tracking_uri, cfg.mlflow.registered_model, cfg.promotion.alias, dest
-    )
-    if path is None:
+    champion = Tracking.from_config(cfg).aliased(cfg.promotion.alias, dest)
+    if champion is None:
         log.info("no champion in the registry yet: fine-tuning from %s", cfg.paths.shipped_model)
         return Path(cfg.paths.shipped_model)
-    log.info("fine-tuning from champion version %s", version.version)
-    return path
+    log.info("fine-tuning from champion version %s", champion.version)
+    return champion.path
 
 
 def train(cfg: DictConfig) -> dict | None:
@@ -125,11 +119,9 @@ def train(cfg: DictConfig) -> dict | None:
     if isinstance(logger, MLFlowLogger):
         logger.log_hyperparams(flatten({k: v for k, v in resolved.items() if k != "paths"}))
         if trainer.is_global_zero:
-            logger.experiment.log_text(
-                logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml"
+            Tracking.from_config(cfg).describe_run(
+                logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), provenance
             )
-            for key, value in provenance.items():
-                logger.experiment.set_tag(logger.run_id, key, value)
 
     started = time.perf_counter()
     trainer.fit(system, datamodule=datamodule)

@@ -3,13 +3,11 @@ can share one model without ever seeing each other's activations."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from digitops.files import png
 from digitops.model import DigitCNN
 
 
@@ -55,15 +53,6 @@ def _colormap(values: np.ndarray) -> np.ndarray:
     g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
     b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
     return (np.concatenate([r, g, b], axis=-1) * 255).astype(np.uint8)
-
-
-def png(pixels: np.ndarray, scale: int = 1) -> bytes:
-    image = Image.fromarray(pixels)
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)  # speed over bytes: these are tiny
-    return buf.getvalue()
 
 
 def overlay_png(pixels: np.ndarray, cam: np.ndarray, scale: int = 8, alpha: float = 0.5) -> bytes:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from digitops.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 # SHA-256 of the decompressed files, as published with the data set.
@@ -41,10 +43,8 @@ def sha256(path: Path) -> str:
 
 def _copy_decompressed(src: Path, dest: Path) -> None:
     opener = gzip.open if src.suffix == ".gz" else open
-    tmp = dest.with_suffix(".part")
-    with opener(src, "rb") as fin, open(tmp, "wb") as fout:
+    with opener(src, "rb") as fin, atomic_write(dest, fsync=False) as fout:
         shutil.copyfileobj(fin, fout)
-    tmp.replace(dest)  # atomic: a killed copy never leaves a half file under the real name
 
 
 def _from_directory(directory: Path, dest: Path) -> None:

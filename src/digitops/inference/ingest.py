@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from digitops import feedback
-from digitops.store import PredictionStore
+from digitops.data import feedback
+from digitops.files import PARTIAL_SUFFIX, png, write_bytes_atomic
+from digitops.inference.store import PredictionStore
 
 MIN_INK_PIXELS = 10  # fewer bright pixels than this in a 28x28 input is not a digit
 LOCK = ".ingest.lock"
@@ -61,7 +62,7 @@ class Summary:
 
 def repair(directory: Path) -> None:
     """Undo what a killed run left half done: a torn manifest line, temporary image files."""
-    for leftover in (directory / feedback.IMAGES).glob("*.part"):
+    for leftover in (directory / feedback.IMAGES).glob(f"*{PARTIAL_SUFFIX}"):
         leftover.unlink()
     path = directory / feedback.MANIFEST
     if not path.exists() or path.stat().st_size == 0:
@@ -80,15 +81,6 @@ def _decode(png: bytes) -> np.ndarray:
     if pixels.shape != (28, 28):
         raise ValueError(f"input is {pixels.shape[1]}x{pixels.shape[0]}, not 28x28")
     return pixels
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def ingest(store: PredictionStore, directory: Path) -> Summary:
@@ -142,9 +134,7 @@ def _ingest_locked(store: PredictionStore, directory: Path) -> Summary:
                 continue
             file = f"{feedback.IMAGES}/{sha}.png"
             if not (directory / file).exists():
-                buf = io.BytesIO()
-                Image.fromarray(pixels).save(buf, format="PNG")
-                _write_atomic(directory / file, buf.getvalue())
+                write_bytes_atomic(directory / file, png(pixels))
             _failpoint("image")
             record = {
                 "file": file,

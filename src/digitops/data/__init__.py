@@ -1,0 +1,1 @@
+"""Data: MNIST (fetch, verify, read), the user-feedback dataset, augmentation, the DataModule."""

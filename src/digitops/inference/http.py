@@ -1,0 +1,241 @@
+"""The HTTP edge of the request path: reading uploads and options, building replies, and
+mapping every error to a status code and a JSON body that says what to send instead."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from digitops.inference.errors import ImageError, RequestError
+from digitops.inference.preprocess import parse_invert
+from digitops.inference.served import ServedModel
+from digitops.model import DigitCNN
+
+IMAGE_FIELD = "image"
+BATCH_FIELD = "images"
+MAX_BATCH_IMAGES = 256
+# Room for multipart boundaries and headers on top of the files themselves.
+MULTIPART_OVERHEAD = 65536
+SEND_INSTEAD = (
+    f"send a PNG/JPEG/WebP/BMP/GIF as multipart form field '{IMAGE_FIELD}', "
+    "or as the raw request body with an image/* Content-Type"
+)
+
+
+# Errors.
+def error_reply(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure the app can meet answers `{"error", "status"}` with its status code."""
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
+        return error_reply(exc.status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+            for e in exc.errors()
+        )
+        return error_reply(400, f"invalid request parameters: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = "no such endpoint; see /docs" if exc.status_code == 404 else str(exc.detail)
+        return error_reply(exc.status_code, message)
+
+
+# Requests.
+def _refuse_declared_size(request: Request, limit: int) -> None:
+    """413 before reading a byte when the client already says the body is too big."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ImageError(f"upload of {int(declared)} bytes is over the {limit}-byte limit", 413)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes `limit` (never buffered whole)."""
+    _refuse_declared_size(request, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ImageError(f"upload is over the {limit}-byte limit", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_images(request: Request, limit: int, field: str) -> tuple[list[bytes], dict]:
+    """Image bytes and string options from multipart form fields, or a raw body + query."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    options = dict(request.query_params)
+    if content_type == "multipart/form-data":
+        # The form parser would spool a huge upload to disk before we could refuse it.
+        files_allowed = MAX_BATCH_IMAGES if field == BATCH_FIELD else 1
+        _refuse_declared_size(request, limit * files_allowed + MULTIPART_OVERHEAD)
+        try:
+            form = await request.form(max_files=MAX_BATCH_IMAGES, max_fields=64)
+        except Exception as err:
+            raise RequestError(f"malformed multipart body: {err}") from None
+        files = [
+            v
+            for k, v in form.multi_items()
+            if k in (field, IMAGE_FIELD) and isinstance(v, UploadFile)
+        ]
+        options.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
+        if not files:
+            got = sorted({k for k, _ in form.multi_items()}) or "no fields"
+            raise RequestError(f"no file in form field '{field}' (got {got}); {SEND_INSTEAD}")
+        if field == IMAGE_FIELD and len(files) > 1:
+            raise RequestError(
+                f"{len(files)} files sent; send one image here, or many to /predict_batch"
+            )
+        blobs = []
+        for upload in files:
+            data = await upload.read(limit + 1)
+            if len(data) > limit:
+                raise ImageError(f"upload '{upload.filename}' is over the {limit}-byte limit", 413)
+            blobs.append(data)
+        return blobs, options
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return [await read_body(request, limit)], options
+    if not content_type and not request.headers.get("content-length", "").strip("0"):
+        raise RequestError(f"empty request; {SEND_INSTEAD}")
+    raise ImageError(f"unsupported Content-Type {content_type or '(none)'!r}; {SEND_INSTEAD}", 415)
+
+
+@dataclass(frozen=True)
+class Options:
+    invert: bool | None = None
+    noise: float = 0.0
+    seed: int | None = None
+    target: int | None = None
+    layer: str = "conv1"
+    arrays: bool = False
+    log: bool = True  # the web page sends false for previews while a stroke is still drawn
+
+
+def _parse_float(name: str, value: str, lo: float, hi: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise RequestError(
+            f"'{name}' must be a number in [{lo:g}, {hi:g}], got {value!r}"
+        ) from None
+    if not lo <= number <= hi or np.isnan(number):
+        raise RequestError(f"'{name}' must be in [{lo:g}, {hi:g}], got {value!r}")
+    return number
+
+
+def _parse_int(name: str, value: str, lo: int, hi: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise RequestError(f"'{name}' must be an integer in [{lo}, {hi}], got {value!r}") from None
+    if not lo <= number <= hi:
+        raise RequestError(f"'{name}' must be in [{lo}, {hi}], got {value!r}")
+    return number
+
+
+def parse_options(raw: dict[str, str], layers: tuple[str, ...] = DigitCNN.conv_layers) -> Options:
+    """Validate request options (form fields or query parameters); unknown keys are ignored."""
+    kwargs: dict = {}
+    if (value := raw.get("invert")) not in (None, ""):
+        kwargs["invert"] = parse_invert(value)
+    if (value := raw.get("noise")) not in (None, ""):
+        kwargs["noise"] = _parse_float("noise", value, 0.0, 1.0)
+    if (value := raw.get("seed")) not in (None, ""):
+        kwargs["seed"] = _parse_int("seed", value, 0, 2**32 - 1)
+    if (value := raw.get("target")) not in (None, ""):
+        kwargs["target"] = _parse_int("target", value, 0, 9)
+    if (value := raw.get("layer")) not in (None, ""):
+        if value not in layers:
+            raise RequestError(f"'layer' must be one of {', '.join(layers)}, got {value!r}")
+        kwargs["layer"] = value
+    for flag in ("arrays", "log"):
+        if (value := raw.get(flag)) not in (None, ""):
+            kwargs[flag] = value.lower() in ("1", "true", "yes", "on")
+    return Options(**kwargs)
+
+
+def parse_feedback(body: dict) -> tuple[str, int, str | None]:
+    """(prediction_id, label, comment) from a /feedback JSON body, or RequestError(400)."""
+    if not isinstance(body, dict):
+        raise RequestError('send a JSON object: {"prediction_id": "...", "label": 0-9}')
+    prediction_id = body.get("prediction_id")
+    if not isinstance(prediction_id, str) or not prediction_id:
+        raise RequestError("'prediction_id' (string, from a /predict reply) is required")
+    label = body.get("label")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 9:
+        raise RequestError(f"'label' must be an integer digit 0-9, got {label!r}")
+    comment = body.get("comment")
+    if comment is not None and (not isinstance(comment, str) or len(comment) > 1000):
+        raise RequestError("'comment' must be a string of at most 1000 characters")
+    return prediction_id, label, comment
+
+
+class RateLimiter:
+    """At most `limit` events per `window` seconds per client (sliding window, in memory)."""
+
+    def __init__(self, limit: int, window: float = 60.0):
+        self.limit, self.window = limit, window
+        self._events: dict[str, list[float]] = {}
+
+    def allow(self, client: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._events.get(client, []) if now - t < self.window]
+        allowed = len(recent) < self.limit
+        if allowed:
+            recent.append(now)
+        self._events[client] = recent
+        if len(self._events) > 10_000:  # forget idle clients so memory stays bounded
+            self._events = {
+                c: ts for c, ts in self._events.items() if ts and now - ts[-1] < self.window
+            }
+        return allowed
+
+
+# Replies.
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def new_prediction_id() -> str:
+    return uuid.uuid4().hex
+
+
+def prediction_payload(
+    probabilities: np.ndarray,
+    input_png: bytes,
+    inverted: bool,
+    served: ServedModel,
+    prediction_id: str | None,
+) -> dict:
+    """The JSON of a prediction; without `prediction_id` when it is not logged for feedback."""
+    digit = int(np.argmax(probabilities))
+    payload = {
+        "digit": digit,
+        "confidence": round(float(probabilities[digit]), 6),
+        "probabilities": [round(float(p), 6) for p in probabilities],
+        "inverted": bool(inverted),
+        "input_png": b64(input_png),
+        "prediction_id": prediction_id,
+        "model": served.identity(),
+    }
+    if prediction_id is None:
+        del payload["prediction_id"]
+    return payload

@@ -1,0 +1,62 @@
+"""The model a server serves, and where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import bentoml
+
+from digitops import checkpoint
+from digitops.model import DigitCNN, fold_batchnorm
+
+
+@dataclass
+class ServedModel:
+    """The network plus where it came from: what /predict reports as the model's identity."""
+
+    model: DigitCNN
+    metadata: dict
+    source: str
+    store_tag: str | None = None  # the BentoML store entry, when it came from there
+
+    def identity(self) -> dict:
+        m = self.metadata
+        return {
+            "name": m.get("registered_model", checkpoint.BENTO_MODEL),
+            "version": m.get("registered_version"),
+            "mlflow_run_id": m.get("mlflow_run_id"),
+            "data_version": m.get("data_version"),
+        }
+
+    def card(self) -> dict:
+        """Everything a user may want to know about the serving model (GET /model)."""
+        m = self.metadata
+        return {
+            **self.identity(),
+            "source": self.source,
+            "test_accuracy": m.get("test_accuracy"),
+            "trained_at": m.get("trained_at"),
+            "git_commit": m.get("git_commit"),
+            "model_args": m.get("model_args"),
+            "mlflow_tracking_uri": m.get("mlflow_tracking_uri"),
+        }
+
+
+def load_served_model(
+    store_tag: str | None, shipped: Path | None, fallback: bool = True
+) -> ServedModel:
+    """The champion imported into the BentoML model store, else (if `fallback`) `shipped`."""
+    tag = store_tag or f"{checkpoint.BENTO_MODEL}:latest"
+    try:
+        stored = bentoml.models.get(tag)
+        model, metadata = checkpoint.load(stored.path_of(checkpoint.FILE_NAME))
+        source, found = f"bentoml model store {stored.tag}", str(stored.tag)
+    except Exception as err:  # no store, no such tag, or an unreadable entry: fall back
+        if store_tag or not fallback or shipped is None:  # never serve other than asked
+            raise RuntimeError(
+                f"model {store_tag or tag!r} not usable from the BentoML store: {err}"
+            ) from err
+        model, metadata = checkpoint.load(shipped)
+        source, found = f"shipped {shipped}", None
+    return ServedModel(fold_batchnorm(model), metadata, source, found)

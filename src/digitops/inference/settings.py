@@ -1,0 +1,65 @@
+"""The service's settings: read once from the environment, checked, then passed around.
+
+Every variable is listed in README.md ("Settings"); a test keeps that table and this class
+in step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # BentoML store tag to serve; None = the newest `digit-cnn` there, else the shipped model.
+    model_tag: str | None = None
+    # The model a fresh clone serves; relative to the working directory (the repo for
+    # `make serve`, the Bento's src/ when packaged).
+    shipped_model: Path = Path("models/default/model.pt")
+    # Worker processes; each batches its own requests and gets its share of the cores.
+    workers: int = 1
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    # Prediction log + feedback queue (SQLite file).
+    predictions_db: str = "var/predictions.db"
+    # Unlabelled predictions kept; the oldest beyond this are dropped.
+    max_predictions: int = 100_000
+    # Feedback requests per client per minute, per worker.
+    feedback_per_minute: int = 60
+    # Enables POST /admin/reload (Authorization: Bearer <token>); None = reload disabled.
+    admin_token: str | None = None
+    # MLflow UI base URL, linked from the web page's model card.
+    mlflow_ui: str | None = None
+
+    @staticmethod
+    def variable(name: str) -> str:
+        """The environment variable behind field `name`."""
+        return f"DIGITOPS_{name.upper()}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Settings from DIGITOPS_* variables; unset or empty ones keep their defaults."""
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = environ.get(cls.variable(f.name), "").strip()
+            if not raw:
+                continue
+            if f.type == "int":
+                if not raw.isdigit() or int(raw) < 1:
+                    raise SettingsError(
+                        f"{cls.variable(f.name)} must be a positive integer, got {raw!r}"
+                    )
+                values[f.name] = int(raw)
+            elif f.type == "Path":
+                values[f.name] = Path(raw)
+            else:
+                values[f.name] = raw
+        return cls(**values)
