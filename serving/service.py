@@ -10,24 +10,27 @@ import hmac
 import logging
 import os
 from pathlib import Path
+from typing import Annotated
 
 import anyio
 import bentoml
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BeforeValidator
 
+from digitops import __version__
 from digitops.files import png
-from digitops.inference import explain, http
+from digitops.inference import contract, explain, http
 from digitops.inference.batching import GreedyBatcher
 from digitops.inference.errors import RequestError
 from digitops.inference.preprocess import Preprocessed, add_noise, preprocess
 from digitops.inference.reload import ReloadNotices
 from digitops.inference.served import load_served_model
 from digitops.inference.settings import Settings
-from digitops.inference.store import STRATEGIES, PredictionStore, StoreError, UnknownPrediction
+from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
 from digitops.model import normalize
 
 # BentoML configures handlers for its own logger tree only; a child of it reaches the server log.
@@ -37,13 +40,15 @@ SETTINGS = Settings.from_env()
 STATIC = Path(__file__).with_name("static")
 
 # FastAPI's own docs pages load Swagger from a CDN; /docs serves a local copy instead.
-app = FastAPI(title="digitops", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(
+    title="digitops", version=__version__, docs_url=None, redoc_url=None, openapi_url=None
+)
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
 http.install_error_handlers(app)
 
 # For callers of the `classify` API, max latency is BentoML's dispatcher's budget before it sheds
 # load (503). The HTTP routes batch with GreedyBatcher (see digitops.inference.batching for why).
-BATCH_MAX_SIZE = 64
+BATCH_MAX_SIZE = http.MAX_CLASSIFY_IMAGES
 BATCH_MAX_LATENCY_MS = 1000
 # Worker processes share the cores; each gets its share for torch and for the CPU-bound steps of
 # a request. More than one pays on many cores; on few, one worker with batching does as well,
@@ -91,15 +96,18 @@ class DigitService:
         )
 
     @bentoml.api(batchable=True, max_batch_size=BATCH_MAX_SIZE, max_latency_ms=BATCH_MAX_LATENCY_MS)
-    def classify(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities [N, 10] for uint8 MNIST-style inputs [N, 28, 28]; adaptively batched."""
-        x = np.asarray(pixels)
-        if x.ndim != 3 or x.shape[1:] != (28, 28):
-            raise bentoml.exceptions.InvalidArgument(
-                f"pixels must be [N, 28, 28], got {list(x.shape)}"
-            )
+    def classify(
+        self,
+        pixels: Annotated[np.ndarray, BeforeValidator(http.pixel_array)],
+    ) -> np.ndarray:
+        """Probabilities [N, 10] for MNIST-style inputs [N, 28, 28] of 0-255, white ink on black.
+
+        Adaptively batched. The shape is checked per request, before batching, so a bad call
+        gets a 400 of its own and never fails its batch-mates.
+        """
+        x = pixels.astype(np.uint8)
         with torch.inference_mode():
-            logits = self.served.model(normalize(torch.from_numpy(x.astype(np.uint8))))
+            logits = self.served.model(normalize(torch.from_numpy(x)))
             return torch.softmax(logits, dim=1).numpy()
 
     async def _prepare(self, data: bytes, options: http.Options) -> tuple[Preprocessed, bytes]:
@@ -115,24 +123,26 @@ class DigitService:
 
         return await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
 
-    async def _read_one(self, request: Request) -> tuple[bytes, http.Options, Preprocessed, bytes]:
+    async def _read_one(
+        self, request: Request, allowed: tuple[str, ...]
+    ) -> tuple[bytes, http.Options, Preprocessed, bytes]:
         """The single image of a request, its options, and the 28x28 input made from it (+ PNG)."""
         (data,), raw = await http.read_images(request, self.max_bytes, http.IMAGE_FIELD)
-        options = http.parse_options(raw)
+        options = http.parse_options(raw, allowed)
         return data, options, *await self._prepare(data, options)
 
-    @app.post("/predict")
+    @app.post("/predict", **contract.PREDICT)
     async def predict(self, request: Request):
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
-        data, options, prepared, input_png = await self._read_one(request)
+        data, options, prepared, input_png = await self._read_one(request, http.PREDICT_OPTIONS)
         probabilities = (await self._probabilities(prepared.pixels[None]))[0]
         return JSONResponse(await self._reply(prepared, input_png, probabilities, data, options))
 
-    @app.post("/predict_batch")
+    @app.post("/predict_batch", **contract.PREDICT_BATCH)
     async def predict_batch(self, request: Request):
         """Many images in one call (form field 'images', repeated): one result each, in order."""
         blobs, raw = await http.read_images(request, self.max_bytes, http.BATCH_FIELD)
-        options = http.parse_options(raw)
+        options = http.parse_options(raw, http.PREDICT_OPTIONS)
         results: list[dict | None] = [None] * len(blobs)
         ready: list[tuple[int, Preprocessed, bytes]] = []
         for i, data in enumerate(blobs):
@@ -185,10 +195,10 @@ class DigitService:
             log.warning("prediction not logged: %s", err)
         return payload
 
-    @app.post("/explain")
+    @app.post("/explain", **contract.EXPLAIN)
     async def explain(self, request: Request):
         """Grad-CAM of the last conv block for the predicted (or `target`) class."""
-        _, options, prepared, input_png = await self._read_one(request)
+        _, options, prepared, input_png = await self._read_one(request, http.EXPLAIN_OPTIONS)
 
         def work():
             cam, logits = explain.grad_cam(self.served.model, prepared.tensor(), options.target)
@@ -217,10 +227,10 @@ class DigitService:
             }
         )
 
-    @app.post("/feature_maps")
+    @app.post("/feature_maps", **contract.FEATURE_MAPS)
     async def feature_maps(self, request: Request):
         """Every channel of one conv block (`layer`=conv1..conv3) as a PNG grid."""
-        _, options, prepared, _ = await self._read_one(request)
+        _, options, prepared, _ = await self._read_one(request, http.FEATURE_MAP_OPTIONS)
 
         def work():
             maps = explain.feature_maps(self.served.model, prepared.tensor(), options.layer)
@@ -238,7 +248,7 @@ class DigitService:
             reply["maps"] = np.round(maps, 4).tolist()
         return reply
 
-    @app.post("/feedback")
+    @app.post("/feedback", **contract.FEEDBACK)
     async def feedback(self, request: Request):
         """Say what the digit really was: JSON {prediction_id, label 0-9, comment?}, or an image
         (multipart field 'image', or a raw image body) with `label`. Idempotent."""
@@ -257,7 +267,7 @@ class DigitService:
             # so it is stored and validated exactly like every other correction.
             (data,), raw = await http.read_images(request, self.max_bytes, http.IMAGE_FIELD)
             http.parse_feedback({**raw, "prediction_id": "pending"})  # bad label: 400 first
-            options = http.parse_options(raw)
+            options = http.parse_options(raw, http.FEEDBACK_IMAGE_FIELDS)
             prepared, input_png = await self._prepare(data, options)
             probabilities = (await self._probabilities(prepared.pixels[None]))[0]
             logged = await self._reply(prepared, input_png, probabilities, data, options)
@@ -295,34 +305,36 @@ class DigitService:
             reply["previous_label"] = result.previous_label
         return reply
 
-    @app.get("/review_queue")
-    async def review_queue(self, k: int = 20, strategy: str = "entropy"):
+    @app.get("/review_queue", **contract.REVIEW_QUEUE)
+    async def review_queue(
+        self,
+        k: Annotated[int, Query(ge=1, le=200, description="how many")] = 20,
+        strategy: Annotated[contract.Strategy, Query(description="how to rank doubt")] = "entropy",
+    ):
         """The unlabelled predictions the model is least sure of: label these first."""
         if self.store is None:
             raise RequestError("the review queue is unavailable: no prediction store", 503)
-        if strategy not in STRATEGIES:
-            raise RequestError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-        if not 1 <= k <= 200:
-            raise RequestError(f"k must be in [1, 200], got {k}")
         items = await anyio.to_thread.run_sync(lambda: self.store.review_queue(k, strategy))
         for item in items:
             item["input_png"] = http.b64(item["input_png"])
         return {"strategy": strategy, "k": k, "items": items}
 
-    @app.get("/feedback/stats")
+    @app.get("/feedback/stats", **contract.FEEDBACK_STATS)
     async def feedback_stats(self):
         """Counts of feedback by state (pending / ingested / rejected) and logged predictions."""
         if self.store is None:
             raise RequestError("feedback stats are unavailable: no prediction store", 503)
         return await anyio.to_thread.run_sync(self.store.stats)
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", **contract.RELOAD)
     async def reload(self, request: Request):
         """Switch to the newest model in the BentoML store without a restart (token required)."""
+        given = request.headers.get("authorization", "").encode()
+        if not given:
+            raise RequestError("send the admin token: Authorization: Bearer <token>", 401)
         token = SETTINGS.admin_token
         if not token:
             raise RequestError("reload is disabled: set DIGITOPS_ADMIN_TOKEN on the server", 403)
-        given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, f"Bearer {token}".encode()):
             raise RequestError("missing or wrong admin token (Authorization: Bearer <token>)", 401)
         try:
@@ -351,11 +363,21 @@ class DigitService:
     async def index(self):
         return FileResponse(STATIC / "index.html")
 
+    @app.get(http.OPENAPI_PATH, include_in_schema=False)
+    async def openapi(self):
+        """The contract (BentoML's /docs.json is routed here): our routes, bodies and errors."""
+        return contract.document(app, self.served.card())
+
     @app.get("/docs", include_in_schema=False)
     async def docs(self):
         return FileResponse(STATIC / "docs.html")
 
-    @app.get("/model")
+    @app.get("/model", **contract.MODEL)
     async def model_card(self):
         """Which model is serving: version, accuracy, training date, data version, source."""
         return {**self.served.card(), "mlflow_ui_url": SETTINGS.mlflow_ui}
+
+
+# BentoML answers /docs.json with a document of its own making, which cannot see our bodies.
+DigitService.add_asgi_middleware(http.OwnOpenAPI)
+DigitService.add_asgi_middleware(http.JSONOnly, paths=("/classify",))

@@ -21,8 +21,14 @@ from digitops.inference.served import ServedModel
 from digitops.model import DigitCNN
 
 IMAGE_FIELD = "image"
+# The options each kind of route takes, as query parameters or form fields.
+PREDICT_OPTIONS = ("invert", "noise", "seed", "log")
+EXPLAIN_OPTIONS = ("invert", "noise", "seed", "target")
+FEATURE_MAP_OPTIONS = ("invert", "noise", "seed", "layer", "arrays")
+FEEDBACK_IMAGE_FIELDS = ("invert", "noise", "seed", "label", "comment")
 BATCH_FIELD = "images"
-MAX_BATCH_IMAGES = 256
+MAX_BATCH_IMAGES = 256  # per /predict_batch call
+MAX_CLASSIFY_IMAGES = 64  # per `classify` call: one batch of the model
 # Room for multipart boundaries and headers on top of the files themselves.
 MULTIPART_OVERHEAD = 65536
 SEND_INSTEAD = (
@@ -31,9 +37,13 @@ SEND_INSTEAD = (
 )
 
 
+# Where the service's own OpenAPI document is served; /docs.json is routed there.
+OPENAPI_PATH = "/openapi.json"
+
+
 # Errors.
-def error_reply(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+def error_reply(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -54,7 +64,38 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = "no such endpoint; see /docs" if exc.status_code == 404 else str(exc.detail)
-        return error_reply(exc.status_code, message)
+        if exc.status_code == 405:
+            message = f"method {request.method} not allowed; allowed: {exc.headers.get('Allow')}"
+        return error_reply(exc.status_code, message, exc.headers)  # keeps 405's Allow header
+
+
+class JSONOnly:
+    """ASGI middleware: POSTs to `paths` (BentoML's own APIs, which parse their bodies before
+    our code runs) must be JSON; anything else gets a 415 instead of a parser's 500."""
+
+    def __init__(self, app, paths: tuple[str, ...]):
+        self.app, self.paths = app, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            headers = dict(scope["headers"])
+            content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if content_type != b"application/json":
+                reply = error_reply(415, 'send a JSON body: {"pixels": [[[0-255, ...]]]}')
+                return await reply(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class OwnOpenAPI:
+    """ASGI middleware: GET /docs.json gets the service's own contract, not BentoML's."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/docs.json":
+            scope = {**scope, "path": OPENAPI_PATH, "raw_path": OPENAPI_PATH.encode()}
+        await self.app(scope, receive, send)
 
 
 # Requests.
@@ -94,7 +135,12 @@ async def read_images(request: Request, limit: int, field: str) -> tuple[list[by
             for k, v in form.multi_items()
             if k in (field, IMAGE_FIELD) and isinstance(v, UploadFile)
         ]
-        options.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
+        for key, value in form.multi_items():
+            if not isinstance(value, str):
+                continue
+            if options.get(key, value) != value:  # which one did the client mean?
+                raise RequestError(f"option '{key}' sent twice with different values")
+            options[key] = value
         if not files:
             got = sorted({k for k, _ in form.multi_items()}) or "no fields"
             raise RequestError(f"no file in form field '{field}' (got {got}); {SEND_INSTEAD}")
@@ -149,8 +195,15 @@ def _parse_int(name: str, value: str, lo: int, hi: int) -> int:
     return number
 
 
-def parse_options(raw: dict[str, str], layers: tuple[str, ...] = DigitCNN.conv_layers) -> Options:
-    """Validate request options (form fields or query parameters); unknown keys are ignored."""
+def parse_options(raw: dict[str, str], allowed: tuple[str, ...]) -> Options:
+    """Validate request options (form fields or query parameters) against the route's `allowed`
+    names; an unknown name is refused, since a misspelt option silently ignored is a wrong
+    answer the client cannot see."""
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise RequestError(
+            f"unknown option {unknown[0]!r}; this endpoint takes {', '.join(allowed)}"
+        )
     kwargs: dict = {}
     if (value := raw.get("invert")) not in (None, ""):
         kwargs["invert"] = parse_invert(value)
@@ -161,8 +214,9 @@ def parse_options(raw: dict[str, str], layers: tuple[str, ...] = DigitCNN.conv_l
     if (value := raw.get("target")) not in (None, ""):
         kwargs["target"] = _parse_int("target", value, 0, 9)
     if (value := raw.get("layer")) not in (None, ""):
-        if value not in layers:
-            raise RequestError(f"'layer' must be one of {', '.join(layers)}, got {value!r}")
+        if value not in DigitCNN.conv_layers:
+            layers = ", ".join(DigitCNN.conv_layers)
+            raise RequestError(f"'layer' must be one of {layers}, got {value!r}")
         kwargs["layer"] = value
     for flag in ("arrays", "log"):
         if (value := raw.get(flag)) not in (None, ""):
@@ -186,6 +240,28 @@ def parse_feedback(body: dict) -> tuple[str, int, str | None]:
     if comment is not None and (not isinstance(comment, str) or len(comment) > 1000):
         raise RequestError("'comment' must be a string of at most 1000 characters")
     return prediction_id, label, comment
+
+
+def pixel_array(value: object) -> np.ndarray:
+    """Pixels of the `classify` API: nested lists of numbers 0-255 shaped [N, 28, 28].
+
+    Checked per request, before BentoML batches requests together, so a bad call gets a 400 of
+    its own (numpy alone would turn an object into a 0-d array, and fail the whole batch)."""
+    if not isinstance(value, list | np.ndarray):
+        raise ValueError(f"pixels must be a list of 28x28 lists, got {type(value).__name__}")
+    try:
+        pixels = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"pixels must be nested lists of numbers: {err}") from None
+    if pixels.shape == (0,):
+        pixels = pixels.reshape(0, 28, 28)  # no images is a batch of none
+    if pixels.ndim != 3 or pixels.shape[1:] != (28, 28):
+        raise ValueError(f"pixels must be [N, 28, 28], got {list(pixels.shape)}")
+    if len(pixels) > MAX_CLASSIFY_IMAGES:
+        raise ValueError(f"at most {MAX_CLASSIFY_IMAGES} images per call, got {len(pixels)}")
+    if pixels.size and not (np.isfinite(pixels).all() and 0 <= pixels.min() <= pixels.max() <= 255):
+        raise ValueError("pixels must be numbers from 0 (background) to 255 (ink)")
+    return pixels
 
 
 class RateLimiter:
