@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -25,10 +26,11 @@ from digitops import __version__
 from digitops.files import png
 from digitops.inference import contract, explain, http
 from digitops.inference.batching import GreedyBatcher
-from digitops.inference.errors import RequestError
+from digitops.inference.errors import EmptyImageError, RequestError
+from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.preprocess import Preprocessed, add_noise, preprocess
 from digitops.inference.reload import ReloadNotices
-from digitops.inference.served import load_served_model
+from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
 from digitops.inference.settings import Settings
 from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
 from digitops.model import normalize
@@ -69,7 +71,8 @@ class DigitService:
         torch.set_num_threads(CORES_PER_WORKER)
         # Reloads announced from now on are followed, including any during the load below.
         self.reloads = ReloadNotices()
-        self.served = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
+        self.metrics = ServiceMetrics()
+        self._serve(load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model))
         self.max_bytes = SETTINGS.max_upload_bytes
         try:
             self.store: PredictionStore | None = PredictionStore(
@@ -94,6 +97,22 @@ class DigitService:
             card["version"],
             card["test_accuracy"],
         )
+
+    @bentoml.on_deployment
+    def check_model() -> None:
+        """Runs once, before any worker starts: if the model this server would serve does not
+        load, the server stops with one line saying why (workers would fail and restart
+        forever)."""
+        try:
+            load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
+        except ModelUnavailable as err:
+            sys.exit(f"digitops: cannot start: {err}")
+
+    def _serve(self, served: ServedModel) -> None:
+        """Switch to `served`: one reference swap, so requests in flight finish on the old one."""
+        self.served = served
+        identity = served.identity()
+        self.metrics.serving(identity["name"], identity["version"], served.source)
 
     @bentoml.api(batchable=True, max_batch_size=BATCH_MAX_SIZE, max_latency_ms=BATCH_MAX_LATENCY_MS)
     def classify(
@@ -121,7 +140,11 @@ class DigitService:
                 prepared = Preprocessed(pixels=noisy, inverted=prepared.inverted)
             return prepared, png(prepared.pixels)
 
-        return await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
+        try:
+            return await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
+        except EmptyImageError:
+            self.metrics.no_digit.inc()
+            raise
 
     async def _read_one(
         self, request: Request, allowed: tuple[str, ...]
@@ -168,6 +191,7 @@ class DigitService:
 
         A broken store never fails a prediction: the reply then says `logged: false`.
         """
+        self.metrics.prediction(probabilities, prepared.inverted)
         payload = http.prediction_payload(
             probabilities, input_png, prepared.inverted, self.served, http.new_prediction_id()
         )
@@ -192,6 +216,7 @@ class DigitService:
             await anyio.to_thread.run_sync(write)
         except StoreError as err:
             payload["logged"] = False
+            self.metrics.store_failures.inc()
             log.warning("prediction not logged: %s", err)
         return payload
 
@@ -291,9 +316,11 @@ class DigitService:
                 404,
             ) from None
         except StoreError as err:
+            self.metrics.store_failures.inc()
             raise RequestError(
                 f"feedback cannot be stored right now ({err}); please retry later", 503
             ) from None
+        self.metrics.feedback.labels(result="relabelled" if result.replaced else "recorded").inc()
         reply = {
             "feedback_id": result.feedback_id,
             "prediction_id": result.prediction_id,
@@ -348,7 +375,8 @@ class DigitService:
             raise RequestError(
                 f"reload failed, still serving {self.served.source}: {err}", 503
             ) from None
-        previous, self.served = self.served.card(), served  # one reference swap: no gap
+        previous = self.served.card()
+        self._serve(served)
         log.info("reloaded: now serving %s (was %s)", served.source, previous["source"])
         if SETTINGS.workers > 1:  # the others switch to the same store entry within a second
             self.reloads.announce(served.store_tag)
@@ -356,7 +384,7 @@ class DigitService:
 
     def _switch_to(self, store_tag: str) -> None:
         """Serve the store entry another worker of this server reloaded."""
-        self.served = load_served_model(store_tag, None, fallback=False)
+        self._serve(load_served_model(store_tag, None, fallback=False))
         log.info("followed a reload: now serving %s", self.served.source)
 
     @app.get("/", include_in_schema=False)

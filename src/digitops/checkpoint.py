@@ -35,11 +35,25 @@ def save(path: str | Path, model: DigitCNN, model_args: dict, metadata: dict[str
     return path
 
 
+class CheckpointError(ValueError):
+    """A file that is not a whole, loadable digitops checkpoint; the message says which and why."""
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DigitCNN, dict]:
-    """(model in eval mode, metadata) from a checkpoint file."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    model = DigitCNN(**payload["model_args"])
-    model.load_state_dict(payload["state_dict"])
+    """(model in eval mode, metadata) from a checkpoint file.
+
+    `weights_only`: tensors and plain containers are read, and no pickled object is ever
+    constructed, so a tampered file cannot run code here.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        model = DigitCNN(**payload["model_args"])
+        model.load_state_dict(payload["state_dict"])
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated, corrupt, tampered, or another format
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise CheckpointError(f"{path} is not a loadable digitops checkpoint: {reason}") from err
     model.eval()
     metadata = dict(payload.get("metadata", {}))
     metadata["model_args"] = payload["model_args"]

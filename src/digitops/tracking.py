@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 # Where a run keeps the checkpoint that serving rebuilds the model from (not the pt2 graph).
 CHECKPOINT_ARTIFACT = f"checkpoint/{checkpoint.FILE_NAME}"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; the message names it and says why."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,19 @@ class Tracking:
     @classmethod
     def from_config(cls, cfg) -> Tracking:
         return cls(cfg.mlflow.tracking_uri, cfg.mlflow.registered_model)
+
+    def check(self, timeout: float = 5.0) -> None:
+        """Fail at once when a tracking server is down, before a stage changes anything
+        (MLflow's client would retry each call for minutes first)."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return  # an embedded store: a file, nothing to reach
+        try:
+            urllib.request.urlopen(f"{self.tracking_uri.rstrip('/')}/health", timeout=timeout)
+        except OSError as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(
+                f"MLflow tracking server {self.tracking_uri} is unreachable ({reason})"
+            ) from None
 
     # Runs.
     def describe_run(self, run_id: str, config_yaml: str, tags: dict[str, str]) -> None:

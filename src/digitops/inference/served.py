@@ -46,17 +46,32 @@ class ServedModel:
 def load_served_model(
     store_tag: str | None, shipped: Path | None, fallback: bool = True
 ) -> ServedModel:
-    """The champion imported into the BentoML model store, else (if `fallback`) `shipped`."""
+    """The champion imported into the BentoML model store, else (if `fallback` and the store
+    has none) `shipped`.
+
+    An entry that exists but does not load is an error, never a reason to serve something
+    else: the operator must hear that the champion is broken.
+    """
     tag = store_tag or f"{checkpoint.BENTO_MODEL}:latest"
     try:
         stored = bentoml.models.get(tag)
-        model, metadata = checkpoint.load(stored.path_of(checkpoint.FILE_NAME))
-        source, found = f"bentoml model store {stored.tag}", str(stored.tag)
-    except Exception as err:  # no store, no such tag, or an unreadable entry: fall back
+    except bentoml.exceptions.NotFound as err:
         if store_tag or not fallback or shipped is None:  # never serve other than asked
-            raise RuntimeError(
-                f"model {store_tag or tag!r} not usable from the BentoML store: {err}"
-            ) from err
-        model, metadata = checkpoint.load(shipped)
-        source, found = f"shipped {shipped}", None
-    return ServedModel(fold_batchnorm(model), metadata, source, found)
+            raise ModelUnavailable(f"model {tag!r} is not in the BentoML store: {err}") from err
+        model, metadata = _load(shipped)
+        return ServedModel(fold_batchnorm(model), metadata, f"shipped {shipped}", None)
+    model, metadata = _load(Path(stored.path_of(checkpoint.FILE_NAME)))
+    return ServedModel(
+        fold_batchnorm(model), metadata, f"bentoml model store {stored.tag}", str(stored.tag)
+    )
+
+
+class ModelUnavailable(RuntimeError):
+    """The asked-for model cannot be served; the message names it and says why."""
+
+
+def _load(path: Path) -> tuple[DigitCNN, dict]:
+    try:
+        return checkpoint.load(path)
+    except (OSError, checkpoint.CheckpointError) as err:
+        raise ModelUnavailable(str(err)) from err

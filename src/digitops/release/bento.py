@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 def import_champion(cfg) -> tuple[str, dict]:
     """Copy the MLflow champion's checkpoint into the BentoML store; return (tag, metadata)."""
+    tracking = Tracking.from_config(cfg)
+    tracking.check()
     with tempfile.TemporaryDirectory() as tmp:
-        champion = Tracking.from_config(cfg).aliased(cfg.promotion.alias, Path(tmp))
+        champion = tracking.aliased(cfg.promotion.alias, Path(tmp))
         if champion is None:
             raise RuntimeError(
                 f"no model has the alias '{cfg.promotion.alias}' in "

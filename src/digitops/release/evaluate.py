@@ -118,6 +118,10 @@ def evaluate_checkpoint(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model, metadata = checkpoint.load(cfg.paths.checkpoint)
     model_args = metadata.pop("model_args")
+    run_id = metadata.get("mlflow_run_id")
+    if run_id:  # trained with the MLflow logger: evaluate the same run, register the model
+        tracking = Tracking.from_config(cfg)
+        tracking.check()  # before anything is written
 
     images, labels = mnist.load(Path(cfg.paths.mnist), "t10k")
     probabilities = predict_proba(model, images)
@@ -144,9 +148,7 @@ def evaluate_checkpoint(cfg) -> dict:
         feedback_holdout_accuracy=holdout["accuracy"],
         feedback_holdout_count=holdout["count"],
     )
-    run_id = metadata.get("mlflow_run_id")
-    if run_id:  # trained with the MLflow logger: evaluate the same run, register the model
-        tracking = Tracking.from_config(cfg)
+    if run_id:
         scores = {"test/acc": test["accuracy"], "test/loss": test["loss"]}
         if holdout["count"]:
             scores["feedback_holdout/acc"] = holdout["accuracy"]

@@ -55,6 +55,7 @@ def promote(cfg) -> dict:
     """The `promote` stage: re-score champion and candidate on today's data; move the alias?"""
     alias = cfg.promotion.alias
     tracking = Tracking.from_config(cfg)
+    tracking.check()
     candidate_model, meta = checkpoint.load(cfg.paths.candidate)
     version = meta.get("registered_version")
     if version is None:
