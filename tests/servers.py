@@ -13,8 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+# The process group behind each running server's base URL, for tests that kill it.
+PROCESSES: dict[str, subprocess.Popen] = {}
 
 
 def free_port() -> int:
@@ -57,13 +60,36 @@ def running(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{cmd[0]} not ready in {timeout} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
+        PROCESSES[base] = proc
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        PROCESSES.pop(base, None)
+        stop(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a server and every process it started, as a power cut would (its workers run
+    in sessions of their own, so killing its process group would leave them serving)."""
+    processes = [psutil.Process(proc.pid)]
+    with contextlib.suppress(psutil.Error):
+        processes += processes[0].children(recursive=True)
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(processes, timeout=30)
+    proc.wait(timeout=30)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the process group of `proc` (a server and its workers) and wait for it."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        return  # already gone
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @contextlib.contextmanager
