@@ -40,10 +40,11 @@ test: $(STAMP) ## all tests: unit, slow (pipeline) and e2e (servers, browser)
 test-fast: $(STAMP) ## unit tests only
 	$(PY) -m pytest -m "not slow and not e2e"
 
-bench: $(STAMP) ## real-world accuracy + serving latency/throughput -> artifacts/bench/report.md
+bench: $(STAMP) ## real-world accuracy, serving latency/throughput, load -> artifacts/bench/
 	@command -v wrk >/dev/null || { echo "bench needs wrk (apt-get install wrk)"; exit 1; }
 	$(PY) -m tests.benchmarks.bench_accuracy
 	$(PY) -m tests.benchmarks.bench_serving
+	$(PY) -m tests.benchmarks.bench_load
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check src pipelines serving tests

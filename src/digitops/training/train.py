@@ -112,7 +112,9 @@ def train(cfg: DictConfig) -> dict | None:
     callbacks = [EpochHistory(cfg.paths.history), LearningRateMonitor("epoch")]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.train_dir
+    )
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     provenance = {"git_commit": git_commit(), "data_version": data_version()}
