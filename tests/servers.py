@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -107,3 +108,22 @@ def bentoml_serve(
     cmd = ["bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port)]
     with running(cmd, port, log, env=settings) as base:
         yield base, log
+
+
+def store_model(
+    bentoml_home: Path, checkpoint: bytes, labels: dict[str, str] | None = None
+) -> None:
+    """Put a `digit-cnn` entry holding `checkpoint` into a BentoML home, as the `bento` stage
+    does (in a subprocess: BentoML reads BENTOML_HOME once per process)."""
+    code = (
+        "import bentoml, json, sys\n"
+        "with bentoml.models.create('digit-cnn', labels=json.loads(sys.argv[1])) as m:\n"
+        "    open(m.path_of('model.pt'), 'wb').write(sys.stdin.buffer.read())"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, json.dumps(labels or {})],
+        input=checkpoint,
+        env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
+        check=True,
+        timeout=120,
+    )

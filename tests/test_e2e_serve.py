@@ -1,8 +1,6 @@
 """A real `bentoml serve` subprocess on 127.0.0.1: every endpoint, bad inputs, then stop."""
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import httpx
 import pytest
 
 from digitops.data import mnist
-from tests.servers import bentoml_serve
+from tests.servers import bentoml_serve, store_model
 from tests.test_service import bomb_png, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,23 +116,8 @@ def test_admin_reload_switches_every_worker_with_no_failed_requests(tmp_path, mn
     serving = bentoml_serve(tmp_path, DIGITOPS_ADMIN_TOKEN="s3cret", DIGITOPS_WORKERS="2")
     with serving as (base, _):
         # Put a model in the server's BentoML store, then ask the running server to switch.
-        env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml_home")}
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                (
-                    "import bentoml, shutil\n"
-                    "labels = {'mlflow_version': 'test'}\n"
-                    "with bentoml.models.create('digit-cnn', labels=labels) as m:\n"
-                    "    shutil.copy('models/default/model.pt', m.path_of('model.pt'))"
-                ),
-            ],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            timeout=120,
-        )
+        shipped = (ROOT / "models" / "default" / "model.pt").read_bytes()
+        store_model(tmp_path / "bentoml_home", shipped, {"mlflow_version": "test"})
 
         def sources() -> set[str]:
             # A new connection per request, so that both workers answer.

@@ -18,21 +18,10 @@ import pytest
 from digitops import checkpoint
 from digitops.data import mnist
 from digitops.model import DigitCNN
-from tests.servers import PROCESSES, bentoml_serve, free_port, kill_tree
+from tests.servers import PROCESSES, bentoml_serve, free_port, kill_tree, store_model
 from tests.test_service import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def store_model(bentoml_home: Path, data: bytes) -> None:
-    """Put a `digit-cnn` entry holding `data` as its checkpoint into a BentoML home."""
-    code = (
-        "import bentoml, sys\n"
-        "with bentoml.models.create('digit-cnn') as m:\n"
-        "    open(m.path_of('model.pt'), 'wb').write(sys.stdin.buffer.read())"
-    )
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
-    subprocess.run([sys.executable, "-c", code], input=data, env=env, check=True, timeout=120)
 
 
 @pytest.mark.e2e

@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -28,11 +25,12 @@ import numpy as np
 import psutil
 
 from digitops.data import mnist
-from tests.servers import PROCESSES, bentoml_serve
+from tests.servers import PROCESSES, bentoml_serve, store_model
 from tests.test_service import png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "load-test-token"
+SHIPPED = ROOT / "models" / "default" / "model.pt"
 
 
 @dataclass
@@ -112,17 +110,6 @@ def predictions(base: str, total: int, concurrency: int = 32) -> Load:
     return asyncio.run(drive(base, predict, total, concurrency))
 
 
-def add_store_model(bentoml_home: Path, label: str) -> None:
-    """A new `digit-cnn` entry (the shipped weights) in the server's store, as `bento` makes."""
-    code = (
-        "import bentoml, shutil, sys\n"
-        "with bentoml.models.create('digit-cnn', labels={'load': sys.argv[1]}) as m:\n"
-        "    shutil.copy('models/default/model.pt', m.path_of('model.pt'))"
-    )
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
-    subprocess.run([sys.executable, "-c", code, label], cwd=ROOT, env=env, check=True, timeout=120)
-
-
 def mixed_with_reloads(
     base: str, bentoml_home: Path, total: int, reloads: int, concurrency: int = 16
 ) -> tuple[Load, list[int]]:
@@ -154,7 +141,9 @@ def mixed_with_reloads(
     async def reload_repeatedly() -> None:
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             for n in range(reloads):
-                await asyncio.to_thread(add_store_model, bentoml_home, f"v{n}")
+                await asyncio.to_thread(
+                    store_model, bentoml_home, SHIPPED.read_bytes(), {"load": f"v{n}"}
+                )
                 reply = await client.post(
                     "/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
                 )

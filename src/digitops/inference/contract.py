@@ -223,7 +223,7 @@ def image_body(names: tuple[str, ...], field: str = IMAGE_FIELD, many: bool = Fa
     }
     content = {"multipart/form-data": {"schema": form}}
     if not many:
-        content |= {"image/png": RAW_IMAGE, "image/jpeg": RAW_IMAGE}
+        content |= {"image/*": RAW_IMAGE}  # any image type, as the raw body
     return {
         "parameters": [_option(n, *OPTIONS[n]) for n in names],
         "requestBody": {"required": True, "content": content},
