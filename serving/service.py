@@ -31,14 +31,17 @@ from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.preprocess import Preprocessed, add_noise, preprocess
 from digitops.inference.reload import ReloadNotices
 from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
-from digitops.inference.settings import Settings
+from digitops.inference.settings import Settings, SettingsError
 from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
 from digitops.model import normalize
 
 # BentoML configures handlers for its own logger tree only; a child of it reaches the server log.
 log = logging.getLogger("bentoml.digitops")
 
-SETTINGS = Settings.from_env()
+try:
+    SETTINGS = Settings.from_env()
+except SettingsError as err:  # one line naming the variable, not a traceback
+    sys.exit(f"digitops: {err}")
 STATIC = Path(__file__).with_name("static")
 
 # FastAPI's own docs pages load Swagger from a CDN; /docs serves a local copy instead.

@@ -119,27 +119,41 @@ def test_a_full_disk_keeps_predicting_and_refuses_feedback_until_there_is_room(
     assert "full" in log.read_text()
 
 
-@pytest.mark.e2e
-def test_a_truncated_model_in_the_store_stops_the_server_with_one_line(tmp_path):
-    home = tmp_path / "bentoml_home"
-    store_model(home, (ROOT / "models" / "default" / "model.pt").read_bytes()[:5000])
-    port = free_port()
-    out = subprocess.run(
-        ["bentoml", "serve", "serving.service:DigitService", "--port", str(port)],
+def serve_until_exit(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`bentoml serve` that is expected to refuse to start."""
+    return subprocess.run(
+        ["bentoml", "serve", "serving.service:DigitService", "--port", str(free_port())],
         cwd=ROOT,
         env={
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "BENTOML_HOME": str(home),
+            "BENTOML_HOME": str(tmp_path / "bentoml_home"),
             "DIGITOPS_PREDICTIONS_DB": str(tmp_path / "p.db"),
+            **env,
         },
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert out.returncode != 0
+
+
+@pytest.mark.e2e
+def test_a_truncated_model_in_the_store_stops_the_server_with_one_line(tmp_path):
+    shipped = (ROOT / "models" / "default" / "model.pt").read_bytes()
+    store_model(tmp_path / "bentoml_home", shipped[:5000])
+    out = serve_until_exit(tmp_path)
+    assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("digitops: cannot start:") and "not a loadable" in last, out.stderr
+
+
+@pytest.mark.e2e
+def test_a_bad_setting_stops_the_server_with_one_line_naming_it(tmp_path):
+    out = serve_until_exit(tmp_path, DIGITOPS_WORKERS="two")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "digitops: DIGITOPS_WORKERS must be a positive integer, got 'two'"
+    ]
 
 
 @pytest.mark.e2e
