@@ -67,14 +67,19 @@ class Load:
 Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
 
-async def drive(base: str, request: Request, total: int, concurrency: int) -> Load:
-    """Send `total` requests, `concurrency` at a time, over kept-alive connections."""
+async def drive(
+    base: str, request: Request, total: int, concurrency: int, until: float = float("inf")
+) -> Load:
+    """Send `total` requests (or as many as fit before time.monotonic() reaches `until`),
+    `concurrency` at a time, over kept-alive connections."""
     load, next_index = Load(), iter(range(total))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
 
         async def worker() -> None:
             for i in next_index:
+                if time.monotonic() > until:
+                    return
                 started = time.perf_counter()
                 try:
                     reply = await request(client, i)
@@ -186,19 +191,13 @@ def soak(base: str, minutes: float, concurrency: int = 8) -> dict:
                 "/predict", content=pngs[i % len(pngs)], headers={"content-type": "image/png"}
             )
 
-        async def until_deadline(client: httpx.AsyncClient, i: int):
-            if time.monotonic() > deadline:
-                raise httpx.TimeoutException("soak over")  # ends this worker's stream
-            return await predict(client, i)
-
         sampler = asyncio.create_task(sample())
-        load = await drive(base, until_deadline, 10**9, concurrency)
+        load = await drive(base, predict, 10**9, concurrency, until=deadline)
         stop.set()
         await sampler
         return load
 
     load = asyncio.run(run())
-    load.errors.pop("TimeoutException", None)
     warm = min(60.0, minutes * 6)
     baseline = next(rss for t, rss in samples if t >= warm)
     final = samples[-1][1]
