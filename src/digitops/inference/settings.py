@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+from digitops.inference.preprocess import DEFAULT_MAX_BYTES
 
 
 class SettingsError(ValueError):
@@ -27,7 +27,7 @@ class Settings:
     shipped_model: Path = Path("models/default/model.pt")
     # Worker processes; each batches its own requests and gets its share of the cores.
     workers: int = 1
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_upload_bytes: int = DEFAULT_MAX_BYTES  # the decoder's own limit
     # Prediction log + feedback queue (SQLite file).
     predictions_db: str = "var/predictions.db"
     # Unlabelled predictions kept; the oldest beyond this are dropped.
