@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# This checkout's BentoML store (the bento stage defaults to it too): `make serve` serves the
+# champion this checkout promoted, not what another clone imported into ~/bentoml.
+export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)

@@ -33,19 +33,21 @@ def running(
     port: int,
     log: Path,
     ready_path: str = "/readyz",
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     timeout: float = 120,
+    cwd: Path = ROOT,
 ) -> Iterator[str]:
     """Start `cmd` in its own process group, wait for `ready_path` to answer 200, yield the base
-    URL; stop the whole group afterwards."""
-    env = {
+    URL; stop the whole group afterwards. A None in `env` unsets that variable."""
+    merged = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         **(env or {}),
     }
+    env = {k: v for k, v in merged.items() if v is not None}
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     base = f"http://127.0.0.1:{port}"
     try:

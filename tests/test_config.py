@@ -48,7 +48,7 @@ def test_experiments_compose_and_build(make_cfg, experiment):
     assert isinstance(build_datamodule(cfg), MnistDataModule)
     system = build_system(cfg)
     optimizer = system.optimizer_factory(system.parameters())
-    scheduler = system.scheduler_factory(optimizer, total_steps=1000)
+    scheduler = system.scheduler_factory(optimizer, max_lr=cfg.optimizer.lr, total_steps=1000)
     assert optimizer.param_groups[0]["lr"] <= cfg.optimizer.lr
     assert scheduler is not None
 

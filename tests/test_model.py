@@ -1,9 +1,14 @@
 """The plain-torch network and its self-describing checkpoint."""
 
+from pathlib import Path
+
 import torch
+import yaml
 
 from digitops import checkpoint
 from digitops.model import DigitCNN, fold_batchnorm
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_output_shape_and_named_conv_blocks():
@@ -63,3 +68,33 @@ def test_folded_batchnorm_computes_the_same_function():
             torch.testing.assert_close(x_folded, x_model, atol=1e-4, rtol=1e-4)
             x = x_model
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original intact
+
+
+def default_network_args() -> dict:
+    return yaml.safe_load((ROOT / "conf" / "model" / "cnn.yaml").read_text())
+
+
+def test_the_default_network_keeps_three_7x7_conv_blocks_and_is_small():
+    """The training recipe's network: a 5x5 conv, pooled features read out linearly. Grad-CAM
+    and the feature maps still get three named blocks, the last at 7x7."""
+    model = DigitCNN(**default_network_args()).eval()
+    x = torch.zeros(1, 1, 28, 28)
+    for name in DigitCNN.conv_layers:
+        x = getattr(model, name)(x)
+    assert tuple(x.shape[-2:]) == (7, 7)
+    assert model(torch.zeros(4, 1, 28, 28)).shape == (4, 10)
+    size_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    assert size_bytes < 5 * 2**20
+    folded = fold_batchnorm(model)
+    x = torch.randn(8, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoints_written_before_the_newer_options_load_as_trained(tmp_path):
+    old_args = {"channels": [32, 64, 128], "hidden": 128, "dropout": 0.5}  # the seed's
+    model = DigitCNN(**old_args).eval()
+    loaded, _ = checkpoint.load(checkpoint.save(tmp_path / "old.pt", model, old_args, {}))
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert sum(p.numel() for p in loaded.parameters()) == 897_130

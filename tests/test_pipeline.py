@@ -1,15 +1,19 @@
 """Slow tier: the real entry points as subprocesses - DDP on 2 CPU processes, `dvc repro`."""
 
 import json
+import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from digitops import checkpoint
 from digitops.data import mnist
 from tests.conftest import run, scratch_repo
+from tests.servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -79,11 +83,31 @@ def test_dvc_repro_runs_stages_then_is_a_no_op(project):
     assert candidate["registered_version"] == "1"
     assert candidate["data_version"].endswith(".dir")
     assert set(candidate["mnist_sha256"]) == set(mnist.FILES)
-    # The first candidate becomes champion, and the Bento serves it.
+
+
+def test_a_worse_first_candidate_loses_to_the_shipped_model_which_make_serve_keeps(project):
+    """With an empty registry the shipped model is the incumbent: a 4-batch smoke model is not
+    promoted, the Bento packages the shipped model, and `make serve` in this checkout serves it
+    from the checkout's own BentoML store."""
+    run(["dvc", "repro"], cwd=project)
     promotion = json.loads((project / "artifacts" / "promote" / "promotion.json").read_text())
-    assert promotion["promoted"] and promotion["reason"] == "no champion yet"
+    assert not promotion["promoted"], promotion["reason"]
+    assert promotion["incumbent"] == "shipped model models/default/model.pt"
+    assert promotion["champion"]["test_accuracy"] > promotion["candidate"]["test_accuracy"]
+    assert promotion["serving_version"] is None  # nothing in the registry serves
     bento = json.loads((project / "artifacts" / "bento" / "bento.json").read_text())
-    assert bento["bento"].startswith("digitops:") and bento["registered_version"] == "1"
+    _, shipped = checkpoint.load(ROOT / "models" / "default" / "model.pt")
+    assert bento["test_accuracy"] == shipped["test_accuracy"]
+    assert any((project / "bentoml_home" / "models" / "digit-cnn").iterdir())
+
+    port = free_port()
+    venv = Path(sys.executable).parent.parent
+    env = {"BENTOML_HOME": None, "BENTOML_PORT": str(port)}  # the Makefile's default home
+    serve = ["make", "serve", f"VENV={venv}"]
+    with running(serve, port, project / "serve.log", env=env, cwd=project) as base:
+        card = httpx.get(f"{base}/model", timeout=30).json()
+    assert card["source"] == f"bentoml model store {bento['model']}"
+    assert card["test_accuracy"] == shipped["test_accuracy"]
 
 
 def stale(project: Path) -> set[str]:
@@ -115,8 +139,25 @@ def test_dvc_remote_push_pull_offline(project):
     assert mnist.load(project / "data" / "mnist", "t10k")[0].shape == (300, 28, 28)
 
 
-def test_dvc_exp_run_with_parameter_override(project):
-    out = run(["dvc", "exp", "run", "-S", "conf/model/cnn.yaml:dropout=0.3"], cwd=project)
-    assert "Ran experiment" in out.stdout or "Experiment" in out.stdout
-    shown = run(["dvc", "exp", "show", "--json"], cwd=project).stdout
-    assert "0.3" in shown
+def readme_experiments() -> list[list[str]]:
+    """Every `dvc exp run ...` command README.md shows, as argument lists."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = re.findall(r"(dvc exp run (?:-S '[^']+'\s*)+)", text)
+    assert commands, "README.md shows no `dvc exp run`"
+    return [shlex.split(c) for c in dict.fromkeys(c.strip() for c in commands)]
+
+
+def test_every_dvc_exp_run_in_the_readme_runs(project):
+    """Each documented form, exactly as written (the smoke trainer keeps them short), then
+    `dvc exp show` lists each experiment with the values it set."""
+    experiments = readme_experiments()
+    for cmd in experiments:
+        out = run(cmd, cwd=project, timeout=900)
+        assert "Ran experiment" in out.stdout, out.stdout[-2000:]
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=project).stdout)
+    names = [e["name"] for commit in shown for e in commit.get("experiments") or []]
+    assert len(names) >= len(experiments), names
+    text = json.dumps(shown)
+    for cmd in experiments:
+        for setting in cmd[4::2]:
+            assert setting.split("=", 1)[1] in text, setting

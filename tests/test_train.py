@@ -13,7 +13,7 @@ from digitops.data import mnist
 from digitops.model import normalize
 from digitops.release.evaluate import evaluate_checkpoint, predict_proba
 from digitops.tracking import Tracking
-from digitops.training.train import HISTORY_FIELDS, train
+from digitops.training.train import HISTORY_FIELDS, run_name, train
 from tests.conftest import compose_cfg
 
 
@@ -31,10 +31,22 @@ def test_smoke_training_logs_run_params_metrics_and_registers(trained):
     cfg, metadata, metrics = trained
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     run = client.get_run(metadata["mlflow_run_id"])
-    assert run.data.params["model.dropout"] == "0.5"
-    assert run.data.params["optimizer.lr"] == "0.003"
+    assert run.data.params["model.channels"] == str(list(cfg.model.channels))
+    assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
+    assert run.info.run_name == run_name(cfg) and run_name(cfg).startswith("cnn ")
     for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/acc"):
         assert key in run.data.metrics, key
+    for key in ("perf/epoch_seconds", "perf/train_images_per_second", "train_seconds"):
+        assert run.data.metrics[key] > 0, key
+    # What it trained on, at its DVC version: the runs table's Dataset column.
+    (mnist_input,) = run.inputs.dataset_inputs  # the feedback set is empty here
+    assert mnist_input.dataset.name == "mnist"
+    assert mnist_input.dataset.digest == metadata["data_version"][:12]
+    train_count = len(mnist.load(cfg.paths.mnist, "train")[1]) - cfg.data.val_size
+    assert json.loads(mnist_input.dataset.profile)["features_shape"] == [train_count, 28, 28]
+    assert [(t.key, t.value) for t in mnist_input.tags] == [("mlflow.data.context", "training")]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     history = client.get_metric_history(run.info.run_id, "val/acc")
     assert [m.step for m in history] == sorted(m.step for m in history) and len(history) == 2
     assert run.data.tags["data_version"] and run.data.tags["git_commit"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
@@ -42,12 +43,15 @@ class MnistDataModule(pl.LightningDataModule):
         self.augment = dict(augment or {})
         self.num_workers = num_workers
         self.num_feedback = 0
+        # name -> (folder, images, labels): what the model trains on, for the run's record.
+        self.training_data: dict[str, tuple[Path, np.ndarray, np.ndarray]] = {}
 
     def setup(self, stage: str | None = None) -> None:
         images, labels = mnist.load(self.mnist_dir, "train")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = order[: self.val_size].numpy(), order[self.val_size :].numpy()
         train_sets = [_tensors(images[train_idx], labels[train_idx])]
+        self.training_data = {"mnist": (self.mnist_dir, images[train_idx], labels[train_idx])}
         if self.feedback_dir is not None:
             fb_images, fb_labels = feedback.load(self.feedback_dir, split="train")
             self.num_feedback = len(fb_labels)
@@ -55,6 +59,7 @@ class MnistDataModule(pl.LightningDataModule):
                 # A few hundred corrections next to 55k MNIST digits would barely move the
                 # loss; repeating them is the simplest reweighting that works with any sampler.
                 train_sets += [_tensors(fb_images, fb_labels)] * self.feedback_oversample
+                self.training_data["feedback"] = (self.feedback_dir, fb_images, fb_labels)
         self.train_set = ConcatDataset(train_sets)
         self.val_set = _tensors(images[val_idx], labels[val_idx])
         self.test_set = _tensors(*mnist.load(self.mnist_dir, "t10k"))
@@ -79,14 +84,20 @@ class MnistDataModule(pl.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        training = self.trainer is not None and self.trainer.training
+        return self.prepare_batch(batch, augment=training)
+
+    def prepare_batch(self, batch, augment: bool):
+        """uint8 images -> the model's input (augmented when training), on the batch's device."""
         images, labels = batch
         x = images.unsqueeze(1).float() / 255.0
-        if self.trainer is not None and self.trainer.training and self.augment.get("enabled", True):
+        if augment and self.augment.get("enabled", True):
             x = random_affine(
                 x,
                 degrees=self.augment.get("degrees", 10.0),
                 translate=self.augment.get("translate", 0.1),
                 scale=tuple(self.augment.get("scale", (0.9, 1.1))),
             )
-        x = standardize(x)
+        # NHWC, the layout DigitClassifier keeps its weights in.
+        x = standardize(x).contiguous(memory_format=torch.channels_last)
         return x, labels

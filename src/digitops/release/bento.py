@@ -10,8 +10,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import bentoml
-
 from digitops import checkpoint
 from digitops.tracking import Tracking
 
@@ -19,18 +17,22 @@ log = logging.getLogger(__name__)
 
 
 def import_champion(cfg) -> tuple[str, dict]:
-    """Copy the MLflow champion's checkpoint into the BentoML store; return (tag, metadata)."""
+    """Copy the MLflow champion's checkpoint into the BentoML store - the shipped model while the
+    registry has none (the gate measured candidates against it) - and return (tag, metadata)."""
+    import bentoml  # here, so BENTOML_HOME can be set before its first import
+
     tracking = Tracking.from_config(cfg)
     tracking.check()
     with tempfile.TemporaryDirectory() as tmp:
         champion = tracking.aliased(cfg.promotion.alias, Path(tmp))
-        if champion is None:
-            raise RuntimeError(
-                f"no model has the alias '{cfg.promotion.alias}' in "
-                f"{cfg.mlflow.registered_model}; run the promote stage first"
-            )
-        _, metadata = checkpoint.load(champion.path)
-        labels = {"mlflow_version": champion.version, "alias": cfg.promotion.alias}
+        if champion is not None:
+            path = champion.path
+            labels = {"mlflow_version": champion.version, "alias": cfg.promotion.alias}
+        else:
+            path = Path(cfg.paths.shipped_model)
+            labels = {"source": "shipped"}
+            log.info("no '%s' in the registry yet: packaging %s", cfg.promotion.alias, path)
+        _, metadata = checkpoint.load(path)
         summary = {
             k: metadata.get(k)
             for k in (
@@ -44,13 +46,8 @@ def import_champion(cfg) -> tuple[str, dict]:
         with bentoml.models.create(
             checkpoint.BENTO_MODEL, labels=labels, metadata=summary
         ) as model:
-            shutil.copy(champion.path, model.path_of(checkpoint.FILE_NAME))
-    log.info(
-        "imported %s v%s into the BentoML store as %s",
-        cfg.mlflow.registered_model,
-        champion.version,
-        model.tag,
-    )
+            shutil.copy(path, model.path_of(checkpoint.FILE_NAME))
+    log.info("imported %s into the BentoML store as %s", path, model.tag)
     return str(model.tag), summary
 
 
@@ -84,6 +81,8 @@ def build(cfg, root: Path) -> dict:
     wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*wheel, "-w", str(dist), str(root)], check=True)
     (out / "requirements.txt").write_text("\n".join(runtime_requirements(root)) + "\n")
+    import bentoml
+
     bento = bentoml.bentos.build_bentofile(
         str(root / "serving" / "bentofile.yaml"), build_ctx=str(root)
     )

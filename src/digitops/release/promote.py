@@ -1,4 +1,5 @@
-"""Gated promotion: the candidate gets the registry alias only if it is not worse."""
+"""Gated promotion: the candidate gets the registry alias only if it is not worse than the
+champion, or, before there is one, than the shipped model that is being served."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def _scores(model, test: tuple, holdout: tuple) -> dict:
 
 
 def promote(cfg) -> dict:
-    """The `promote` stage: re-score champion and candidate on today's data; move the alias?"""
+    """The `promote` stage: re-score the incumbent and the candidate on today's data; move the
+    alias?"""
     alias = cfg.promotion.alias
     tracking = Tracking.from_config(cfg)
     tracking.check()
@@ -66,15 +68,23 @@ def promote(cfg) -> dict:
     test = mnist.load(Path(cfg.paths.mnist), "t10k")
     holdout = feedback.load(Path(cfg.paths.feedback), split="holdout")
     candidate = _scores(candidate_model, test, holdout)
+    shipped = Path(cfg.paths.shipped_model)
     with tempfile.TemporaryDirectory() as tmp:
         holder = tracking.aliased(alias, Path(tmp))
-        champion = None
-        if holder is not None and holder.version != version:
-            champion = _scores(checkpoint.load(holder.path)[0], test, holdout)
-    if holder is not None and holder.version == version:
-        promoted, reason = True, "candidate already is the champion"
-    else:
-        promoted, reason = decide(candidate, champion, cfg.promotion.tolerance_pp)
+        if holder is not None:
+            incumbent, incumbent_path = f"champion v{holder.version}", holder.path
+        elif shipped.is_file():
+            # No champion in the registry yet: the model being served is the one to beat.
+            incumbent, incumbent_path = f"shipped model {shipped}", shipped
+        else:
+            incumbent, incumbent_path = None, None
+        if holder is not None and holder.version == version:
+            champion, promoted, reason = None, True, "candidate already is the champion"
+        else:
+            champion = (
+                _scores(checkpoint.load(incumbent_path)[0], test, holdout) if incumbent else None
+            )
+            promoted, reason = decide(candidate, champion, cfg.promotion.tolerance_pp)
 
     if promoted:
         tracking.set_alias(alias, version)
@@ -83,7 +93,8 @@ def promote(cfg) -> dict:
         "reason": reason,
         "candidate_version": version,
         "champion_version": holder.version if holder is not None else None,
-        "serving_version": version if promoted else holder.version,
+        "incumbent": incumbent,  # what `champion` scored: the registry's or the shipped model
+        "serving_version": version if promoted else (holder.version if holder else None),
         "candidate": candidate,
         "champion": champion,
         "tolerance_pp": cfg.promotion.tolerance_pp,
