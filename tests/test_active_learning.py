@@ -73,10 +73,11 @@ def test_feedback_retrains_and_promotes_a_better_model(project, full_mnist):
     before = (predict_proba(shipped, styled).argmax(1) == labels[:N_STYLED]).mean()
     assert before < 0.8, f"the shipped model already reads this style ({before:.0%})"
 
-    # 1. First pipeline run, no feedback yet: its model becomes the first champion.
+    # 1. First pipeline run, no feedback yet: measured against the shipped model, the incumbent
+    # while the registry has no champion.
     run(["dvc", "repro"], cwd=project, timeout=1800)
     first = json.loads((project / "artifacts" / "promote" / "promotion.json").read_text())
-    assert first["promoted"]
+    assert first["incumbent"] == "shipped model models/default/model.pt"
 
     # 2. Users draw in that style and correct the model through the real service.
     db = project / "var" / "predictions.db"
@@ -95,13 +96,16 @@ def test_feedback_retrains_and_promotes_a_better_model(project, full_mnist):
             )
         assert c.get("/feedback/stats").json()["pending"] == N_STYLED
 
-    # 3. Ingest into the DVC-versioned dataset, retrain, evaluate, promote.
+    # 3. Ingest into the DVC-versioned dataset, retrain, evaluate, promote: the cycle a user
+    # waits for between "the corrections are in" and "the champion reads them".
+    cycle_started = time.monotonic()
     ingest = run(["python", "-m", "pipelines.ingest_feedback", f"feedback.store={db}"], cwd=project)
     assert "accepted" in ingest.stdout
     retrain = run(["dvc", "repro"], cwd=project, timeout=1800)
     assert "Running stage 'train'" in retrain.stdout
     decision = json.loads((project / "artifacts" / "promote" / "promotion.json").read_text())
-    cycle = time.monotonic() - started
+    feedback_to_champion = time.monotonic() - cycle_started
+    total = time.monotonic() - started
 
     holdout_after = decision["candidate"]["holdout_accuracy"]
     holdout_before = decision["champion"]["holdout_accuracy"]
@@ -116,7 +120,8 @@ def test_feedback_retrains_and_promotes_a_better_model(project, full_mnist):
         "mnist_after": decision["candidate"]["test_accuracy"],
         "promoted": decision["promoted"],
         "reason": decision["reason"],
-        "cycle_seconds": round(cycle),
+        "feedback_to_champion_seconds": round(feedback_to_champion),
+        "test_seconds": round(total),
     }
     print("active learning cycle:", json.dumps(report, indent=2))
     (project / "active_learning.json").write_text(json.dumps(report, indent=2) + "\n")

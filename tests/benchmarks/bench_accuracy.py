@@ -1,6 +1,7 @@
-"""End-to-end accuracy on the held-out real-world set, through POST /predict.
+"""End-to-end accuracy through POST /predict: the held-out real-world set, and the MNIST test
+set sent as PNGs (train/serve parity on the data the model was scored on).
 
-    python -m tests.benchmarks.bench_accuracy [--set DIR] [--out artifacts/bench]
+    python -m tests.benchmarks.bench_accuracy [--set DIR] [--mnist N] [--out artifacts/bench]
 
 Writes realworld.json and realworld.md: accuracy overall and per kind, and every miss.
 """
@@ -53,6 +54,21 @@ def score_through_api(client, directory: Path = REALWORLD) -> dict:
     }
 
 
+def score_mnist_through_api(client, mnist_dir: Path, count: int | None = None) -> dict:
+    """POST the first `count` MNIST test digits (all by default), each a 28x28 PNG, to /predict."""
+    from digitops.data import mnist
+    from digitops.files import png
+
+    images, labels = mnist.load(mnist_dir, "t10k")
+    images, labels = images[:count], labels[:count]
+    correct = 0
+    for pixels, label in zip(images, labels, strict=True):
+        files = {"image": ("d.png", png(pixels), "image/png")}
+        r = client.post("/predict", files=files, data={"log": "false"})
+        correct += r.status_code == 200 and r.json()["digit"] == int(label)
+    return {"count": len(labels), "accuracy": correct / len(labels)}
+
+
 def main() -> None:
     from starlette.testclient import TestClient
 
@@ -60,11 +76,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", type=Path, default=REALWORLD)
+    parser.add_argument(
+        "--mnist", type=int, default=10_000, help="MNIST test digits to send (0: none)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
     args = parser.parse_args()
+    mnist_dir = ROOT / "data" / "mnist"
     with TestClient(DigitService.to_asgi()) as client:
         result = score_through_api(client, args.set)
         result["model"] = client.get("/model").json()
+        if args.mnist and (mnist_dir / "t10k-labels-idx1-ubyte").exists():
+            result["mnist_test"] = score_mnist_through_api(client, mnist_dir, args.mnist)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "realworld.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -76,6 +98,14 @@ def main() -> None:
     lines += [
         f"| {k} | {v['accuracy']:.2%} | {v['count']} |" for k, v in result["per_kind"].items()
     ]
+    if "mnist_test" in result:
+        m = result["mnist_test"]
+        lines += [
+            "",
+            f"MNIST test set as PNGs through /predict: {m['accuracy']:.2%} of {m['count']}",
+        ]
+    model = result["model"]
+    lines += ["", f"Model: {model['name']} v{model['version']} ({model['source']})"]
     lines += [
         "",
         "| file | label | predicted | confidence | inverted | source |",
