@@ -5,10 +5,11 @@ from pathlib import Path
 import hydra
 import pytest
 import pytorch_lightning as pl
+import torch
 
 from digitops.data.datamodule import MnistDataModule
 from digitops.model import DigitCNN
-from digitops.training.train import build_datamodule, build_system
+from digitops.training.train import build_datamodule, build_system, supported_precision
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -61,3 +62,12 @@ def test_command_line_style_overrides(make_cfg):
 def test_ddp_trainer_is_data_parallel(make_cfg):
     cfg = make_cfg("trainer=ddp")
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    assert supported_precision("32-true") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert supported_precision("bf16-mixed") == "32-true"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert supported_precision("bf16-mixed") == "bf16-mixed"
