@@ -10,8 +10,9 @@ import hmac
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import anyio
 import bentoml
@@ -25,7 +26,6 @@ from pydantic import BeforeValidator
 from digitops import __version__
 from digitops.files import png
 from digitops.inference import contract, explain, http
-from digitops.inference.batching import GreedyBatcher
 from digitops.inference.errors import EmptyImageError, RequestError
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.preprocess import Preprocessed, add_noise, preprocess
@@ -33,7 +33,8 @@ from digitops.inference.reload import ReloadNotices
 from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
 from digitops.inference.settings import Settings, SettingsError
 from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
-from digitops.model import normalize
+
+T = TypeVar("T")
 
 # BentoML configures handlers for its own logger tree only; a child of it reaches the server log.
 log = logging.getLogger("bentoml.digitops")
@@ -52,13 +53,12 @@ app.mount("/static", StaticFiles(directory=STATIC), name="static")
 http.install_error_handlers(app)
 
 # For callers of the `classify` API, max latency is BentoML's dispatcher's budget before it sheds
-# load (503). The HTTP routes batch with GreedyBatcher (see digitops.inference.batching for why).
+# load (503).
 BATCH_MAX_SIZE = http.MAX_CLASSIFY_IMAGES
 BATCH_MAX_LATENCY_MS = 1000
-# Worker processes share the cores; each gets its share for torch and for the CPU-bound steps of
-# a request. More than one pays on many cores; on few, one worker with batching does as well,
-# and the workers share one listening socket, so a client's kept-alive connections are not
-# spread evenly among them.
+# Worker processes share the cores; each gets its share for its forward passes and for the
+# CPU-bound steps of a request. The workers share one listening socket, so a client's
+# kept-alive connections are not spread evenly among them (README.md, "Serving").
 CORES_PER_WORKER = max(1, (os.cpu_count() or 1) // SETTINGS.workers)
 
 
@@ -88,9 +88,6 @@ class DigitService:
         # contend for the cores, and each decode in flight holds up to a full-size image.
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = http.RateLimiter(SETTINGS.feedback_per_minute)
-        # Probabilities for pixels [N, 28, 28]; concurrent requests share batches. In process:
-        # no round trip through the service's HTTP client, which cost more than the forward pass.
-        self._probabilities = GreedyBatcher(self.classify.local, BATCH_MAX_SIZE)
         if SETTINGS.workers > 1:
             self.reloads.follow(lambda: self.served.store_tag, self._switch_to)
         card = self.served.card()
@@ -127,68 +124,82 @@ class DigitService:
         Adaptively batched. The shape is checked per request, before batching, so a bad call
         gets a 400 of its own and never fails its batch-mates.
         """
-        x = pixels.astype(np.uint8)
-        with torch.inference_mode():
-            logits = self.served.model(normalize(torch.from_numpy(x)))
-            return torch.softmax(logits, dim=1).numpy()
+        return self.served.probabilities(pixels.astype(np.uint8))
 
-    async def _prepare(self, data: bytes, options: http.Options) -> tuple[Preprocessed, bytes]:
-        """The model's 28x28 input (with the requested noise) and its PNG, in one trip off the
-        event loop: decoding and filtering are CPU work."""
-
-        def work():
-            prepared = preprocess(data, invert=options.invert)
-            if options.noise > 0:
-                noisy = add_noise(prepared.pixels, options.noise, options.seed)
-                prepared = Preprocessed(pixels=noisy, inverted=prepared.inverted)
-            return prepared, png(prepared.pixels)
-
+    # Each route below does its CPU work - decoding, preprocessing, the forward pass, Grad-CAM,
+    # the prediction log - in one trip off the event loop, and reads `self.served` once, so a
+    # request finishes on the model it started with even if a reload swaps it meanwhile.
+    async def _off_loop(self, work: Callable[[], T]) -> T:
+        """Run `work` in a worker thread (at most one per core: more would only contend)."""
         try:
             return await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
         except EmptyImageError:
             self.metrics.no_digit.inc()
             raise
 
+    @staticmethod
+    def _prepare(data: bytes, options: http.Options) -> tuple[Preprocessed, bytes]:
+        """The model's 28x28 input (with the requested noise) and its PNG."""
+        prepared = preprocess(data, invert=options.invert)
+        if options.noise > 0:
+            noisy = add_noise(prepared.pixels, options.noise, options.seed)
+            prepared = Preprocessed(pixels=noisy, inverted=prepared.inverted)
+        return prepared, png(prepared.pixels)
+
     async def _read_one(
         self, request: Request, allowed: tuple[str, ...]
-    ) -> tuple[bytes, http.Options, Preprocessed, bytes]:
-        """The single image of a request, its options, and the 28x28 input made from it (+ PNG)."""
+    ) -> tuple[bytes, http.Options]:
+        """The single image of a request and its options."""
         (data,), raw = await http.read_images(request, self.max_bytes, http.IMAGE_FIELD)
-        options = http.parse_options(raw, allowed)
-        return data, options, *await self._prepare(data, options)
+        return data, http.parse_options(raw, allowed)
+
+    def _predict(self, data: bytes, options: http.Options, served: ServedModel) -> dict:
+        prepared, input_png = self._prepare(data, options)
+        probabilities = served.probabilities(prepared.pixels[None])[0]
+        return self._reply(prepared, input_png, probabilities, data, options, served)
 
     @app.post("/predict", **contract.PREDICT)
     async def predict(self, request: Request):
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
-        data, options, prepared, input_png = await self._read_one(request, http.PREDICT_OPTIONS)
-        probabilities = (await self._probabilities(prepared.pixels[None]))[0]
-        return JSONResponse(await self._reply(prepared, input_png, probabilities, data, options))
+        data, options = await self._read_one(request, http.PREDICT_OPTIONS)
+        served = self.served
+        return JSONResponse(await self._off_loop(lambda: self._predict(data, options, served)))
 
     @app.post("/predict_batch", **contract.PREDICT_BATCH)
     async def predict_batch(self, request: Request):
         """Many images in one call (form field 'images', repeated): one result each, in order."""
         blobs, raw = await http.read_images(request, self.max_bytes, http.BATCH_FIELD)
         options = http.parse_options(raw, http.PREDICT_OPTIONS)
-        results: list[dict | None] = [None] * len(blobs)
-        ready: list[tuple[int, Preprocessed, bytes]] = []
-        for i, data in enumerate(blobs):
-            try:
-                ready.append((i, *await self._prepare(data, options)))
-            except RequestError as err:  # one bad image must not fail its neighbours
-                results[i] = {"error": str(err), "status": err.status}
-        if ready:
-            probabilities = await self._probabilities(np.stack([p.pixels for _, p, _ in ready]))
-            for (i, prepared, png), probs in zip(ready, probabilities, strict=True):
-                results[i] = await self._reply(prepared, png, probs, blobs[i], options)
+        served = self.served
+
+        def work() -> list[dict]:
+            results: list[dict | None] = [None] * len(blobs)
+            ready: list[tuple[int, Preprocessed, bytes]] = []
+            for i, data in enumerate(blobs):
+                try:
+                    ready.append((i, *self._prepare(data, options)))
+                except EmptyImageError as err:
+                    self.metrics.no_digit.inc()
+                    results[i] = {"error": str(err), "status": err.status}
+                except RequestError as err:  # one bad image must not fail its neighbours
+                    results[i] = {"error": str(err), "status": err.status}
+            if ready:  # one forward pass for all of them
+                probabilities = served.probabilities(np.stack([p.pixels for _, p, _ in ready]))
+                for (i, prepared, input_png), probs in zip(ready, probabilities, strict=True):
+                    results[i] = self._reply(prepared, input_png, probs, blobs[i], options, served)
+            return results
+
+        results = await self._off_loop(work)
         return JSONResponse({"results": results, "count": len(results)})
 
-    async def _reply(
+    def _reply(
         self,
         prepared: Preprocessed,
         input_png: bytes,
         probabilities: np.ndarray,
         original: bytes,
         options: http.Options,
+        served: ServedModel,
     ) -> dict:
         """The prediction's JSON, recorded for feedback and review unless the caller opted out.
 
@@ -196,13 +207,12 @@ class DigitService:
         """
         self.metrics.prediction(probabilities, prepared.inverted)
         payload = http.prediction_payload(
-            probabilities, input_png, prepared.inverted, self.served, http.new_prediction_id()
+            probabilities, input_png, prepared.inverted, served, http.new_prediction_id()
         )
         if not options.log:
             payload["logged"] = False
             return payload
-
-        def write():
+        try:
             if self.store is None:
                 raise StoreError("no prediction store")
             self.store.log_prediction(
@@ -214,9 +224,6 @@ class DigitService:
                 original,
                 options.noise,
             )
-
-        try:
-            await anyio.to_thread.run_sync(write)
         except StoreError as err:
             payload["logged"] = False
             self.metrics.store_failures.inc()
@@ -226,22 +233,21 @@ class DigitService:
     @app.post("/explain", **contract.EXPLAIN)
     async def explain(self, request: Request):
         """Grad-CAM of the last conv block for the predicted (or `target`) class."""
-        _, options, prepared, input_png = await self._read_one(request, http.EXPLAIN_OPTIONS)
+        data, options = await self._read_one(request, http.EXPLAIN_OPTIONS)
+        served = self.served
 
         def work():
-            cam, logits = explain.grad_cam(self.served.model, prepared.tensor(), options.target)
-            return (
-                cam,
-                torch.softmax(logits, dim=0).numpy(),
-                explain.overlay_png(prepared.pixels, cam),
-            )
+            prepared, input_png = self._prepare(data, options)
+            cam, logits = explain.grad_cam(served.model, prepared.tensor(), options.target)
+            overlay = explain.overlay_png(prepared.pixels, cam)
+            return prepared, input_png, cam, torch.softmax(logits, dim=0).numpy(), overlay
 
-        cam, probabilities, overlay = await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
+        prepared, input_png, cam, probabilities, overlay = await self._off_loop(work)
         payload = http.prediction_payload(
             probabilities,
             input_png,
             prepared.inverted,
-            self.served,
+            served,
             prediction_id=None,  # explanations are not logged: feedback goes through /predict
         )
         target = options.target if options.target is not None else payload["digit"]
@@ -258,13 +264,15 @@ class DigitService:
     @app.post("/feature_maps", **contract.FEATURE_MAPS)
     async def feature_maps(self, request: Request):
         """Every channel of one conv block (`layer`=conv1..conv3) as a PNG grid."""
-        _, options, prepared, _ = await self._read_one(request, http.FEATURE_MAP_OPTIONS)
+        data, options = await self._read_one(request, http.FEATURE_MAP_OPTIONS)
+        served = self.served
 
         def work():
-            maps = explain.feature_maps(self.served.model, prepared.tensor(), options.layer)
-            return maps, explain.grid_png(maps)
+            prepared, _ = self._prepare(data, options)
+            maps = explain.feature_maps(served.model, prepared.tensor(), options.layer)
+            return prepared, maps, explain.grid_png(maps)
 
-        maps, grid = await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
+        prepared, maps, grid = await self._off_loop(work)
         reply = {
             "layer": options.layer,
             "channels": int(maps.shape[0]),
@@ -296,9 +304,8 @@ class DigitService:
             (data,), raw = await http.read_images(request, self.max_bytes, http.IMAGE_FIELD)
             http.parse_feedback({**raw, "prediction_id": "pending"})  # bad label: 400 first
             options = http.parse_options(raw, http.FEEDBACK_IMAGE_FIELDS)
-            prepared, input_png = await self._prepare(data, options)
-            probabilities = (await self._probabilities(prepared.pixels[None]))[0]
-            logged = await self._reply(prepared, input_png, probabilities, data, options)
+            served = self.served
+            logged = await self._off_loop(lambda: self._predict(data, options, served))
             body = {**raw, "prediction_id": logged["prediction_id"]}
         else:
             try:

@@ -29,9 +29,9 @@ def test_every_endpoint_and_bad_inputs_on_a_real_server(server, mnist_dir):
         body = c.post("/predict", files=good).json()
         assert len(body["probabilities"]) == 10
         assert c.post("/explain", files=good).json()["cam"]
-        assert (
-            c.post("/feature_maps", files=good, data={"layer": "conv3"}).json()["channels"] == 128
-        )
+        widths = c.get("/model").json()["model_args"]["channels"]
+        maps = c.post("/feature_maps", files=good, data={"layer": "conv3"}).json()
+        assert maps["channels"] == widths[2]
         batch = [("images", (f"{i}.png", png_bytes(images[i]), "image/png")) for i in range(8)]
         assert c.post("/predict_batch", files=batch).json()["count"] == 8
         assert c.get("/model").json()["source"]
@@ -58,7 +58,8 @@ def test_every_endpoint_and_bad_inputs_on_a_real_server(server, mnist_dir):
 
 
 def test_concurrent_requests_get_their_own_answers(server, mnist_dir):
-    """Many clients at once, through adaptive batching: every reply matches its own image."""
+    """Many clients at once, each request's work in its own thread: every reply matches its own
+    image."""
     import concurrent.futures
 
     base, _ = server

@@ -1,4 +1,4 @@
-"""The HTTP API through BentoML's ASGI app (in process, lifespan and batching included)."""
+"""The HTTP API through BentoML's ASGI app (in process, lifespan included)."""
 
 import base64
 import io
@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from digitops.data import mnist
+from digitops.model import DigitCNN
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,8 @@ def test_explain_gives_normalised_cam_and_overlay(client, digits):
 def test_feature_maps_every_layer(client, digits):
     images, _ = digits
     files = {"image": ("d.png", png_bytes(images[4]), "image/png")}
-    for layer, channels, size in (("conv1", 32, 14), ("conv2", 64, 7), ("conv3", 128, 7)):
+    widths = client.get("/model").json()["model_args"]["channels"]  # the served network's
+    for layer, channels, size in zip(DigitCNN.conv_layers, widths, (14, 7, 7), strict=True):
         body = client.post(
             "/feature_maps", files=files, data={"layer": layer, "arrays": "1"}
         ).json()

@@ -92,3 +92,16 @@ def test_predict_proba_is_a_distribution(trained, mnist_dir):
     images, _ = mnist.load(mnist_dir, "t10k")
     p = predict_proba(model, images[:10], batch_size=4)
     assert p.shape == (10, 10) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+
+
+def test_fine_tuning_needs_the_same_network_but_not_the_same_dropout(tmp_path, mnist_dir, trained):
+    start = trained[0].paths.checkpoint
+
+    def fine_tune(name: str, *overrides: str) -> dict:
+        cfg = compose_cfg(tmp_path / name, mnist_dir, "trainer=smoke", "logger=csv", *overrides)
+        return train(cfg)
+
+    with pytest.raises(ValueError, match="different network"):
+        fine_tune("seed-network", f"init_from={start}", "model=cnn_seed")
+    tuned = fine_tune("more-dropout", f"init_from={start}", "model.dropout=0.3")
+    assert tuned["config"]["model"]["dropout"] == 0.3

@@ -37,7 +37,6 @@ OURS = int(os.environ.get("DIGITOPS_WORKERS", "1"))
 WORKERS = {"fastapi_baseline": 1, "naive_bentoml": 1, "bentoml_floor": OURS, "digitops": OURS}
 SYSTEMS = tuple(WORKERS)
 LUA = Path(__file__).with_name("post_image.lua")
-TARGETS = {"predict_p50_ms": 5.0, "explain_p50_ms": 10.0, "throughput_vs_naive": 2.0}
 
 
 def canvas_png(out: Path) -> Path:
@@ -60,23 +59,23 @@ def canvas_png(out: Path) -> Path:
 
 
 def bare_model(seconds: float) -> dict:
-    model = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model).model
-    x1 = torch.zeros(1, 1, 28, 28)
-    x32 = torch.zeros(32, 1, 28, 28)
-    with torch.inference_mode():
-        for _ in range(50):
-            model(x1)
-        times = []
-        deadline = time.perf_counter() + seconds / 2
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            model(x1)
-            times.append((time.perf_counter() - start) * 1000)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 2:
-            model(x32)
-            n += 32
-        rate = n / (time.perf_counter() - start)
+    """The served forward pass alone (uint8 pixels in, probabilities out), in process."""
+    served = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
+    x1 = np.zeros((1, 28, 28), dtype=np.uint8)
+    x32 = np.zeros((32, 28, 28), dtype=np.uint8)
+    for _ in range(50):
+        served.probabilities(x1)
+    times = []
+    deadline = time.perf_counter() + seconds / 2
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        served.probabilities(x1)
+        times.append((time.perf_counter() - start) * 1000)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds / 2:
+        served.probabilities(x32)
+        n += 32
+    rate = n / (time.perf_counter() - start)
     return {
         "p50_ms": float(np.percentile(times, 50)),
         "p99_ms": float(np.percentile(times, 99)),
@@ -137,18 +136,33 @@ def measure_server(name, cmd, port, endpoints, image, seconds, out, ready_path) 
         }
 
 
-def report(results: dict, out: Path) -> str:
+def targets(results: dict) -> list[tuple[str, float, str, bool]]:
+    """(target, measured, goal, met) for each of the serving issue's targets."""
     ours, naive = results["digitops"], results["naive_bentoml"]
-    checks = {
-        "predict_p50_ms": ours["/predict"]["c1"]["p50_ms"],
-        "explain_p50_ms": ours["/explain"]["c1"]["p50_ms"],
-        "throughput_vs_naive": ours["/predict"]["c32"]["throughput"]
-        / naive["/predict"]["c32"]["throughput"],
-    }
-    verdicts = {
-        k: (v >= TARGETS[k]) if k == "throughput_vs_naive" else (v <= TARGETS[k])
-        for k, v in checks.items()
-    }
+    floor, baseline = results["bentoml_floor"]["/predict"], results["fastapi_baseline"]["/predict"]
+    predict, explain = ours["/predict"], ours["/explain"]
+    errors = sum(
+        m["errors"] for system in SYSTEMS for r in results[system].values() for m in r.values()
+    )
+    over_floor = predict["c1"]["p50_ms"] - floor["c1"]["p50_ms"]
+    vs_baseline = predict["c1"]["p50_ms"] / baseline["c1"]["p50_ms"]
+    vs_floor = predict["c32"]["throughput"] / floor["c32"]["throughput"]
+    vs_naive = predict["c32"]["throughput"] / naive["/predict"]["c32"]["throughput"]
+    explain_extra = explain["c1"]["p50_ms"] - predict["c1"]["p50_ms"]
+    tail = predict["c1"]["p99_ms"] / predict["c1"]["p50_ms"]
+    return [
+        ("/predict p50 c=1 minus the floor's", over_floor, "<= 1.5 ms", over_floor <= 1.5),
+        ("/predict p50 c=1 / FastAPI baseline's", vs_baseline, "<= 1.0", vs_baseline <= 1.0),
+        ("/predict req/s c=32 / the floor's", vs_floor, ">= 0.5", vs_floor >= 0.5),
+        ("/predict req/s c=32 / naive BentoML's", vs_naive, ">= 2.5", vs_naive >= 2.5),
+        ("/explain p50 c=1 minus /predict's", explain_extra, "<= 2.0 ms", explain_extra <= 2.0),
+        ("/predict p99 c=1 / its p50", tail, "<= 3.0", tail <= 3.0),
+        ("errors, every measurement", errors, "0", errors == 0),
+    ]
+
+
+def report(results: dict, out: Path) -> str:
+    checks = targets(results)
     lines = [
         "# Serving benchmark",
         "",
@@ -157,7 +171,7 @@ def report(results: dict, out: Path) -> str:
         "| system (worker processes) | endpoint | p50 c=1 (ms) | p99 c=1 (ms) | req/s c=32 "
         "| p99 c=32 (ms) | p50 c=1 after c=32 (ms) | errors |",
         "|---|---|---|---|---|---|---|---|",
-        f"| bare model forward | - | {results['model']['p50_ms']:.2f} | "
+        f"| served forward pass (in process) | - | {results['model']['p50_ms']:.2f} | "
         f"{results['model']['p99_ms']:.2f} | {results['model']['throughput_c32']:.0f} "
         "| - | - | - |",
     ]
@@ -179,14 +193,14 @@ def report(results: dict, out: Path) -> str:
         "| target | measured | goal | met |",
         "|---|---|---|---|",
     ]
-    for key, value in checks.items():
-        goal = f">= {TARGETS[key]}x" if key == "throughput_vs_naive" else f"<= {TARGETS[key]} ms"
-        lines.append(f"| {key} | {value:.2f} | {goal} | {'yes' if verdicts[key] else 'NO'} |")
+    for name, value, goal, met in checks:
+        lines.append(f"| {name} | {value:.2f} | {goal} | {'met' if met else 'NOT met'} |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
-    (out / "report.json").write_text(
-        json.dumps({**results, "checks": checks, "met": verdicts}, indent=2) + "\n"
-    )
+    summary = {
+        name: {"measured": value, "goal": goal, "met": met} for name, value, goal, met in checks
+    }
+    (out / "report.json").write_text(json.dumps({**results, "targets": summary}, indent=2) + "\n")
     return text
 
 

@@ -5,7 +5,6 @@ uvicorn tests.benchmarks.fastapi_baseline:app --port 3001
 
 from typing import Annotated
 
-import torch
 from fastapi import FastAPI, File, UploadFile
 
 from digitops.inference.preprocess import preprocess
@@ -21,6 +20,5 @@ served = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
 @app.post("/predict")
 def predict(image: Annotated[UploadFile, File()]):
     prepared = preprocess(image.file.read())
-    with torch.inference_mode():
-        probabilities = torch.softmax(served.model(prepared.tensor()), dim=1)[0]
+    probabilities = served.probabilities(prepared.pixels[None])[0]
     return {"digit": int(probabilities.argmax()), "probabilities": probabilities.tolist()}

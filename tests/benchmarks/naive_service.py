@@ -6,7 +6,6 @@ bentoml serve tests.benchmarks.naive_service:NaiveDigitService --port 3002
 from pathlib import Path
 
 import bentoml
-import torch
 
 from digitops.inference.preprocess import preprocess
 from digitops.inference.served import load_served_model
@@ -23,6 +22,5 @@ class NaiveDigitService:
     @bentoml.api
     def predict(self, image: Path) -> dict:
         prepared = preprocess(image.read_bytes())
-        with torch.inference_mode():
-            probabilities = torch.softmax(self.served.model(prepared.tensor()), dim=1)[0]
+        probabilities = self.served.probabilities(prepared.pixels[None])[0]
         return {"digit": int(probabilities.argmax()), "probabilities": probabilities.tolist()}

@@ -1,2 +1,3 @@
 """The request path the BentoML service (top-level `serving/`) runs: settings, request parsing
-and errors, preprocessing, batching, explanations, the prediction store and feedback ingestion."""
+and errors, preprocessing, the served forward pass, explanations, the prediction store and
+feedback ingestion."""

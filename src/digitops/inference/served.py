@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bentoml
+import numpy as np
+import torch
 
 from digitops import checkpoint
-from digitops.model import DigitCNN, fold_batchnorm
+from digitops.inference.runtime import onnx_session
+from digitops.model import DigitCNN, fold_batchnorm, normalize
 
 
 @dataclass
 class ServedModel:
     """The network plus where it came from: what /predict reports as the model's identity."""
 
-    model: DigitCNN
+    model: DigitCNN  # BatchNorm folded; Grad-CAM and feature maps run it
     metadata: dict
     source: str
     store_tag: str | None = None  # the BentoML store entry, when it came from there
+    # Normalised inputs [N, 1, 28, 28] -> probabilities [N, 10]: the same function as `model`
+    # plus softmax, run by ONNX Runtime (inference/runtime.py says why).
+    forward: Callable[[np.ndarray], np.ndarray] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.forward = onnx_session(self.model)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities [N, 10] for uint8 pixels [N, 28, 28], white ink on black."""
+        return self.forward(normalize(torch.tensor(pixels)).numpy())  # a copy: may be read-only
 
     def identity(self) -> dict:
         m = self.metadata

@@ -173,10 +173,12 @@ def train(cfg: DictConfig) -> dict | None:
     if cfg.get("init_from"):
         # Fine-tuning: start from a trained model's weights instead of noise.
         start, start_meta = checkpoint.load(resolve_init(cfg))
-        if start_meta["model_args"] != system.model_args:
+        # Same weights, same shapes: a different dropout is fine, another network is not.
+        shapes = {k: v.shape for k, v in start.state_dict().items()}
+        if shapes != {k: v.shape for k, v in system.model.state_dict().items()}:
             raise ValueError(
-                f"init_from {cfg.init_from} has model args {start_meta['model_args']}, "
-                f"the config asks for {system.model_args}"
+                f"init_from {cfg.init_from} is a different network ({start_meta['model_args']}) "
+                f"from the one the config asks for ({system.model_args})"
             )
         system.model.load_state_dict(start.state_dict())
     logger = hydra.utils.instantiate(cfg.logger)

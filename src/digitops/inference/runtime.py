@@ -1,0 +1,54 @@
+"""The forward pass the service runs for predictions: the model exported to ONNX and run by
+ONNX Runtime (tests/benchmarks/bench_forward.py compares it with torch eager, TorchScript and
+torch.compile; README.md, "Serving", has the figures). Grad-CAM and feature maps keep using
+the torch model: they need its gradients and intermediate activations."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime
+import torch
+
+
+class _Probabilities(torch.nn.Module):
+    """The model with its softmax, so one graph call returns what a reply needs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+def onnx_session(
+    model: torch.nn.Module, threads: int | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function mapping float32 inputs [N, 1, 28, 28] (the model's input scale) to
+    probabilities [N, 10], computed by ONNX Runtime from `model` exported in eval mode."""
+    example = torch.zeros(2, 1, 28, 28)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():  # the exporter narrates its steps as warnings
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Probabilities(model.eval()),
+            (example,),
+            dynamo=True,
+            dynamic_shapes={"x": {0: batch}},
+            verbose=False,
+        )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    input_name = session.get_inputs()[0].name
+
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    return probabilities

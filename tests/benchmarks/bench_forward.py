@@ -1,0 +1,105 @@
+"""The served model's forward pass on each runtime, side by side: torch eager, TorchScript
+(frozen), torch.compile and ONNX Runtime, at batch 1 and 32, with the largest difference of
+each one's probabilities from eager's.
+
+    python -m tests.benchmarks.bench_forward [--model PATH] [--threads N] [--out DIR]
+
+Writes forward.json and forward.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from digitops import checkpoint
+from digitops.data import mnist
+from digitops.inference.runtime import onnx_session
+from digitops.model import fold_batchnorm, normalize
+
+ROOT = Path(__file__).resolve().parents[2]
+BATCHES = (1, 32)
+
+
+def timed(fn, x, seconds: float = 2.0) -> float:
+    """Median milliseconds per call of fn(x), after a warm-up."""
+    for _ in range(20):
+        fn(x)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def runtimes(model: torch.nn.Module, example: torch.Tensor) -> dict:
+    """name -> callable(float32 numpy [N, 1, 28, 28]) -> probabilities numpy [N, 10]."""
+
+    def torch_runtime(module):
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return torch.softmax(module(torch.from_numpy(x)), dim=1).numpy()
+
+        return run
+
+    with torch.inference_mode():
+        scripted = torch.jit.freeze(torch.jit.trace(model, example))
+    compiled = torch.compile(model)
+    session = onnx_session(model)
+    return {
+        "torch eager": torch_runtime(model),
+        "TorchScript (frozen)": torch_runtime(scripted),
+        "torch.compile": torch_runtime(compiled),
+        "ONNX Runtime": session,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "model.pt")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = fold_batchnorm(checkpoint.load(args.model)[0]).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # the test fixture's real digits, unpacked
+        mnist._from_directory(ROOT / "tests" / "fixtures" / "mnist", Path(tmp))
+        images, _ = mnist.load(Path(tmp), "t10k")
+    inputs = normalize(torch.from_numpy(images[:256])).numpy()
+    candidates = runtimes(model, torch.from_numpy(inputs[:1]))
+    reference = candidates["torch eager"](inputs)
+    rows = []
+    for name, run in candidates.items():
+        row = {"runtime": name, "max_abs_diff": float(np.abs(run(inputs) - reference).max())}
+        for n in BATCHES:
+            row[f"batch{n}_ms"] = round(timed(run, inputs[:n]), 3)
+        rows.append(row)
+        print(row, flush=True)
+    lines = [
+        f"# Forward pass ({args.threads} threads, {args.model.name}, BatchNorm folded)",
+        "",
+        "| runtime | batch 1 | batch 32 | img/s at 32 | max abs diff vs eager |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['runtime']} | {r['batch1_ms']} ms | {r['batch32_ms']} ms | "
+            f"{32 / r['batch32_ms'] * 1000:.0f} | {r['max_abs_diff']:.1e} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "forward.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "forward.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
