@@ -43,10 +43,11 @@ test: $(STAMP) ## all tests: unit, slow (pipeline) and e2e (servers, browser)
 test-fast: $(STAMP) ## unit tests only
 	$(PY) -m pytest -m "not slow and not e2e"
 
-bench: $(STAMP) ## training speed, real-world accuracy, serving latency/throughput, load -> artifacts/bench/
+bench: $(STAMP) ## training speed, accuracy via the API, forward pass, serving latency/throughput, load -> artifacts/bench/
 	@command -v wrk >/dev/null || { echo "bench needs wrk (apt-get install wrk)"; exit 1; }
 	$(PY) -m tests.benchmarks.bench_training
 	$(PY) -m tests.benchmarks.bench_accuracy
+	$(PY) -m tests.benchmarks.bench_forward
 	$(PY) -m tests.benchmarks.bench_serving
 	$(PY) -m tests.benchmarks.bench_load
 

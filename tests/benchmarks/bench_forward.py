@@ -10,7 +10,6 @@ Writes forward.json and forward.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from digitops import checkpoint
 from digitops.data import mnist
 from digitops.inference.runtime import onnx_session
 from digitops.model import fold_batchnorm, normalize
+from tests.benchmarks import save_report
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCHES = (1, 32)
@@ -95,10 +95,7 @@ def main() -> None:
             f"| {r['runtime']} | {r['batch1_ms']} ms | {r['batch32_ms']} ms | "
             f"{32 / r['batch32_ms'] * 1000:.0f} | {r['max_abs_diff']:.1e} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "forward.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "forward.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_report(args.out, "forward", rows, lines)
 
 
 if __name__ == "__main__":

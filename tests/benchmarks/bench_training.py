@@ -12,7 +12,6 @@ interference only ever slows a round down. Writes training.json and training.md.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from digitops.training.train import build_datamodule, build_system, supported_precision
+from tests.benchmarks import save_report
 
 ROOT = Path(__file__).resolve().parents[2]
 # name -> Hydra overrides on conf/config.yaml. The seed's recipe: its network, fp32, 15 epochs.
@@ -191,10 +191,7 @@ def main() -> None:
             f"- this checkout's last `dvc repro` train stage: {run['train_seconds']} s for "
             f"{run['epochs']} epochs, val accuracy {run['val_accuracy']}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "training.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_report(args.out, "training", report, lines)
 
 
 if __name__ == "__main__":
