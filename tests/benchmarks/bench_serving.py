@@ -26,7 +26,8 @@ from PIL import Image
 from digitops.data import mnist
 from digitops.inference.served import load_served_model
 from digitops.inference.settings import Settings
-from tests.servers import free_port, running
+from tests.benchmarks.profile_predict import profile
+from tests.servers import PROCESSES, free_port, running
 
 SETTINGS = Settings.from_env()
 
@@ -118,13 +119,16 @@ def wrk(
     return result
 
 
-def measure_server(name, cmd, port, endpoints, image, seconds, out, ready_path) -> dict:
+def measure_server(
+    name, cmd, port, endpoints, image, seconds, out, ready_path
+) -> tuple[dict, dict | None]:
+    """wrk's figures per endpoint, and for digitops where its /predict CPU time goes."""
     env = {"DIGITOPS_WORKERS": str(WORKERS[name])}
     with running(cmd, port, out / f"{name}.log", ready_path=ready_path, env=env) as base:
         # Check it answers correctly before timing it.
         files = {"image": ("d.png", image.read_bytes(), "image/png")}
         httpx.post(f"{base}/predict", files=files, timeout=30).raise_for_status()
-        return {
+        results = {
             path: {
                 "c1": wrk(port, path, image, 1, seconds),
                 "c32": wrk(port, path, image, 32, seconds),
@@ -134,6 +138,11 @@ def measure_server(name, cmd, port, endpoints, image, seconds, out, ready_path) 
             }
             for path in endpoints
         }
+        spent = None
+        if name == "digitops":  # sampled under the c=32 load
+            load = lambda: wrk(port, "/predict", image, 32, seconds, warm_up=False)  # noqa: E731
+            spent = profile(PROCESSES[base].pid, load, seconds, out)
+        return results, spent
 
 
 def targets(results: dict) -> list[tuple[str, float, str, bool]]:
@@ -195,6 +204,19 @@ def report(results: dict, out: Path) -> str:
     ]
     for name, value, goal, met in checks:
         lines.append(f"| {name} | {value:.2f} | {goal} | {'met' if met else 'NOT met'} |")
+    spent = results["predict_profile"]
+    lines += [
+        "",
+        f"Where `/predict`'s CPU time goes at c=32 (py-spy samples of the worker, "
+        f"{spent['requests']} requests, {spent['cpu_ms_per_request']} ms of worker CPU per "
+        f"request; flame graph: `{spent['flame_graph']}`):",
+        "",
+        "| step | share of samples | CPU ms per request |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {step} | {v['share']:.1%} | {v['cpu_ms']:.3f} |" for step, v in spent["steps"].items()
+    ]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     summary = {
@@ -254,9 +276,11 @@ def main() -> None:
     ]
     # One at a time, so no server shares the cores with another.
     for name, cmd, endpoints, ready in systems:
-        results[name] = measure_server(
+        results[name], spent = measure_server(
             name, cmd, port, endpoints, image, args.seconds, args.out, ready
         )
+        if spent is not None:
+            results["predict_profile"] = spent
     print(report(results, args.out))
 
 
