@@ -54,7 +54,7 @@ def runtimes(model: torch.nn.Module, example: torch.Tensor) -> dict:
     with torch.inference_mode():
         scripted = torch.jit.freeze(torch.jit.trace(model, example))
     compiled = torch.compile(model)
-    session = onnx_session(model)
+    session = onnx_session(model, threads=torch.get_num_threads())
     return {
         "torch eager": torch_runtime(model),
         "TorchScript (frozen)": torch_runtime(scripted),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +25,8 @@ STEPS = (
     ("reply encoding", ("files.py", "json/", "base64", "http.py:prediction_payload")),
     ("multipart parsing", ("multipart", "formparsers")),
 )
+# Installed beside this interpreter by the dev extra, whether or not the venv is on PATH.
+PY_SPY = str(Path(sys.executable).with_name("py-spy"))
 FRAMEWORK = "framework (BentoML, Starlette, uvicorn, asyncio, threads)"
 
 
@@ -45,22 +48,9 @@ def step_of(stack: str) -> str:
 
 
 def record(pid: int, seconds: int, out: Path, fmt: str) -> subprocess.Popen:
+    options = ["--duration", str(seconds), "--rate", "250", "--nonblocking", "--format", fmt]
     return subprocess.Popen(
-        [
-            "py-spy",
-            "record",
-            "--pid",
-            str(pid),
-            "--duration",
-            str(seconds),
-            "--rate",
-            "250",
-            "--nonblocking",
-            "--format",
-            fmt,
-            "--output",
-            str(out),
-        ],
+        [PY_SPY, "record", "--pid", str(pid), *options, "--output", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
