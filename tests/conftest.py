@@ -6,12 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from digitops.data import mnist
+from tests.servers import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -49,13 +51,35 @@ def compose_cfg(root: Path, mnist_dir: Path, *overrides: str):
         )
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (Debian's `postgresql`, which .ci/run installs),
+    on a free loopback port; stopped and removed afterwards."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request, tmp_path) -> str:
+    """Where a prediction store lives, once per backend: a SQLite file, or a fresh database on
+    the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "p.db")
+    return request.getfixturevalue("postgres").create_database(f"t{uuid.uuid4().hex[:12]}")
+
+
 @pytest.fixture
 def make_cfg(tmp_path, mnist_dir):
     return lambda *overrides: compose_cfg(tmp_path, mnist_dir, *overrides)
 
 
 @pytest.fixture(scope="session")
-def client(tmp_path_factory):
+def client(asgi_client):
+    return asgi_client
+
+
+@pytest.fixture(scope="session")
+def asgi_client(tmp_path_factory):
     """The service's ASGI app in process (lifespan, batching and all), with its own store.
 
     One per test session: BentoML binds its batching dispatcher to the first event loop and

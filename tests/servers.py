@@ -5,16 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
+
+from digitops.deploy.postgres import LocalPostgres
+from digitops.inference.http import KEEP_ALIVE_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The process group behind each running server's base URL, for tests that kill it.
@@ -95,6 +100,14 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         proc.wait(timeout=30)
 
 
+def serve_command(service: str, port: int) -> list[str]:
+    """`bentoml serve` on loopback, as `make serve` runs it."""
+    return [
+        *("bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port)),
+        *("--timeout-keep-alive", str(KEEP_ALIVE_SECONDS)),
+    ]
+
+
 @contextlib.contextmanager
 def bentoml_serve(
     workdir: Path, service: str = "serving.service:DigitService", **env: str
@@ -107,9 +120,32 @@ def bentoml_serve(
         "DIGITOPS_PREDICTIONS_DB": str(workdir / "predictions.db"),
         **env,
     }
-    cmd = ["bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port)]
-    with running(cmd, port, log, env=settings) as base:
+    with running(serve_command(service, port), port, log, env=settings) as base:
         yield base, log
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` with its database (SQLite) and artifacts in `workdir`; clients upload and
+    download artifacts through it. Yields the tracking URI. Start it again with the same
+    `workdir` and `port` and it is the same server."""
+    port = port or free_port()
+    cmd = [
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",  # the default, 4, would spend the cores the servers under test need
+    ]
+    with running(cmd, port, workdir / "mlflow.log", ready_path="/health") as base:
+        yield base
 
 
 def store_model(
@@ -129,3 +165,16 @@ def store_model(
         check=True,
         timeout=120,
     )
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[LocalPostgres]:
+    """A throwaway PostgreSQL server (no fsync) on a free loopback port, removed afterwards."""
+    # Not pytest's tmp_path: its folders are private to root, and the server runs as `postgres`.
+    folder = Path(tempfile.mkdtemp(prefix="digitops-pg-"))
+    folder.chmod(0o755)
+    try:
+        with LocalPostgres(folder / "pg").start(fsync=False) as server:
+            yield server
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -57,6 +57,24 @@ def test_every_endpoint_and_bad_inputs_on_a_real_server(server, mnist_dir):
     assert "serving model from" in log.read_text()
 
 
+def test_an_idle_kept_alive_connection_outlives_bentomls_default_timeout(server, mnist_dir):
+    """A connection idle longer than BentoML's default keep-alive (5 s) is still open: a client
+    reusing it must never meet a server that is just closing it (KEEP_ALIVE_SECONDS)."""
+    base, log = server
+    images, _ = mnist.load(mnist_dir, "t10k")
+    good = {"image": ("d.png", png_bytes(images[0]), "image/png")}
+    limits = httpx.Limits(keepalive_expiry=60)  # httpx's own default would drop it at 5 s
+    seen = len(log.read_text().splitlines())
+    with httpx.Client(base_url=base, timeout=30, limits=limits) as c:
+        assert c.post("/predict", files=good).status_code == 200
+        time.sleep(6)
+        assert c.post("/predict", files=good).status_code == 200
+    # The access log names each request's client address: one connection served both.
+    requests = [line for line in log.read_text().splitlines()[seen:] if "path=/predict" in line]
+    clients = {line.split(" (scheme=")[0].rsplit(" ", 1)[1] for line in requests}
+    assert len(requests) == 2 and len(clients) == 1, "the server closed the idle connection"
+
+
 def test_concurrent_requests_get_their_own_answers(server, mnist_dir):
     """Many clients at once, each request's work in its own thread: every reply matches its own
     image."""

@@ -2,12 +2,27 @@
 
 import concurrent.futures
 
+import httpx
 import pytest
 
 from digitops.data import mnist
 from digitops.inference.http import RateLimiter
-from digitops.inference.store import PredictionStore, StoreError
+from tests.servers import bentoml_serve
 from tests.test_service import png_bytes
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def client(request, tmp_path_factory):
+    """The service on each store engine: in process on SQLite (the session's client), and a
+    `bentoml serve` whose store is a database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("asgi_client")
+        return
+    database = request.getfixturevalue("postgres").create_database("feedback_http")
+    workdir = tmp_path_factory.mktemp("serve-pg")
+    settings = {"DIGITOPS_PREDICTIONS_DB": database, "DIGITOPS_FEEDBACK_PER_MINUTE": "100000"}
+    with bentoml_serve(workdir, **settings) as (base, _), httpx.Client(base_url=base) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -95,24 +110,6 @@ def test_rate_limiter_window_slides():
     assert limiter.allow("a", 0) and limiter.allow("a", 1) and not limiter.allow("a", 2)
     assert limiter.allow("b", 2), "limits are per client"
     assert limiter.allow("a", 61)
-
-
-def test_read_only_store_raises_store_error(tmp_path, digits):
-    path = tmp_path / "p.db"
-    PredictionStore(path).close()
-    with pytest.raises(StoreError, match="not usable|cannot be opened"):
-        store = PredictionStore(f"file:{path}?mode=ro")
-        store.log_prediction("id", b"png", [0.1] * 10, False, "1")
-
-
-def test_retention_drops_oldest_unlabelled_only(tmp_path):
-    store = PredictionStore(tmp_path / "p.db", max_predictions=3)
-    for i in range(6):
-        store.log_prediction(f"p{i}", b"png", [0.1] * 10, False, "1")
-    store.add_feedback("p0", 4)
-    store._enforce_retention()
-    kept = {r[0] for r in store._db.execute("SELECT id FROM predictions")}
-    assert kept == {"p0", "p3", "p4", "p5"}
 
 
 def test_previews_are_not_logged_and_noisy_inputs_stay_out_of_the_queue(client, digits):

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from PIL import Image
 
 from digitops.data import feedback, mnist
 from digitops.inference.ingest import ingest
 from digitops.inference.store import PredictionStore
+from digitops.inference.store import feedback as feedback_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +37,9 @@ def digits(mnist_dir):
     return mnist.load(mnist_dir, "t10k")
 
 
-def test_validates_merges_and_quarantines(tmp_path, digits):
+def test_validates_merges_and_quarantines(tmp_path, digits, store_location):
     images, labels = digits
-    store = PredictionStore(tmp_path / "p.db")
+    store = PredictionStore(store_location)
     for i in range(5):
         labelled(store, f"ok{i}", images[i], int(labels[i]))
     labelled(store, "dup", images[0], int(labels[0]))  # same image, same label
@@ -58,20 +60,19 @@ def test_validates_merges_and_quarantines(tmp_path, digits):
     x, y = feedback.load(tmp_path / "feedback")
     assert np.array_equal(np.sort(y), np.sort(labels[:5]))
     assert store.stats() == {"pending": 0, "ingested": 6, "rejected": 3, "predictions": 9}
-    reasons = dict(
-        store._db.execute(
-            "SELECT prediction_id, reason FROM feedback WHERE status = 'rejected'"
-        ).fetchall()
-    )
+    c = feedback_table.c
+    with store.engine.connect() as conn:
+        query = sa.select(c.prediction_id, c.reason).where(c.status == "rejected")
+        reasons = dict(conn.execute(query).all())
     assert "from prediction ok1" in reasons["conflict"]
 
     # Nothing new: a rerun changes nothing.
     assert ingest(store, tmp_path / "feedback").accepted == 0
 
 
-def test_changed_mind_after_ingestion_relabels_the_sample(tmp_path, digits):
+def test_changed_mind_after_ingestion_relabels_the_sample(tmp_path, digits, store_location):
     images, _ = digits
-    store = PredictionStore(tmp_path / "p.db")
+    store = PredictionStore(store_location)
     labelled(store, "p", images[0], 1)
     ingest(store, tmp_path / "feedback")
     store.add_feedback("p", 7)
@@ -100,15 +101,17 @@ print(ingest(PredictionStore(sys.argv[1]), Path(sys.argv[2])), flush=True)
         [("image", 7), ("manifest", 3), ("image", 10), ("manifest", 5)],
     ],
 )
-def test_sigkill_at_any_point_neither_loses_nor_duplicates(tmp_path, digits, crashes):
+def test_sigkill_at_any_point_neither_loses_nor_duplicates(
+    tmp_path, digits, crashes, store_location
+):
     images, labels = digits
-    store = PredictionStore(tmp_path / "p.db")
+    store = PredictionStore(store_location)
     n = 40
     for i in range(n):
         labelled(store, f"p{i}", images[i], int(labels[i]))
     store.close()
     out = tmp_path / "feedback"
-    cmd = [sys.executable, "-c", KILLABLE, str(tmp_path / "p.db"), str(out)]
+    cmd = [sys.executable, "-c", KILLABLE, store_location, str(out)]
     for point, nth in crashes:
         env = {**os.environ, "DIGITOPS_FAILPOINT": f"{point}:{nth}"}
         killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=120)
@@ -119,7 +122,7 @@ def test_sigkill_at_any_point_neither_loses_nor_duplicates(tmp_path, digits, cra
         assert len(lines) == len(records) == len({json.loads(x)["sha256"] for x in lines})
     final = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert "accepted" in final.stdout
-    store = PredictionStore(tmp_path / "p.db")
+    store = PredictionStore(store_location)
     records = feedback.read_manifest(out)
     # MNIST's first test digits are all distinct images: every one lands exactly once.
     assert sorted(r["prediction_id"] for r in records) == sorted(f"p{i}" for i in range(n))
@@ -128,7 +131,7 @@ def test_sigkill_at_any_point_neither_loses_nor_duplicates(tmp_path, digits, cra
     assert len(list((out / feedback.IMAGES).glob("*.png"))) == n
 
 
-def test_a_second_concurrent_run_is_refused(tmp_path):
+def test_a_second_concurrent_run_is_refused(tmp_path, store_location):
     import fcntl
 
     from digitops.inference.ingest import LOCK, IngestBusy
@@ -138,4 +141,4 @@ def test_a_second_concurrent_run_is_refused(tmp_path):
     with open(out / LOCK, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(IngestBusy):
-            ingest(PredictionStore(tmp_path / "p.db"), out)
+            ingest(PredictionStore(store_location), out)

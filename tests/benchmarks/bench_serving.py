@@ -24,10 +24,11 @@ import torch
 from PIL import Image
 
 from digitops.data import mnist
+from digitops.inference.http import KEEP_ALIVE_SECONDS
 from digitops.inference.served import load_served_model
 from digitops.inference.settings import Settings
 from tests.benchmarks.profile_predict import profile
-from tests.servers import PROCESSES, free_port, running
+from tests.servers import PROCESSES, free_port, running, serve_command
 
 SETTINGS = Settings.from_env()
 
@@ -249,6 +250,7 @@ def main() -> None:
                 "uvicorn",
                 "tests.benchmarks.fastapi_baseline:app",
                 *loopback,
+                *("--timeout-keep-alive", str(KEEP_ALIVE_SECONDS)),
                 "--log-level",
                 "warning",
             ],
@@ -257,19 +259,19 @@ def main() -> None:
         ),
         (
             "naive_bentoml",
-            ["bentoml", "serve", "tests.benchmarks.naive_service:NaiveDigitService", *loopback],
+            serve_command("tests.benchmarks.naive_service:NaiveDigitService", port),
             ["/predict"],
             "/readyz",
         ),
         (
             "bentoml_floor",
-            ["bentoml", "serve", "tests.benchmarks.floor_service:FloorService", *loopback],
+            serve_command("tests.benchmarks.floor_service:FloorService", port),
             ["/predict"],
             "/readyz",
         ),
         (
             "digitops",
-            ["bentoml", "serve", "serving.service:DigitService", *loopback],
+            serve_command("serving.service:DigitService", port),
             ["/predict", "/explain"],
             "/readyz",
         ),

@@ -20,6 +20,12 @@ from digitops.inference.preprocess import parse_invert
 from digitops.inference.served import ServedModel
 from digitops.model import DigitCNN
 
+# How long an idle kept-alive connection stays open (`bentoml serve --timeout-keep-alive`; BentoML
+# takes it only on the command line). It must outlast the idle timeout of whatever keeps
+# connections to us: with BentoML's 5 s, equal to httpx's pool expiry, a client's next request
+# could meet the server closing that connection and fail with a reset (seen under load: 1 in
+# 20,000). nginx keeps upstream connections 60 s (deploy/nginx.conf), so we keep them longer.
+KEEP_ALIVE_SECONDS = 75
 IMAGE_FIELD = "image"
 # The options each kind of route takes, as query parameters or form fields.
 PREDICT_OPTIONS = ("invert", "noise", "seed", "log")

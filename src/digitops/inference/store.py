@@ -1,62 +1,83 @@
-"""The prediction log and feedback queue: one SQLite file in WAL mode.
+"""The prediction log and feedback queue: a SQLite file by default, PostgreSQL for many replicas.
 
 Every /predict is recorded (input, probabilities, uncertainty); users attach labels to
 predictions; the ingestion job moves validated labels into the DVC-versioned dataset.
+
+`PredictionStore(location)` takes a file path (SQLite in WAL mode, one machine) or a
+`postgresql://` URL (one database for every replica). The queries are written once with
+SQLAlchemy Core, which compiles them for either engine: it is already installed (MLflow's
+tracking store is built on it), and it pools connections, so there is no second code path per
+backend. PostgreSQL is reached through psycopg 3.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    id            TEXT PRIMARY KEY,
-    created_at    REAL NOT NULL,
-    input_png     BLOB NOT NULL,              -- the 28x28 model input
-    original      BLOB,                       -- the upload, when under the size cap
-    probabilities TEXT NOT NULL,              -- JSON list of 10
-    digit         INTEGER NOT NULL,
-    confidence    REAL NOT NULL,
-    entropy       REAL NOT NULL,
-    margin        REAL NOT NULL,
-    inverted      INTEGER NOT NULL,
-    model_version TEXT,
-    noise         REAL NOT NULL DEFAULT 0     -- stress-test noise added to the input
-);
-CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
-CREATE TABLE IF NOT EXISTS feedback (
-    id            TEXT PRIMARY KEY,
-    prediction_id TEXT NOT NULL UNIQUE REFERENCES predictions(id),
-    label         INTEGER NOT NULL CHECK (label BETWEEN 0 AND 9),
-    comment       TEXT,
-    client        TEXT,
-    status        TEXT NOT NULL DEFAULT 'pending'
-                  CHECK (status IN ('pending', 'ingested', 'merged', 'rejected')),
-    reason        TEXT,
-    created_at    REAL NOT NULL,
-    updated_at    REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_status ON feedback(status);
-"""
+metadata = sa.MetaData()
+# Timestamps are seconds since the epoch (double precision): `mark` compares them for equality.
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("created_at", sa.Float(53), nullable=False, index=True),
+    sa.Column("input_png", sa.LargeBinary, nullable=False),  # the 28x28 model input
+    sa.Column("original", sa.LargeBinary),  # the upload, when under the size cap
+    sa.Column("probabilities", sa.Text, nullable=False),  # JSON list of 10
+    sa.Column("digit", sa.Integer, nullable=False),
+    sa.Column("confidence", sa.Float(53), nullable=False),
+    sa.Column("entropy", sa.Float(53), nullable=False),
+    sa.Column("margin", sa.Float(53), nullable=False),
+    sa.Column("inverted", sa.Integer, nullable=False),
+    sa.Column("model_version", sa.String),
+    # Stress-test noise added to the input (added after the first release: see _migrate).
+    sa.Column("noise", sa.Float(53), nullable=False, server_default="0"),
+)
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column(
+        "prediction_id", sa.String, sa.ForeignKey("predictions.id"), nullable=False, unique=True
+    ),
+    sa.Column("label", sa.Integer, sa.CheckConstraint("label BETWEEN 0 AND 9"), nullable=False),
+    sa.Column("comment", sa.Text),
+    sa.Column("client", sa.String),
+    sa.Column(
+        "status",
+        sa.String,
+        sa.CheckConstraint("status IN ('pending', 'ingested', 'merged', 'rejected')"),
+        nullable=False,
+        server_default="pending",
+    ),
+    sa.Column("reason", sa.Text),
+    sa.Column("created_at", sa.Float(53), nullable=False),
+    sa.Column("updated_at", sa.Float(53), nullable=False),
+    sa.Index("feedback_status", "status"),
+)
+P, F = predictions.c, feedback.c
 
 STRATEGIES = {
-    # SQL ordering of "least sure first" for each active-learning query.
-    "entropy": "p.entropy DESC",
-    "margin": "p.margin ASC",
-    "least_confidence": "p.confidence ASC",
+    # Ordering of "least sure first" for each active-learning query.
+    "entropy": P.entropy.desc(),
+    "margin": P.margin.asc(),
+    "least_confidence": P.confidence.asc(),
 }
 
 
 class StoreError(RuntimeError):
-    """The store cannot be written (disk full, read-only, locked); predictions go on without it."""
+    """The store cannot be written (disk full, read-only, locked, database down); predictions
+    go on without it."""
 
 
 class UnknownPrediction(KeyError):
@@ -70,6 +91,36 @@ def uncertainty(probabilities: np.ndarray) -> tuple[float, float]:
     return float(-(p * np.log(p)).sum()), float(top2[1] - top2[0])
 
 
+def engine_for(location: str | Path) -> sa.Engine:
+    """A SQLAlchemy engine for a file path, a `file:` URI (SQLite) or a database URL."""
+    location = str(location)
+    if location.startswith(("postgresql://", "postgres://")):
+        # psycopg 3, not SQLAlchemy's default (psycopg2), for a plain postgresql:// URL.
+        url = sa.make_url(location).set(drivername="postgresql+psycopg")
+        # pre_ping: a replica outlives a database restart (a stale pooled connection is
+        # replaced, not handed to a request).
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
+    if location.startswith(("postgresql+", "sqlite:")):
+        return sa.create_engine(location)
+    uri = location.startswith("file:")  # e.g. file:/var/db.sqlite?mode=ro
+    if not uri:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        "sqlite+pysqlite://",
+        creator=lambda: __import__("sqlite3").connect(
+            location, timeout=10, check_same_thread=False, uri=uri
+        ),
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _sqlite_pragmas(conn, _record) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives app crashes
+        conn.execute("PRAGMA foreign_keys=ON")
+
+    return engine
+
+
 @dataclass
 class FeedbackResult:
     feedback_id: str
@@ -81,42 +132,43 @@ class FeedbackResult:
 
 
 class PredictionStore:
-    """Thread-safe; one connection guarded by a lock (SQLite allows one writer at a time anyway)."""
+    """Thread-safe, and safe for many processes and replicas writing at once."""
 
     def __init__(
-        self, path: str | Path, max_predictions: int = 100_000, max_original_bytes: int = 256 * 1024
+        self,
+        location: str | Path,
+        max_predictions: int = 100_000,
+        max_original_bytes: int = 256 * 1024,
     ):
-        self.path = str(path)
         self.max_predictions = max_predictions
         self.max_original_bytes = max_original_bytes
-        self._lock = threading.Lock()
         self._inserts = 0
-        uri = self.path.startswith("file:")  # e.g. file:/var/db.sqlite?mode=ro
+        self._count_lock = threading.Lock()
+        self.path = _shown(location)
         try:
-            if not uri:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, timeout=10, isolation_level=None, uri=uri
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives app crashes
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as err:
+            self.engine = engine_for(location)
+            self._insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[
+                self.engine.dialect.name
+            ]
+            with self.engine.begin() as conn:
+                metadata.create_all(conn)
+                _migrate(conn)
+        except (OSError, sa.exc.SQLAlchemyError, KeyError) as err:
             raise StoreError(
-                f"prediction store {self.path} cannot be opened for writing: {err}"
+                f"prediction store {self.path} cannot be opened for writing: {_cause(err)}"
             ) from err
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.engine.dispose()
 
-    def _run(self, sql: str, params=()) -> sqlite3.Cursor:
-        """Every query goes through here: any database failure becomes one StoreError."""
+    @contextmanager
+    def _transaction(self):
+        """One transaction; any database failure becomes one StoreError."""
         try:
-            return self._db.execute(sql, params)
-        except sqlite3.Error as err:  # disk full, read-only file, I/O error, locked, corrupt
-            raise StoreError(f"prediction store {self.path} is not usable: {err}") from err
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.SQLAlchemyError as err:  # disk full, read-only, I/O, locked, down
+            raise StoreError(f"prediction store {self.path} is not usable: {_cause(err)}") from err
 
     def log_prediction(
         self,
@@ -131,66 +183,83 @@ class PredictionStore:
         entropy, margin = uncertainty(probabilities)
         if original is not None and len(original) > self.max_original_bytes:
             original = None  # the 28x28 input is always kept; big originals are not
-        row = (
-            prediction_id,
-            time.time(),
-            input_png,
-            original,
-            json.dumps([round(float(p), 6) for p in probabilities]),
-            int(np.argmax(probabilities)),
-            float(np.max(probabilities)),
-            entropy,
-            margin,
-            int(bool(inverted)),
-            model_version,
-            float(noise),
-        )
-        with self._lock:
-            self._run("INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        row = {
+            "id": prediction_id,
+            "created_at": time.time(),
+            "input_png": input_png,
+            "original": original,
+            "probabilities": json.dumps([round(float(p), 6) for p in probabilities]),
+            "digit": int(np.argmax(probabilities)),
+            "confidence": float(np.max(probabilities)),
+            "entropy": entropy,
+            "margin": margin,
+            "inverted": int(bool(inverted)),
+            "model_version": model_version,
+            "noise": float(noise),
+        }
+        with self._transaction() as conn:
+            conn.execute(predictions.insert(), row)
+        with self._count_lock:
             self._inserts += 1
-            if self._inserts % 1000 == 0:
-                self._enforce_retention()
+            due = self._inserts % 1000 == 0
+        if due:
+            self._enforce_retention()
 
     def _enforce_retention(self) -> None:
         """Drop the oldest predictions nobody labelled once over the cap; labelled ones stay."""
-        self._run(
-            """DELETE FROM predictions WHERE id IN (
-                 SELECT p.id FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id
-                 WHERE f.id IS NULL ORDER BY p.created_at DESC LIMIT -1 OFFSET ?)""",
-            (self.max_predictions,),
+        labelled = sa.exists().where(F.prediction_id == P.id)
+        # The creation time of the newest unlabelled prediction beyond the cap.
+        cutoff = (
+            sa.select(P.created_at)
+            .where(~labelled)
+            .order_by(P.created_at.desc())
+            .offset(self.max_predictions)
+            .limit(1)
+            .scalar_subquery()
         )
+        with self._transaction() as conn:
+            conn.execute(sa.delete(predictions).where(~labelled, P.created_at <= cutoff))
 
     def add_feedback(
         self, prediction_id: str, label: int, comment: str | None = None, client: str | None = None
     ) -> FeedbackResult:
-        """Label a prediction. Idempotent; a new label for the same prediction replaces the old."""
+        """Label a prediction. Idempotent; a new label for the same prediction replaces the old.
+
+        Safe when replicas label the same prediction at once: the insert that loses the race
+        on the unique prediction_id does nothing, and that call then sees the winner's row.
+        """
         now = time.time()
-        with self._lock:
-            exists = self._run(
-                "SELECT 1 FROM predictions WHERE id = ?", (prediction_id,)
-            ).fetchone()
-            if not exists:
+        with self._transaction() as conn:
+            if conn.execute(sa.select(P.id).where(P.id == prediction_id)).first() is None:
                 raise UnknownPrediction(prediction_id)
-            previous = self._run(
-                "SELECT id, label, status FROM feedback WHERE prediction_id = ?", (prediction_id,)
-            ).fetchone()
-            if previous is None:
-                feedback_id = uuid.uuid4().hex
-                self._run(
-                    "INSERT INTO feedback (id, prediction_id, label, comment, client, status,"
-                    " created_at, updated_at) VALUES (?,?,?,?,?, 'pending', ?, ?)",
-                    (feedback_id, prediction_id, label, comment, client, now, now),
+            feedback_id = uuid.uuid4().hex
+            inserted = conn.execute(
+                self._insert(feedback)
+                .values(
+                    id=feedback_id,
+                    prediction_id=prediction_id,
+                    label=label,
+                    comment=comment,
+                    client=client,
+                    status="pending",
+                    created_at=now,
+                    updated_at=now,
                 )
+                .on_conflict_do_nothing(index_elements=["prediction_id"])
+            ).rowcount
+            if inserted == 1:
                 return FeedbackResult(feedback_id, prediction_id, label, "pending", False, None)
-            feedback_id, old_label, old_status = previous
+            feedback_id, old_label, old_status = conn.execute(
+                sa.select(F.id, F.label, F.status).where(F.prediction_id == prediction_id)
+            ).one()
             if old_label == label:  # the same answer again (a double click): nothing changes
                 return FeedbackResult(feedback_id, prediction_id, label, old_status, False, None)
             # A changed mind goes back to pending, even if the old label was already ingested:
             # ingestion then reconciles the dataset with the newest label.
-            self._run(
-                "UPDATE feedback SET label = ?, comment = ?, status = 'pending', reason = NULL,"
-                " updated_at = ? WHERE id = ?",
-                (label, comment, now, feedback_id),
+            conn.execute(
+                sa.update(feedback)
+                .where(F.id == feedback_id)
+                .values(label=label, comment=comment, status="pending", reason=None, updated_at=now)
             )
             return FeedbackResult(feedback_id, prediction_id, label, "pending", True, old_label)
 
@@ -199,62 +268,58 @@ class PredictionStore:
 
         Stress-test inputs (noise added on purpose) are not candidates: their doubt is made up.
         """
-        order = STRATEGIES[strategy]
-        with self._lock:
-            rows = self._run(
-                f"""SELECT p.id, p.created_at, p.digit, p.confidence, p.probabilities, p.entropy,
-                           p.margin, p.input_png
-                    FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id
-                    WHERE f.id IS NULL AND p.noise = 0 ORDER BY {order} LIMIT ?""",
-                (k,),
-            ).fetchall()
-        keys = (
-            "prediction_id",
-            "created_at",
-            "digit",
-            "confidence",
-            "probabilities",
-            "entropy",
-            "margin",
-            "input_png",
+        query = (
+            sa.select(
+                P.id.label("prediction_id"),
+                P.created_at,
+                P.digit,
+                P.confidence,
+                P.probabilities,
+                P.entropy,
+                P.margin,
+                P.input_png,
+            )
+            .where(~sa.exists().where(F.prediction_id == P.id), P.noise == 0)
+            .order_by(STRATEGIES[strategy], P.id)
+            .limit(k)
         )
-        items = [dict(zip(keys, row, strict=True)) for row in rows]
+        with self._transaction() as conn:
+            items = [dict(row._mapping) for row in conn.execute(query)]
         for item in items:
             item["probabilities"] = json.loads(item["probabilities"])
         return items
 
     def stats(self) -> dict:
-        with self._lock:
+        with self._transaction() as conn:
             counts = dict(
-                self._run("SELECT status, COUNT(*) FROM feedback GROUP BY status").fetchall()
+                conn.execute(sa.select(F.status, sa.func.count()).group_by(F.status)).all()
             )
-            predictions = self._run("SELECT COUNT(*) FROM predictions").fetchone()[0]
+            logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
         return {
             "pending": counts.get("pending", 0),
             "ingested": counts.get("ingested", 0) + counts.get("merged", 0),
             "rejected": counts.get("rejected", 0),
-            "predictions": predictions,
+            "predictions": logged,
         }
 
     # The ingestion job's side.
     def pending(self) -> list[dict]:
-        with self._lock:
-            rows = self._run(
-                """SELECT f.id, f.prediction_id, f.label, f.updated_at, p.input_png,
-                          p.model_version, p.created_at
-                   FROM feedback f JOIN predictions p ON p.id = f.prediction_id
-                   WHERE f.status = 'pending' ORDER BY f.updated_at"""
-            ).fetchall()
-        keys = (
-            "feedback_id",
-            "prediction_id",
-            "label",
-            "updated_at",
-            "input_png",
-            "model_version",
-            "predicted_at",
+        query = (
+            sa.select(
+                F.id.label("feedback_id"),
+                F.prediction_id,
+                F.label,
+                F.updated_at,
+                P.input_png,
+                P.model_version,
+                P.created_at.label("predicted_at"),
+            )
+            .join(predictions, P.id == F.prediction_id)
+            .where(F.status == "pending")
+            .order_by(F.updated_at)
         )
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        with self._transaction() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     def mark(
         self,
@@ -264,10 +329,34 @@ class PredictionStore:
         if_updated_at: float | None = None,
     ) -> bool:
         """Set a feedback item's status; with if_updated_at, only if nobody relabelled it since."""
-        sql = "UPDATE feedback SET status = ?, reason = ? WHERE id = ?"
-        params: tuple = (status, reason, feedback_id)
+        query = sa.update(feedback).where(F.id == feedback_id)
         if if_updated_at is not None:
-            sql += " AND updated_at = ?"
-            params += (if_updated_at,)
-        with self._lock:
-            return self._run(sql, params).rowcount == 1
+            query = query.where(F.updated_at == if_updated_at)
+        with self._transaction() as conn:
+            return conn.execute(query.values(status=status, reason=reason)).rowcount == 1
+
+
+def _migrate(conn: sa.Connection) -> None:
+    """Bring a store made by an earlier release up to this schema: add the columns it lacks
+    (each new column has a default, so old rows stay valid)."""
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {spec}"))
+
+
+def _shown(location: str | Path) -> str:
+    """The store's location for messages and logs: a URL without its password."""
+    location = str(location)
+    if "://" in location:
+        return sa.make_url(location).render_as_string(hide_password=True)
+    return location
+
+
+def _cause(err: BaseException) -> str:
+    """The database's own words, without SQLAlchemy's statement dump and help link."""
+    original = getattr(err, "orig", None)
+    return str(original or err).strip().splitlines()[0]

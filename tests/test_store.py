@@ -1,0 +1,130 @@
+"""The prediction store on both engines: SQLite (one machine) and a real PostgreSQL server
+(many replicas). Retention, failures, migration, and replicas writing at once."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from digitops.inference.store import PredictionStore, StoreError, predictions
+from tests.servers import postgres_server
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBS = [0.1] * 10
+
+
+def ids(store: PredictionStore) -> set[str]:
+    with store.engine.connect() as conn:
+        return set(conn.execute(sa.select(predictions.c.id)).scalars())
+
+
+def test_retention_drops_oldest_unlabelled_only(store_location):
+    store = PredictionStore(store_location, max_predictions=3)
+    for i in range(6):
+        store.log_prediction(f"p{i}", b"png", PROBS, False, "1")
+    store.add_feedback("p0", 4)
+    store._enforce_retention()
+    assert ids(store) == {"p0", "p3", "p4", "p5"}
+
+
+def test_read_only_sqlite_store_raises_store_error(tmp_path):
+    path = tmp_path / "p.db"
+    PredictionStore(path).close()
+    with pytest.raises(StoreError, match="not usable|cannot be opened"):
+        store = PredictionStore(f"file:{path}?mode=ro")
+        store.log_prediction("id", b"png", PROBS, False, "1")
+
+
+def test_a_database_that_is_down_raises_store_error_naming_it(postgres):
+    with pytest.raises(StoreError, match="cannot be opened") as err:
+        PredictionStore(f"postgresql://digitops:secret@127.0.0.1:{postgres.port + 1}/nowhere")
+    assert "secret" not in str(err.value)  # the URL is named, its password is not
+
+    with postgres_server() as server:
+        store = PredictionStore(server.create_database("gone"))
+        store.log_prediction("before", b"png", PROBS, False, "1")
+        server.stop()
+        with pytest.raises(StoreError, match="not usable"):
+            store.log_prediction("after", b"png", PROBS, False, "1")
+
+
+def test_a_store_from_an_earlier_release_is_migrated(tmp_path):
+    """Stores made before stress-test noise existed lack its column: it is added at start."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """CREATE TABLE predictions (id TEXT PRIMARY KEY, created_at REAL NOT NULL,
+             input_png BLOB NOT NULL, original BLOB, probabilities TEXT NOT NULL,
+             digit INTEGER NOT NULL, confidence REAL NOT NULL, entropy REAL NOT NULL,
+             margin REAL NOT NULL, inverted INTEGER NOT NULL, model_version TEXT);
+           INSERT INTO predictions VALUES ('old', 1.0, x'00', NULL, '[0.1]', 1, 0.9, 0.1, 0.8,
+             0, '1');"""
+    )
+    old.close()
+    store = PredictionStore(path)
+    store.log_prediction("new", b"png", PROBS, False, "2", noise=0.5)
+    assert [i["prediction_id"] for i in store.review_queue(10, "entropy")] == ["old"]
+    assert store.stats()["predictions"] == 2
+
+
+REPLICA = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from digitops.inference.store import PredictionStore
+
+location, name, label = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = PredictionStore(location)
+shared = [f"shared{i}" for i in range(60)]
+own = [f"{name}{i}" for i in range(150)]
+
+def log(pid):
+    store.log_prediction(pid, b"png", [0.05] * 9 + [0.55], False, "1")
+
+def label_it(pid):
+    r = store.add_feedback(pid, label if pid[-1] in "02468" else 3, client=name)
+    return pid, r.feedback_id
+
+def queue(_):
+    return [item["prediction_id"] for item in store.review_queue(40, "margin")]
+
+with ThreadPoolExecutor(4) as pool:  # like a replica's request threads
+    queues = pool.map(queue, range(30))
+    list(pool.map(log, own))
+    labelled = dict(pool.map(label_it, shared))
+    queues = list(queues)
+print(json.dumps({"labelled": labelled, "queues": queues}))
+"""
+
+
+def test_two_replicas_writing_at_once_lose_nothing_and_duplicate_nothing(store_location):
+    store = PredictionStore(store_location)
+    for i in range(60):
+        store.log_prediction(f"shared{i}", b"png", PROBS, False, "1")
+    # Both replicas label the same 60 predictions at once: the same label for the odd ones,
+    # different labels (3 and 5) for the even ones.
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, "-c", REPLICA, store_location, name, label],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name, label in (("a", "3"), ("b", "5"))
+    ]
+    a, b = (json.loads(r.communicate(timeout=300)[0]) for r in replicas)
+    assert all(r.returncode == 0 for r in replicas)
+
+    assert ids(store) == {f"shared{i}" for i in range(60)} | {
+        f"{r}{i}" for r in "ab" for i in range(150)
+    }
+    # One feedback row per prediction, whichever replica got there first.
+    assert store.stats() == {"pending": 60, "ingested": 0, "rejected": 0, "predictions": 360}
+    assert a["labelled"] == b["labelled"], "both calls name the same feedback item"
+    for queue in a["queues"] + b["queues"]:
+        assert len(queue) == len(set(queue)), "an item handed out twice in one call"
