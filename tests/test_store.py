@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,24 @@ def test_a_store_from_an_earlier_release_is_migrated(tmp_path):
     store.log_prediction("new", b"png", PROBS, False, "2", noise=0.5)
     assert [i["prediction_id"] for i in store.review_queue(10, "entropy")] == ["old"]
     assert store.stats()["predictions"] == 2
+
+
+def test_many_threads_share_one_store(store_location):
+    """A server's request threads log, label and query at once: every write lands, no error."""
+    store = PredictionStore(store_location)
+
+    def work(thread: int) -> int:
+        for i in range(150):
+            store.log_prediction(f"t{thread}-{i}", b"png", PROBS, False, "1")
+            if i % 10 == 0:
+                store.add_feedback(f"t{thread}-{i}", thread % 10)
+                store.review_queue(20, "entropy")
+                store.stats()
+        return thread
+
+    with ThreadPoolExecutor(12) as pool:
+        assert sorted(pool.map(work, range(12))) == list(range(12))
+    assert store.stats() == {"pending": 180, "ingested": 0, "rejected": 0, "predictions": 1800}
 
 
 REPLICA = """

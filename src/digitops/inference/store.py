@@ -13,6 +13,7 @@ backend. PostgreSQL is reached through psycopg 3.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -107,9 +108,11 @@ def engine_for(location: str | Path) -> sa.Engine:
         Path(location).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
         "sqlite+pysqlite://",
-        creator=lambda: __import__("sqlite3").connect(
-            location, timeout=10, check_same_thread=False, uri=uri
-        ),
+        creator=lambda: sqlite3.connect(location, timeout=10, check_same_thread=False, uri=uri),
+        # A pool of connections each used by one thread at a time, as for any file database.
+        # (For a URL without a file SQLAlchemy would pick SingletonThreadPool, which closes
+        # connections that other threads still use: workers crashed under load.)
+        poolclass=sa.pool.QueuePool,
     )
 
     @sa.event.listens_for(engine, "connect")
