@@ -30,7 +30,7 @@ from digitops.inference import contract, explain, http
 from digitops.inference.errors import EmptyImageError, RequestError
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.preprocess import Preprocessed, add_noise, preprocess
-from digitops.inference.reload import ReloadNotices
+from digitops.inference.reload import RegistryFollower, ReloadNotices
 from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
 from digitops.inference.settings import Settings, SettingsError
 from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
@@ -63,6 +63,21 @@ BATCH_MAX_LATENCY_MS = 1000
 CORES_PER_WORKER = max(1, (os.cpu_count() or 1) // SETTINGS.workers)
 
 
+def registry_follower() -> RegistryFollower | None:
+    """The worker's follower of the registry alias, when DIGITOPS_REGISTRY_POLL_SECONDS is set."""
+    return RegistryFollower.from_settings(SETTINGS) if SETTINGS.registry_poll_seconds else None
+
+
+def starting_model(registry: RegistryFollower | None) -> ServedModel:
+    """The alias's version when following the registry; else, or while the registry cannot
+    give it, the newest store entry or the shipped model."""
+
+    def unfollowed() -> ServedModel:
+        return load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
+
+    return unfollowed() if registry is None else registry.first(unfollowed)
+
+
 @bentoml.service(
     name="digitops",
     http={"host": "127.0.0.1", "port": 3000},
@@ -76,7 +91,8 @@ class DigitService:
         # Reloads announced from now on are followed, including any during the load below.
         self.reloads = ReloadNotices()
         self.metrics = ServiceMetrics()
-        self._serve(load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model))
+        self.registry = registry_follower()
+        self._serve(starting_model(self.registry))
         self.max_bytes = SETTINGS.max_upload_bytes
         try:
             self.store: PredictionStore | None = PredictionStore(
@@ -89,7 +105,9 @@ class DigitService:
         # contend for the cores, and each decode in flight holds up to a full-size image.
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = http.RateLimiter(SETTINGS.feedback_per_minute)
-        if SETTINGS.workers > 1:
+        if self.registry is not None:  # each worker follows on its own: no notices needed
+            self.registry.follow(lambda: self.served, self._followed)
+        elif SETTINGS.workers > 1:
             self.reloads.follow(lambda: self.served.store_tag, self._switch_to)
         card = self.served.card()
         log.info(
@@ -110,7 +128,7 @@ class DigitService:
         load, the server stops with one line saying why (workers would fail and restart
         forever)."""
         try:
-            load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
+            starting_model(registry_follower())
         except ModelUnavailable as err:
             sys.exit(f"digitops: cannot start: {err}")
 
@@ -371,7 +389,8 @@ class DigitService:
 
     @app.post("/admin/reload", **contract.RELOAD)
     async def reload(self, request: Request):
-        """Switch to the newest model in the BentoML store without a restart (token required)."""
+        """Switch to the newest model in the BentoML store, or the version holding the registry
+        alias when following it, without a restart (token required)."""
         given = request.headers.get("authorization", "").encode()
         if not given:
             raise RequestError("send the admin token: Authorization: Bearer <token>", 401)
@@ -381,12 +400,7 @@ class DigitService:
         if not hmac.compare_digest(given, f"Bearer {token}".encode()):
             raise RequestError("missing or wrong admin token (Authorization: Bearer <token>)", 401)
         try:
-            # No fallback: a failed lookup must never swap the champion for the shipped model.
-            served = await anyio.to_thread.run_sync(
-                lambda: load_served_model(
-                    SETTINGS.model_tag, SETTINGS.shipped_model, fallback=False
-                )
-            )
+            served = await anyio.to_thread.run_sync(self._newest)
         except RuntimeError as err:
             raise RequestError(
                 f"reload failed, still serving {self.served.source}: {err}", 503
@@ -394,14 +408,27 @@ class DigitService:
         previous = self.served.card()
         self._serve(served)
         log.info("reloaded: now serving %s (was %s)", served.source, previous["source"])
-        if SETTINGS.workers > 1:  # the others switch to the same store entry within a second
-            self.reloads.announce(served.store_tag)
+        if SETTINGS.workers > 1 and self.registry is None:
+            self.reloads.announce(served.store_tag)  # the others switch within a second
         return {"previous": previous, "current": served.card(), "workers": SETTINGS.workers}
+
+    def _newest(self) -> ServedModel:
+        """What /admin/reload switches to. No fallback: a failed look-up must never swap the
+        champion for the shipped model."""
+        if self.registry is not None:
+            return self.registry.load()
+        return load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model, fallback=False)
 
     def _switch_to(self, store_tag: str) -> None:
         """Serve the store entry another worker of this server reloaded."""
         self._serve(load_served_model(store_tag, None, fallback=False))
         log.info("followed a reload: now serving %s", self.served.source)
+
+    def _followed(self, served: ServedModel) -> None:
+        """Serve the version that now holds the registry alias."""
+        previous = self.served.source
+        self._serve(served)
+        log.info("followed the registry: now serving %s (was %s)", served.source, previous)
 
     @app.get("/", include_in_schema=False)
     async def index(self):

@@ -129,6 +129,7 @@ def mlflow_server(workdir: Path, port: int | None = None) -> Iterator[str]:
     """`mlflow server` with its database (SQLite) and artifacts in `workdir`; clients upload and
     download artifacts through it. Yields the tracking URI. Start it again with the same
     `workdir` and `port` and it is the same server."""
+    workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     cmd = [
         "mlflow",

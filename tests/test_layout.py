@@ -23,6 +23,8 @@ LAYERS = {
     "training": {"base", "data"},
     "release": {"base", "data"},
     "inference": {"base", "data"},
+    # The deployment launcher starts servers: it may read their settings, nothing imports it.
+    "deploy": {"base", "inference"},
 }
 # The Bento packages the whole library and the service, not only the code its stage runs.
 PACKAGING_STAGES = {"bento"}

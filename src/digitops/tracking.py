@@ -7,6 +7,7 @@ into run parameters. Everything else calls `Tracking`; nothing else imports mlfl
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import urllib.request
 import warnings
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 # Where a run keeps the checkpoint that serving rebuilds the model from (not the pt2 graph).
 CHECKPOINT_ARTIFACT = f"checkpoint/{checkpoint.FILE_NAME}"
 EXPERIMENT_KIND = "mlflow.experimentKind"
+# How the registry says that no version holds an alias: no such model, no such alias.
+NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
 class TrackingError(RuntimeError):
@@ -34,11 +37,17 @@ class TrackingError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class RegisteredModel:
-    """A version of the registered model, with its checkpoint downloaded to `path`."""
+class ModelVersion:
+    """A version of the registered model and the run that logged its checkpoint."""
 
     version: str
     run_id: str
+
+
+@dataclass(frozen=True)
+class RegisteredModel(ModelVersion):
+    """A version of the registered model, with its checkpoint downloaded to `path`."""
+
     path: Path
 
 
@@ -53,6 +62,19 @@ class Tracking:
     @classmethod
     def from_config(cls, cfg) -> Tracking:
         return cls(cfg.mlflow.tracking_uri, cfg.mlflow.registered_model)
+
+    @classmethod
+    def for_polling(cls, model_name: str) -> Tracking:
+        """The tracking server MLflow's own MLFLOW_TRACKING_URI names, for a process that asks
+        the registry again and again (a server following an alias).
+
+        Each call tries once and gives up within seconds: MLflow by default retries an
+        unreachable server for minutes, and here the next poll is the retry. Changes this
+        process's MLflow settings unless they are set.
+        """
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        return cls(mlflow.get_tracking_uri(), model_name)
 
     def check(self, timeout: float = 5.0) -> None:
         """Fail at once when a tracking server is down, before a stage changes anything
@@ -138,20 +160,39 @@ class Tracking:
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.model_name, alias, version)
 
+    def holder(self, alias: str) -> ModelVersion | None:
+        """The version holding `alias`: one registry call. None if no version holds it (or
+        nothing is registered yet); TrackingError if the registry cannot be asked."""
+        try:
+            found = self.client.get_model_version_by_alias(self.model_name, alias)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code in NOT_FOUND:
+                return None
+            raise TrackingError(f"MLflow registry {self.tracking_uri}: {err.message}") from None
+        return ModelVersion(str(found.version), found.run_id)
+
+    def download(self, version: ModelVersion, dest: Path) -> RegisteredModel:
+        """The checkpoint of `version`, downloaded into `dest`."""
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=version.run_id,
+                artifact_path=CHECKPOINT_ARTIFACT,
+                dst_path=str(dest),
+                tracking_uri=self.tracking_uri,
+            )
+        except (mlflow.exceptions.MlflowException, OSError) as err:
+            reason = getattr(err, "message", err)
+            raise TrackingError(
+                f"cannot download {self.model_name} version {version.version}'s checkpoint "
+                f"from {self.tracking_uri}: {reason}"
+            ) from None
+        return RegisteredModel(version.version, version.run_id, Path(path))
+
     def aliased(self, alias: str, dest: Path) -> RegisteredModel | None:
         """The version holding `alias`, its checkpoint downloaded into `dest`; None if no
         version holds it."""
-        try:
-            version = self.client.get_model_version_by_alias(self.model_name, alias)
-        except mlflow.exceptions.MlflowException:
-            return None
-        path = mlflow.artifacts.download_artifacts(
-            run_id=version.run_id,
-            artifact_path=CHECKPOINT_ARTIFACT,
-            dst_path=str(dest),
-            tracking_uri=self.tracking_uri,
-        )
-        return RegisteredModel(str(version.version), version.run_id, Path(path))
+        holder = self.holder(alias)
+        return None if holder is None else self.download(holder, dest)
 
     def load_logged_model(self, version: str) -> torch.nn.Module:
         """The pt2 graph of a registered version, as a callable module on CPU."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bentoml
 import numpy as np
@@ -13,6 +15,9 @@ import torch
 from digitops import checkpoint
 from digitops.inference.runtime import onnx_session
 from digitops.model import DigitCNN, fold_batchnorm, normalize
+
+if TYPE_CHECKING:  # importing mlflow takes seconds; only a server following the registry needs it
+    from digitops.tracking import ModelVersion, Tracking
 
 
 @dataclass
@@ -23,6 +28,7 @@ class ServedModel:
     metadata: dict
     source: str
     store_tag: str | None = None  # the BentoML store entry, when it came from there
+    registry_version: str | None = None  # the MLflow registry version, when it came from there
     # Normalised inputs [N, 1, 28, 28] -> probabilities [N, 10]: the same function as `model`
     # plus softmax, run by ONNX Runtime (inference/runtime.py says why).
     forward: Callable[[np.ndarray], np.ndarray] = field(init=False, repr=False)
@@ -78,6 +84,17 @@ def load_served_model(
     return ServedModel(
         fold_batchnorm(model), metadata, f"bentoml model store {stored.tag}", str(stored.tag)
     )
+
+
+def load_registry_version(tracking: Tracking, alias: str, version: ModelVersion) -> ServedModel:
+    """Registry version `version`, which holds `alias`, from the tracking server."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, metadata = _load(tracking.download(version, Path(tmp)).path)
+    # The registry names the version, whatever the checkpoint recorded when it was registered
+    # (the shipped model, say, registered again elsewhere).
+    metadata.update(registered_model=tracking.model_name, registered_version=version.version)
+    source = f"mlflow registry {tracking.model_name}@{alias} (version {version.version})"
+    return ServedModel(fold_batchnorm(model), metadata, source, registry_version=version.version)
 
 
 class ModelUnavailable(RuntimeError):

@@ -28,7 +28,7 @@ class Settings:
     # Worker processes; each batches its own requests and gets its share of the cores.
     workers: int = 1
     max_upload_bytes: int = DEFAULT_MAX_BYTES  # the decoder's own limit
-    # Prediction log + feedback queue (SQLite file).
+    # Prediction log + feedback queue: a SQLite file, or a postgresql:// URL for many replicas.
     predictions_db: str = "var/predictions.db"
     # Unlabelled predictions kept; the oldest beyond this are dropped.
     max_predictions: int = 100_000
@@ -38,6 +38,12 @@ class Settings:
     admin_token: str | None = None
     # MLflow UI base URL, linked from the web page's model card.
     mlflow_ui: str | None = None
+    # Seconds between looks at the registry alias; None = serve the BentoML store entry and
+    # switch only on /admin/reload. Set, every worker of every replica follows the alias, so
+    # moving it is the whole rollout. The registry is MLflow's MLFLOW_TRACKING_URI.
+    registry_poll_seconds: int | None = None
+    registry_alias: str = "champion"
+    registered_model: str = "digit-cnn"
 
     @staticmethod
     def variable(name: str) -> str:
@@ -52,7 +58,7 @@ class Settings:
             raw = environ.get(cls.variable(f.name), "").strip()
             if not raw:
                 continue
-            if f.type == "int":
+            if f.type in ("int", "int | None"):
                 if not raw.isdigit() or int(raw) < 1:
                     raise SettingsError(
                         f"{cls.variable(f.name)} must be a positive integer, got {raw!r}"
