@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hmac
 import logging
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -33,7 +35,12 @@ from digitops.inference.preprocess import Preprocessed, add_noise, preprocess
 from digitops.inference.reload import RegistryFollower, ReloadNotices
 from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
 from digitops.inference.settings import Settings, SettingsError
-from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
+from digitops.inference.store import (
+    GroupCommit,
+    PredictionStore,
+    StoreError,
+    UnknownPrediction,
+)
 
 T = TypeVar("T")
 
@@ -98,8 +105,9 @@ class DigitService:
             self.store: PredictionStore | None = PredictionStore(
                 SETTINGS.predictions_db, max_predictions=SETTINGS.max_predictions
             )
+            self.prediction_log: GroupCommit | None = GroupCommit(self.store)
         except StoreError as err:  # predictions must go on without their log
-            self.store = None
+            self.store = self.prediction_log = None
             log.warning("%s; predictions will not be logged and feedback is disabled", err)
         # CPU-bound steps (decoding, filtering, Grad-CAM) get a thread per core: more would only
         # contend for the cores, and each decode in flight holds up to a full-size image.
@@ -177,7 +185,9 @@ class DigitService:
         (data,), raw = await http.read_images(request, self.max_bytes, http.IMAGE_FIELD)
         return data, http.parse_options(raw, allowed)
 
-    def _predict(self, data: bytes, options: http.Options, served: ServedModel) -> dict:
+    def _predict(
+        self, data: bytes, options: http.Options, served: ServedModel
+    ) -> tuple[dict, Future | None]:
         prepared, input_png = self._prepare(data, options)
         probabilities = served.probabilities(prepared.pixels[None])[0]
         return self._reply(prepared, input_png, probabilities, data, options, served)
@@ -187,7 +197,8 @@ class DigitService:
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
         data, options = await self._read_one(request, http.PREDICT_OPTIONS)
         served = self.served
-        return JSONResponse(await self._off_loop(lambda: self._predict(data, options, served)))
+        reply = await self._off_loop(lambda: self._predict(data, options, served))
+        return JSONResponse(await self._logged(*reply))
 
     @app.post("/predict_batch", **contract.PREDICT_BATCH)
     async def predict_batch(self, request: Request):
@@ -196,17 +207,17 @@ class DigitService:
         options = http.parse_options(raw, http.PREDICT_OPTIONS)
         served = self.served
 
-        def work() -> list[dict]:
-            results: list[dict | None] = [None] * len(blobs)
+        def work() -> list[tuple[dict, Future | None]]:
+            results: list = [None] * len(blobs)
             ready: list[tuple[int, Preprocessed, bytes]] = []
             for i, data in enumerate(blobs):
                 try:
                     ready.append((i, *self._prepare(data, options)))
                 except EmptyImageError as err:
                     self.metrics.no_digit.inc()
-                    results[i] = {"error": str(err), "status": err.status}
+                    results[i] = {"error": str(err), "status": err.status}, None
                 except RequestError as err:  # one bad image must not fail its neighbours
-                    results[i] = {"error": str(err), "status": err.status}
+                    results[i] = {"error": str(err), "status": err.status}, None
             if ready:  # one forward pass for all of them
                 probabilities = served.probabilities(np.stack([p.pixels for _, p, _ in ready]))
                 for (i, prepared, input_png), probs in zip(ready, probabilities, strict=True):
@@ -214,6 +225,7 @@ class DigitService:
             return results
 
         results = await self._off_loop(work)
+        results = await asyncio.gather(*(self._logged(*r) for r in results))
         return JSONResponse({"results": results, "count": len(results)})
 
     def _reply(
@@ -224,30 +236,36 @@ class DigitService:
         original: bytes,
         options: http.Options,
         served: ServedModel,
-    ) -> dict:
-        """The prediction's JSON, recorded for feedback and review unless the caller opted out.
-
-        A broken store never fails a prediction: the reply then says `logged: false`.
-        """
+    ) -> tuple[dict, Future | None]:
+        """The prediction's JSON, and its row handed to the prediction log (for feedback and
+        review) unless the caller opted out: the future ends when the row is stored."""
         self.metrics.prediction(probabilities, prepared.inverted)
         payload = http.prediction_payload(
             probabilities, input_png, prepared.inverted, served, http.new_prediction_id()
         )
         if not options.log:
             payload["logged"] = False
+            return payload, None
+        if self.store is None or self.prediction_log is None:
+            return payload, _failed(StoreError("no prediction store"))
+        record = self.store.record(
+            payload["prediction_id"],
+            input_png,
+            probabilities,
+            prepared.inverted,
+            payload["model"]["version"],
+            original,
+            options.noise,
+        )
+        return payload, self.prediction_log.submit(record)
+
+    async def _logged(self, payload: dict, stored: Future | None) -> dict:
+        """The reply once its row is committed (on the event loop: no thread waits for it).
+        A broken store never fails a prediction: the reply then says `logged: false`."""
+        if stored is None:
             return payload
         try:
-            if self.store is None:
-                raise StoreError("no prediction store")
-            self.store.log_prediction(
-                payload["prediction_id"],
-                input_png,
-                probabilities,
-                prepared.inverted,
-                payload["model"]["version"],
-                original,
-                options.noise,
-            )
+            await asyncio.wrap_future(stored)
         except StoreError as err:
             payload["logged"] = False
             self.metrics.store_failures.inc()
@@ -329,7 +347,8 @@ class DigitService:
             http.parse_feedback({**raw, "prediction_id": "pending"})  # bad label: 400 first
             options = http.parse_options(raw, http.FEEDBACK_IMAGE_FIELDS)
             served = self.served
-            logged = await self._off_loop(lambda: self._predict(data, options, served))
+            reply = await self._off_loop(lambda: self._predict(data, options, served))
+            logged = await self._logged(*reply)
             body = {**raw, "prediction_id": logged["prediction_id"]}
         else:
             try:
@@ -452,3 +471,10 @@ class DigitService:
 # BentoML answers /docs.json with a document of its own making, which cannot see our bodies.
 DigitService.add_asgi_middleware(http.OwnOpenAPI)
 DigitService.add_asgi_middleware(http.JSONOnly, paths=("/classify",))
+
+
+def _failed(err: Exception) -> Future:
+    """A row that could not even be queued, told the way the log tells a failed write."""
+    future: Future = Future()
+    future.set_exception(err)
+    return future

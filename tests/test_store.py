@@ -7,13 +7,14 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from digitops.inference.store import PredictionStore, StoreError, predictions
+from digitops.inference.store import GroupCommit, PredictionStore, StoreError, predictions
 from tests.servers import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,43 @@ def test_many_threads_share_one_store(store_location):
     with ThreadPoolExecutor(12) as pool:
         assert sorted(pool.map(work, range(12))) == list(range(12))
     assert store.stats() == {"pending": 180, "ingested": 0, "rejected": 0, "predictions": 1800}
+
+
+def test_group_commit_stores_every_row_in_few_transactions(store_location):
+    store = PredictionStore(store_location)
+    batches: list[int] = []
+    insert = store.insert
+    store.insert = lambda rows: (batches.append(len(rows)), insert(rows))[1]
+    log = GroupCommit(store)
+
+    def submit(i: int):
+        return log.submit(store.record(f"p{i}", b"png", PROBS, False, "1"))
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = list(pool.map(submit, range(400)))
+    for stored in futures:
+        stored.result(timeout=60)  # every row stored, no error
+    assert store.stats()["predictions"] == 400 == sum(batches)
+    assert len(batches) < 400 and max(batches) > 1, "rows that queued up share a commit"
+
+
+def test_a_row_that_cannot_be_stored_fails_alone(store_location):
+    store = PredictionStore(store_location)
+    store.log_prediction("taken", b"png", PROBS, False, "1")
+    log = GroupCommit(store)
+    # Hold the writer on a first commit, so the next rows queue up into one batch.
+    release = threading.Event()
+    insert = store.insert
+    store.insert = lambda rows: (release.wait(30), insert(rows))[1]
+    first = log.submit(store.record("first", b"png", PROBS, False, "1"))
+    batch = [log.submit(store.record(p, b"png", PROBS, False, "1")) for p in ("a", "taken", "b")]
+    release.set()
+    first.result(timeout=60)
+    batch[0].result(timeout=60)
+    batch[2].result(timeout=60)
+    with pytest.raises(StoreError):
+        batch[1].result(timeout=60)  # its id is taken: this row, and only it, is refused
+    assert ids(store) == {"taken", "first", "a", "b"}
 
 
 REPLICA = """

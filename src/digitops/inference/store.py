@@ -13,10 +13,12 @@ backend. PostgreSQL is reached through psycopg 3.
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,10 +185,26 @@ class PredictionStore:
         original: bytes | None = None,
         noise: float = 0.0,
     ) -> None:
+        row = self.record(
+            prediction_id, input_png, probabilities, inverted, model_version, original, noise
+        )
+        self.insert([row])
+
+    def record(
+        self,
+        prediction_id: str,
+        input_png: bytes,
+        probabilities: np.ndarray,
+        inverted: bool,
+        model_version: str | None,
+        original: bytes | None = None,
+        noise: float = 0.0,
+    ) -> dict:
+        """A prediction as a row of the log (see `insert`)."""
         entropy, margin = uncertainty(probabilities)
         if original is not None and len(original) > self.max_original_bytes:
             original = None  # the 28x28 input is always kept; big originals are not
-        row = {
+        return {
             "id": prediction_id,
             "created_at": time.time(),
             "input_png": input_png,
@@ -200,11 +218,15 @@ class PredictionStore:
             "model_version": model_version,
             "noise": float(noise),
         }
+
+    def insert(self, records: list[dict]) -> None:
+        """Log predictions (rows from `record`) in one transaction: all of them, or none."""
         with self._transaction() as conn:
-            conn.execute(predictions.insert(), row)
+            conn.execute(predictions.insert(), records)
         with self._count_lock:
-            self._inserts += 1
-            due = self._inserts % 1000 == 0
+            before = self._inserts
+            self._inserts += len(records)
+            due = self._inserts // 1000 > before // 1000  # once per thousand rows
         if due:
             self._enforce_retention()
 
@@ -337,6 +359,55 @@ class PredictionStore:
             query = query.where(F.updated_at == if_updated_at)
         with self._transaction() as conn:
             return conn.execute(query.values(status=status, reason=reason)).rowcount == 1
+
+
+class GroupCommit:
+    """The prediction log's writer: request threads hand their rows over, and one thread
+    commits every row that queued up meanwhile in a single transaction (group commit).
+
+    Under load, one commit then serves many requests; a lone request waits for its own. Each
+    row's future says what happened to it: done once it is stored, or the StoreError that
+    kept it out, so a reply can say truthfully whether its prediction was logged.
+    """
+
+    def __init__(self, store: PredictionStore, max_rows: int = 256):
+        self.store = store
+        self.max_rows = max_rows
+        self._queue: queue.SimpleQueue[tuple[dict, Future]] = queue.SimpleQueue()
+        threading.Thread(target=self._write, name="prediction-log", daemon=True).start()
+
+    def submit(self, record: dict) -> Future:
+        """Queue a row (from `PredictionStore.record`); the future ends when it is stored."""
+        stored: Future = Future()
+        self._queue.put((record, stored))
+        return stored
+
+    def _write(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_rows:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[dict, Future]]) -> None:
+        try:
+            self.store.insert([record for record, _ in batch])
+        except StoreError as err:
+            if len(batch) > 1:  # one bad row must not fail its neighbours: try each alone
+                for item in batch:
+                    self._commit([item])
+                return
+            batch[0][1].set_exception(err)
+            return
+        except Exception as err:  # a bug here must still answer every waiting request
+            for _, stored in batch:
+                stored.set_exception(StoreError(f"prediction log writer failed: {err}"))
+            return
+        for _, stored in batch:
+            stored.set_result(None)
 
 
 def _migrate(conn: sa.Connection) -> None:
