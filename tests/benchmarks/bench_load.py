@@ -164,10 +164,11 @@ def mixed_with_reloads(
 
 
 def server_rss_mb(base: str) -> float:
-    """Resident memory of a running server's worker processes (not the supervisor), in MB."""
+    """Resident memory of a running server's worker processes (not the supervisor; a server
+    without workers, such as plain uvicorn, is its own worker), in MB."""
     root = psutil.Process(PROCESSES[base].pid)
     workers = [p for p in root.children(recursive=True) if "worker" in " ".join(p.cmdline())]
-    return sum(p.memory_info().rss for p in workers) / 2**20
+    return sum(p.memory_info().rss for p in workers or [root]) / 2**20
 
 
 def soak(base: str, minutes: float, concurrency: int = 8) -> dict:

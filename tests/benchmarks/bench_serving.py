@@ -27,6 +27,7 @@ from digitops.data import mnist
 from digitops.inference.http import KEEP_ALIVE_SECONDS
 from digitops.inference.served import load_served_model
 from digitops.inference.settings import Settings
+from tests.benchmarks.bench_load import server_rss_mb
 from tests.benchmarks.profile_predict import profile
 from tests.servers import PROCESSES, free_port, running, serve_command
 
@@ -122,28 +123,31 @@ def wrk(
 
 def measure_server(
     name, cmd, port, endpoints, image, seconds, out, ready_path
-) -> tuple[dict, dict | None]:
-    """wrk's figures per endpoint, and for digitops where its /predict CPU time goes."""
+) -> tuple[dict, dict | None, dict]:
+    """wrk's figures per endpoint; for digitops where its /predict CPU time goes; the workers'
+    resident memory when warmed up and after the c=32 run."""
     env = {"DIGITOPS_WORKERS": str(WORKERS[name])}
     with running(cmd, port, out / f"{name}.log", ready_path=ready_path, env=env) as base:
         # Check it answers correctly before timing it.
         files = {"image": ("d.png", image.read_bytes(), "image/png")}
         httpx.post(f"{base}/predict", files=files, timeout=30).raise_for_status()
-        results = {
-            path: {
-                "c1": wrk(port, path, image, 1, seconds),
-                "c32": wrk(port, path, image, 32, seconds),
-                # A lone client right after a burst: batching that learned to wait for company
-                # under load must not keep making single requests wait.
-                "c1_after_burst": wrk(port, path, image, 1, seconds, warm_up=False),
-            }
-            for path in endpoints
-        }
+        results, memory = {}, {}
+        for path in endpoints:
+            c1 = wrk(port, path, image, 1, seconds)
+            if path == "/predict":  # warmed up: every code path has run
+                memory["idle_mb"] = server_rss_mb(base)
+            c32 = wrk(port, path, image, 32, seconds)
+            if path == "/predict":
+                memory["after_c32_mb"] = server_rss_mb(base)
+            # A lone client right after a burst must not pay for it (a collector walking what
+            # the burst allocated, a checkpoint of its writes).
+            after = wrk(port, path, image, 1, seconds, warm_up=False)
+            results[path] = {"c1": c1, "c32": c32, "c1_after_burst": after}
         spent = None
         if name == "digitops":  # sampled under the c=32 load
             load = lambda: wrk(port, "/predict", image, 32, seconds, warm_up=False)  # noqa: E731
             spent = profile(PROCESSES[base].pid, load, seconds, out)
-        return results, spent
+        return results, spent, memory
 
 
 def targets(results: dict) -> list[tuple[str, float, str, bool]]:
@@ -160,6 +164,8 @@ def targets(results: dict) -> list[tuple[str, float, str, bool]]:
     vs_naive = predict["c32"]["throughput"] / naive["/predict"]["c32"]["throughput"]
     explain_extra = explain["c1"]["p50_ms"] - predict["c1"]["p50_ms"]
     tail = predict["c1"]["p99_ms"] / predict["c1"]["p50_ms"]
+    memory = results["memory"]["digitops"]
+    growth = memory["after_c32_mb"] / memory["idle_mb"] - 1
     return [
         ("/predict p50 c=1 minus the floor's", over_floor, "<= 1.5 ms", over_floor <= 1.5),
         ("/predict p50 c=1 / FastAPI baseline's", vs_baseline, "<= 1.0", vs_baseline <= 1.0),
@@ -168,6 +174,7 @@ def targets(results: dict) -> list[tuple[str, float, str, bool]]:
         ("/explain p50 c=1 minus /predict's", explain_extra, "<= 2.0 ms", explain_extra <= 2.0),
         ("/predict p99 c=1 / its p50", tail, "<= 3.0", tail <= 3.0),
         ("errors, every measurement", errors, "0", errors == 0),
+        ("worker memory growth, idle to after c=32", growth, "< 0.10", growth < 0.10),
     ]
 
 
@@ -195,6 +202,15 @@ def report(results: dict, out: Path) -> str:
                 f"{sum(m['errors'] for m in r.values())} |"
             )
     floor = results["bentoml_floor"]["/predict"]["c1"]["p50_ms"]
+    lines += [
+        "",
+        "| system | worker RSS warmed up (MB) | after the /predict c=32 run (MB) |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {system} | {m['idle_mb']:.0f} | {m['after_c32_mb']:.0f} |"
+        for system, m in results["memory"].items()
+    ]
     lines += [
         "",
         f"The BentoML floor on this machine is {floor:.2f} ms p50 at c=1: reading the upload and "
@@ -276,9 +292,10 @@ def main() -> None:
             "/readyz",
         ),
     ]
+    results["memory"] = {}
     # One at a time, so no server shares the cores with another.
     for name, cmd, endpoints, ready in systems:
-        results[name], spent = measure_server(
+        results[name], spent, results["memory"][name] = measure_server(
             name, cmd, port, endpoints, image, args.seconds, args.out, ready
         )
         if spent is not None:
