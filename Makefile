@@ -9,6 +9,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # This checkout's BentoML store (the bento stage defaults to it too): `make serve` serves the
 # champion this checkout promoted, not what another clone imported into ~/bentoml.
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
+# make cluster-up: how many replicas behind nginx, and nginx's port.
+REPLICAS ?= 2
+PORT ?= 8080
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,8 +37,10 @@ repro: data ## run the whole DVC pipeline
 ingest: $(STAMP) ## move validated user feedback into data/feedback, version it (dvc add + push)
 	$(PY) -m pipelines.ingest_feedback
 
+# Idle connections stay open 75 s, longer than clients and nginx keep theirs
+# (KEEP_ALIVE_SECONDS in src/digitops/inference/http.py says why).
 serve: $(STAMP) ## serve the model on http://127.0.0.1:3000 (web page + API; docs at /docs)
-	$(VENV)/bin/bentoml serve serving.service:DigitService
+	$(VENV)/bin/bentoml serve serving.service:DigitService --timeout-keep-alive 75
 
 test: $(STAMP) ## all tests: unit, slow (pipeline) and e2e (servers, browser)
 	$(PY) -m pytest
@@ -43,13 +48,20 @@ test: $(STAMP) ## all tests: unit, slow (pipeline) and e2e (servers, browser)
 test-fast: $(STAMP) ## unit tests only
 	$(PY) -m pytest -m "not slow and not e2e"
 
-bench: $(STAMP) ## training speed, accuracy via the API, forward pass, serving latency/throughput, load -> artifacts/bench/
+bench: $(STAMP) ## training speed, accuracy via the API, forward pass, serving latency/throughput, load, replicas -> artifacts/bench/
 	@command -v wrk >/dev/null || { echo "bench needs wrk (apt-get install wrk)"; exit 1; }
 	$(PY) -m tests.benchmarks.bench_training
 	$(PY) -m tests.benchmarks.bench_accuracy
 	$(PY) -m tests.benchmarks.bench_forward
 	$(PY) -m tests.benchmarks.bench_serving
 	$(PY) -m tests.benchmarks.bench_load
+	$(PY) -m tests.benchmarks.bench_cluster
+
+cluster-up: $(STAMP) ## PostgreSQL, MLflow server, REPLICAS=2 replicas, nginx on 127.0.0.1:PORT=8080; in var/cluster/
+	$(PY) -m digitops.deploy.cluster up --replicas $(REPLICAS) --port $(PORT)
+
+cluster-down: $(STAMP) ## stop what cluster-up started (safe to repeat)
+	$(PY) -m digitops.deploy.cluster down
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check src pipelines serving tests
@@ -61,4 +73,4 @@ mlflow-ui: $(STAMP) ## browse and compare runs on http://127.0.0.1:5000 (same st
 clean: ## remove logs, benchmark reports and caches (keeps .venv/, data/, DVC outputs, MLflow)
 	rm -rf logs artifacts/bench artifacts/screenshots .pytest_cache
 
-.PHONY: help setup data train repro ingest serve test test-fast bench lint mlflow-ui clean
+.PHONY: help setup data train repro ingest serve test test-fast bench cluster-up cluster-down lint mlflow-ui clean
