@@ -50,12 +50,16 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return times.user + times.system
 
 
-def measure(port: int, image: Path, seconds: float, processes: list[Process]) -> dict:
+def measure(
+    port: int, image: Path, seconds: float, processes: list[Process], new_connections: bool
+) -> dict:
     """wrk's figures at c=32, and each worker's share of the workers' CPU time meanwhile."""
     wrk(port, "/predict", image, CONNECTIONS, 2, warm_up=False)  # lazily-initialised paths
     serving = workers(processes)
     before = {name: cpu_seconds(p) for name, p in serving.items()}
-    result = wrk(port, "/predict", image, CONNECTIONS, seconds, warm_up=False)
+    result = wrk(
+        port, "/predict", image, CONNECTIONS, seconds, False, new_connections=new_connections
+    )
     spent = {name: cpu_seconds(p) - before[name] for name, p in serving.items()}
     total = sum(spent.values()) or 1.0
     result["cpu_share"] = {name: round(s / total, 3) for name, s in spent.items()}
@@ -69,16 +73,17 @@ def run_cluster(replicas: int, workers_each: int, image: Path, seconds: float) -
     try:
         up(directory, replicas, workers_each, port)
         processes = load(directory).processes
-        paths = [("nginx", port)]
-        if replicas == 1:  # and the same replica without nginx
-            paths.insert(0, ("direct", next(p.port for p in processes if p.name == "replica-1")))
+        paths = [("nginx", port, False)]
+        if replicas == 1:  # and the same replica without nginx, kept-alive and not
+            direct = next(p.port for p in processes if p.name == "replica-1")
+            paths[:0] = [("direct", direct, False), ("direct, new connections", direct, True)]
         return [
             {
                 "shape": f"{replicas} x {workers_each}",
                 "path": path,
-                **measure(target, image, seconds, processes),
+                **measure(target, image, seconds, processes, new_connections),
             }
-            for path, target in paths
+            for path, target, new_connections in paths
         ]
     finally:
         down(directory, quiet=True)
@@ -101,7 +106,8 @@ def main() -> None:
     lines = [
         "# Replicas behind nginx",
         "",
-        f"{machine}; wrk, {CONNECTIONS} kept-alive connections, {args.seconds} s per row, "
+        f"{machine}; wrk, {CONNECTIONS} connections (kept alive unless the row says otherwise), "
+        f"{args.seconds} s per row, "
         "POST /predict with a canvas PNG; PostgreSQL store, MLflow server running.",
         "",
         "| replicas x workers | path | req/s | p50 (ms) | p99 (ms) | errors | workers' CPU share |",

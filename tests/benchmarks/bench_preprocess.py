@@ -69,12 +69,20 @@ def measure() -> dict:
     results["drawing_preprocess_us"] = best_us(lambda: [pp.preprocess(d) for d in pngs], 20) / n
     image = pp.decode(pngs[0])
     gray = pp._grayscale(image)
-    background = pp._flat_background(gray)
-    ink = pp._drawn_ink(gray, background)
+    factor = -(-max(gray.shape) // pp.DRAWING_SIDE)
+    small = pp._block_mean(gray, factor)
+    background = pp._flat_background(small)
+    edge = max(1, round(pp.EDGE_WIDTH / factor))
+    ink = pp._drawn_ink(small, background, edge)
     results["drawing_steps_us"] = {
         "grayscale": best_us(lambda: pp._grayscale(image), 200),
-        "flat background": best_us(lambda: pp._flat_background(gray), 200),
-        "ink (strokes, specks, edges)": best_us(lambda: pp._drawn_ink(gray, background), 200),
+        f"shrink to {small.shape[1]}x{small.shape[0]} (block means)": best_us(
+            lambda: pp._block_mean(gray, factor), 200
+        ),
+        "flat background": best_us(lambda: pp._flat_background(small), 200),
+        "ink (strokes, specks, edges)": best_us(
+            lambda: pp._drawn_ink(small, background, edge), 200
+        ),
         "crop, resize to 20 px, centre": best_us(lambda: pp._center(ink), 200),
     }
     photo = phone_photo()

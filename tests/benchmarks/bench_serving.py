@@ -87,10 +87,19 @@ def bare_model(seconds: float) -> dict:
 
 
 def wrk(
-    port: int, path: str, image: Path, connections: int, seconds: float, warm_up: bool = True
+    port: int,
+    path: str,
+    image: Path,
+    connections: int,
+    seconds: float,
+    warm_up: bool = True,
+    new_connections: bool = False,
 ) -> dict:
+    """wrk's figures; `new_connections` opens a connection per request (Connection: close)
+    instead of keeping each one open."""
     env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": path}
     url = f"http://127.0.0.1:{port}{path}"
+    close = ["-H", "Connection: close"] if new_connections else []
     if warm_up:  # first requests load lazily-initialised code paths
         subprocess.run(
             ["wrk", "-t1", f"-c{connections}", "-d2s", "-s", str(LUA), url],
@@ -106,6 +115,7 @@ def wrk(
             f"-d{seconds}s",
             "--timeout",
             "10s",
+            *close,
             "-s",
             str(LUA),
             url,

@@ -13,6 +13,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +21,9 @@ from scipy import ndimage
 
 from digitops.inference.errors import EmptyImageError, ImageError, RequestError
 from digitops.model import normalize
+
+# A request's work runs on one core; OpenCV's own thread pool would only compete for them.
+cv2.setNumThreads(1)
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # decoded-size limit against decompression bombs
@@ -31,6 +35,9 @@ SEND_INSTEAD = "send a PNG, JPEG, WebP, BMP, GIF or TIFF file"
 
 # The ink is searched for at this size at most: plenty for a 20 px digit, and fast on big photos.
 WORK_SIDE = 512
+# A drawing's strokes are clean, so a fraction of that is enough: 8x the 20 px they become.
+# (A 280 px canvas is worked on at 140 px: a quarter of the pixels, the same 28x28 quality.)
+DRAWING_SIDE = 160
 # Ink must stand out from its background by at least this fraction of full scale.
 MIN_CONTRAST = 0.1
 # Faint pixels within EDGE_WIDTH px of the ink, down to this level or 3 noise sigmas, are its
@@ -42,7 +49,6 @@ EDGE_WIDTH = 2
 SPECK_FRACTION = 0.05
 # At least this share of a drawing's pixels is exactly its background colour.
 FLAT_FRACTION = 0.5
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # stroke pixels touching at a corner are one stroke
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
 INVERT_WORDS = {
     "auto": None, "true": True, "false": False, "1": True, "0": False,
@@ -175,11 +181,16 @@ def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
     Raises EmptyImageError when nothing in the image stands out as ink.
     """
     gray = _grayscale(image)
-    background = _flat_background(gray)
+    # A drawing needs far fewer pixels than a photo (DRAWING_SIDE); its background is exact at
+    # any size, so it is recognised on the small copy too.
+    factor = -(-max(gray.shape) // DRAWING_SIDE)  # a whole factor: block means
+    small = gray if factor == 1 else _block_mean(gray, factor)
+    background = _flat_background(small)
     if invert is None:
         invert = background > 0.5 if background is not None else _looks_dark_on_light(gray)
     if background is not None and (background > 0.5) == invert:
-        ink = _drawn_ink(gray, background)
+        # The anti-aliased edge is EDGE_WIDTH px of the image as sent.
+        ink = _drawn_ink(small, background, edge=max(1, round(EDGE_WIDTH / factor)))
     else:
         ink = _find_ink(gray, invert)
     pixels = _center(ink)
@@ -202,7 +213,7 @@ def _flat_background(gray: np.ndarray) -> float | None:
     return mode / 255
 
 
-def _drawn_ink(gray: np.ndarray, background: float) -> np.ndarray:
+def _drawn_ink(gray: np.ndarray, background: float, edge: int = EDGE_WIDTH) -> np.ndarray:
     """Ink of a drawing on a flat background: every pixel that differs from it, specks dropped.
 
     Returns the strokes' neighbourhood only (their bounding box plus the edge margin): the rest
@@ -215,37 +226,38 @@ def _drawn_ink(gray: np.ndarray, background: float) -> np.ndarray:
     if rows.size == 0:
         raise EmptyImageError()
     box = (
-        slice(max(rows[0] - EDGE_WIDTH, 0), rows[-1] + EDGE_WIDTH + 1),
-        slice(max(cols[0] - EDGE_WIDTH, 0), cols[-1] + EDGE_WIDTH + 1),
+        slice(max(rows[0] - edge, 0), rows[-1] + edge + 1),
+        slice(max(cols[0] - edge, 0), cols[-1] + edge + 1),
     )
     # Only the box is scaled: the rest of a drawing is background.
     ink, strong = difference[box] / contrast, strong[box]
-    labels, _ = ndimage.label(strong, structure=EIGHT_CONNECTED)
-    areas = np.bincount(labels.ravel())
-    areas[0] = 0
-    specks = areas < SPECK_FRACTION * areas.max()
-    specks[0] = False  # the background is not a speck, and is not kept either (strong is 0)
-    kept = strong & ~specks[labels] if specks.any() else strong
+    kept = _without_specks(strong)
     # Strokes without stray dots, plus their anti-aliased edges; faint resampling halos farther
     # out would stretch the bounding box.
-    return np.where(_grow(kept, EDGE_WIDTH), ink, 0)
+    return np.where(_grow(kept, edge), ink, 0)
+
+
+def _without_specks(strong: np.ndarray) -> np.ndarray:
+    """The mask without blobs under SPECK_FRACTION of the largest (strokes touching at a
+    corner are one blob). OpenCV labels a drawing's blobs 5x faster than scipy."""
+    _, labels = cv2.connectedComponents(_as_uint8(strong), connectivity=8)
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0  # the background
+    specks = areas < SPECK_FRACTION * areas.max()
+    specks[0] = False  # the background is not a speck, and is not kept either (strong is 0)
+    return strong & ~specks[labels] if specks.any() else strong
 
 
 def _grow(mask: np.ndarray, width: int) -> np.ndarray:
-    """The mask dilated by `width` px in all 8 directions (a (2w+1)-square structuring element).
+    """The mask dilated by `width` px in all 8 directions (a (2w+1)-square structuring element);
+    OpenCV's dilation, 5x faster than shifted numpy ORs here."""
+    square = np.ones((2 * width + 1, 2 * width + 1), dtype=np.uint8)
+    return cv2.dilate(_as_uint8(mask), square).astype(bool)
 
-    Shifted ORs of numpy slices: several times faster than scipy's dilation at these sizes.
-    """
-    height, breadth = mask.shape
-    padded = np.pad(mask, width)
-    side = 2 * width + 1
-    rows = np.zeros((height, breadth + 2 * width), dtype=bool)
-    for dy in range(side):
-        rows |= padded[dy : dy + height]
-    grown = np.zeros_like(mask)
-    for dx in range(side):
-        grown |= rows[:, dx : dx + breadth]
-    return grown
+
+def _as_uint8(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask as the contiguous 0/1 bytes OpenCV takes (no copy when it already is)."""
+    return np.ascontiguousarray(mask).view(np.uint8)
 
 
 def _grayscale(image: Image.Image) -> np.ndarray:
@@ -305,7 +317,7 @@ def _looks_dark_on_light(gray: np.ndarray) -> bool:
     The median is the background as long as ink covers under half the image; block means keep
     noise from setting the extremes.
     """
-    small = _block_mean(gray)
+    small = _block_mean(gray, _block_side(gray.shape))
     return bool(np.median(small) > (small.min() + small.max()) / 2)
 
 
@@ -322,8 +334,8 @@ def _find_ink(gray: np.ndarray, invert: bool) -> np.ndarray:
     signal = np.clip(signal, 0, None)
 
     strong = signal > max(_otsu(signal), 5 * noise, MIN_CONTRAST)
-    labels, count = ndimage.label(strong, structure=EIGHT_CONNECTED)
-    if count == 0:
+    count, labels = cv2.connectedComponents(_as_uint8(strong), connectivity=8)
+    if count == 1:  # the background alone
         raise EmptyImageError()
     areas = np.bincount(labels.ravel())
     areas[0] = 0  # the background
@@ -347,23 +359,24 @@ def _block_side(shape: tuple[int, ...]) -> int:
     return max(1, min(shape) // 64)
 
 
-def _blocks(image: np.ndarray) -> list[np.ndarray]:
-    """The image's pixels at each offset within its blocks (see _block_side): one array per
+def _blocks(image: np.ndarray, factor: int) -> list[np.ndarray]:
+    """The image's pixels at each offset within its `factor`-square blocks: one array per
     offset, one pixel per block, edges padded."""
-    factor = _block_side(image.shape)
     height, width = image.shape
-    padded = np.pad(image, ((0, -height % factor), (0, -width % factor)), mode="edge")
+    padded = image
+    if height % factor or width % factor:  # a copy only when it is needed
+        padded = np.pad(image, ((0, -height % factor), (0, -width % factor)), mode="edge")
     return [padded[i::factor, j::factor] for i in range(factor) for j in range(factor)]
 
 
-def _block_mean(image: np.ndarray) -> np.ndarray:
+def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     # Summing strided views is several times faster than a reshaped mean(axis=(1, 3)).
-    parts = _blocks(image)
+    parts = _blocks(image, factor)
     return sum(parts[1:], parts[0]) / len(parts)
 
 
-def _block_max(image: np.ndarray) -> np.ndarray:
-    return functools.reduce(np.maximum, _blocks(image))
+def _block_max(image: np.ndarray, factor: int) -> np.ndarray:
+    return functools.reduce(np.maximum, _blocks(image, factor))
 
 
 def _background(ink: np.ndarray) -> np.ndarray:
@@ -371,7 +384,7 @@ def _background(ink: np.ndarray) -> np.ndarray:
     # Block maxima, not means: a dark gap narrower than a block (between strokes, or the inside
     # of a stroke forced to the wrong polarity) must not drag the background down around it.
     # They sit a little above the noise, which only hides more of it.
-    small = _block_max(ink)
+    small = _block_max(ink, _block_side(ink.shape))
     size = max(3, min(small.shape) // 3)  # a third of the image: wider than even a thick stroke
     # Odd reflection continues lighting gradients past the edge; plain padding would flatten them
     # there and leave a band of false ink along the darker border.
