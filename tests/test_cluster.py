@@ -82,3 +82,40 @@ def test_two_replicas_behind_nginx_share_one_store_and_stop_cleanly(mnist_dir):
     assert not [p.port for p in records if port_in_use(p.port)]
     assert cluster("down", "--dir", str(directory)).returncode == 0  # a second `down` is harmless
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# As README.md ("Running on many machines") shows them, run from the checkout as written.
+README_COMMANDS = (
+    "make cluster-up",
+    "python -m digitops.deploy.cluster status",
+    "make cluster-down",
+)
+
+
+@pytest.mark.timeout(900)
+def test_the_readme_commands_start_query_and_stop_the_default_cluster(mnist_dir):
+    readme = (ROOT / "README.md").read_text()
+    assert all(command in readme for command in README_COMMANDS)
+    assert not port_in_use(8080), "something else listens on 8080, the default nginx port"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def sh(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command.split(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    images, _ = mnist.load(mnist_dir, "t10k")
+    up, status, down = README_COMMANDS
+    try:
+        started = sh(up)
+        assert started.returncode == 0, started.stdout + started.stderr
+        listed = sh(status)
+        assert listed.returncode == 0 and "nginx" in listed.stdout, listed.stdout
+        files = {"image": ("d.png", png_bytes(images[0]), "image/png")}
+        reply = httpx.post("http://127.0.0.1:8080/predict", files=files, timeout=30)
+        assert reply.status_code == 200 and reply.json()["digit"] in range(10)
+    finally:
+        stopped = sh(down)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert sh(status).returncode == 3  # nothing runs
+    assert not port_in_use(8080)

@@ -243,7 +243,11 @@ class PredictionStore:
             .scalar_subquery()
         )
         with self._transaction() as conn:
-            conn.execute(sa.delete(predictions).where(~labelled, P.created_at <= cutoff))
+            # Counting is cheap (an index scan); the delete is not, and under the cap (the
+            # usual case) it would only hold the write lock for nothing.
+            logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
+            if logged > self.max_predictions:
+                conn.execute(sa.delete(predictions).where(~labelled, P.created_at <= cutoff))
 
     def add_feedback(
         self, prediction_id: str, label: int, comment: str | None = None, client: str | None = None
