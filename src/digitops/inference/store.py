@@ -175,20 +175,10 @@ class PredictionStore:
         except sa.exc.SQLAlchemyError as err:  # disk full, read-only, I/O, locked, down
             raise StoreError(f"prediction store {self.path} is not usable: {_cause(err)}") from err
 
-    def log_prediction(
-        self,
-        prediction_id: str,
-        input_png: bytes,
-        probabilities: np.ndarray,
-        inverted: bool,
-        model_version: str | None,
-        original: bytes | None = None,
-        noise: float = 0.0,
-    ) -> None:
-        row = self.record(
-            prediction_id, input_png, probabilities, inverted, model_version, original, noise
-        )
-        self.insert([row])
+    def log_prediction(self, *args, **kwargs) -> None:
+        """Log one prediction at once (the arguments of `record`); a server hands its rows to
+        `GroupCommit` instead."""
+        self.insert([self.record(*args, **kwargs)])
 
     def record(
         self,
