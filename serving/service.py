@@ -246,7 +246,7 @@ class DigitService:
         if not options.log:
             payload["logged"] = False
             return payload, None
-        if self.store is None or self.prediction_log is None:
+        if self.store is None:  # and so no prediction log either
             return payload, _failed(StoreError("no prediction store"))
         record = self.store.record(
             payload["prediction_id"],

@@ -69,15 +69,13 @@ def measure() -> dict:
     results["drawing_preprocess_us"] = best_us(lambda: [pp.preprocess(d) for d in pngs], 20) / n
     image = pp.decode(pngs[0])
     gray = pp._grayscale(image)
-    factor = -(-max(gray.shape) // pp.DRAWING_SIDE)
-    small = pp._block_mean(gray, factor)
+    small, edge = pp._drawing_size(gray)
     background = pp._flat_background(small)
-    edge = max(1, round(pp.EDGE_WIDTH / factor))
     ink = pp._drawn_ink(small, background, edge)
     results["drawing_steps_us"] = {
         "grayscale": best_us(lambda: pp._grayscale(image), 200),
         f"shrink to {small.shape[1]}x{small.shape[0]} (block means)": best_us(
-            lambda: pp._block_mean(gray, factor), 200
+            lambda: pp._drawing_size(gray), 200
         ),
         "flat background": best_us(lambda: pp._flat_background(small), 200),
         "ink (strokes, specks, edges)": best_us(

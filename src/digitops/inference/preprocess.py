@@ -181,21 +181,27 @@ def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
     Raises EmptyImageError when nothing in the image stands out as ink.
     """
     gray = _grayscale(image)
-    # A drawing needs far fewer pixels than a photo (DRAWING_SIDE); its background is exact at
-    # any size, so it is recognised on the small copy too.
-    factor = -(-max(gray.shape) // DRAWING_SIDE)  # a whole factor: block means
-    small = gray if factor == 1 else _block_mean(gray, factor)
+    # A drawing's background is exact at any size, so it is recognised on the small copy too.
+    small, edge = _drawing_size(gray)
     background = _flat_background(small)
     if invert is None:
         invert = background > 0.5 if background is not None else _looks_dark_on_light(gray)
     if background is not None and (background > 0.5) == invert:
-        # The anti-aliased edge is EDGE_WIDTH px of the image as sent.
-        ink = _drawn_ink(small, background, edge=max(1, round(EDGE_WIDTH / factor)))
+        ink = _drawn_ink(small, background, edge)
     else:
         ink = _find_ink(gray, invert)
     pixels = _center(ink)
     pixels.flags.writeable = False  # Preprocessed is frozen; so are its pixels
     return Preprocessed(pixels=pixels, inverted=bool(invert))
+
+
+def _drawing_size(gray: np.ndarray) -> tuple[np.ndarray, int]:
+    """`gray` shrunk by a whole factor to at most DRAWING_SIDE (block means: a drawing needs far
+    fewer pixels than a photo), and the width of its anti-aliased edge there: EDGE_WIDTH px of
+    the image as sent."""
+    factor = -(-max(gray.shape) // DRAWING_SIDE)
+    small = gray if factor == 1 else _block_mean(gray, factor)
+    return small, max(1, round(EDGE_WIDTH / factor))
 
 
 def _flat_background(gray: np.ndarray) -> float | None:

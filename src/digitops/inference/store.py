@@ -69,6 +69,8 @@ feedback = sa.Table(
     sa.Index("feedback_status", "status"),
 )
 P, F = predictions.c, feedback.c
+# Predictions nobody has labelled: the review queue's candidates, and what retention drops.
+UNLABELLED = ~sa.exists().where(F.prediction_id == P.id)
 
 STRATEGIES = {
     # Ordering of "least sure first" for each active-learning query.
@@ -222,11 +224,10 @@ class PredictionStore:
 
     def _enforce_retention(self) -> None:
         """Drop the oldest predictions nobody labelled once over the cap; labelled ones stay."""
-        labelled = sa.exists().where(F.prediction_id == P.id)
         # The creation time of the newest unlabelled prediction beyond the cap.
         cutoff = (
             sa.select(P.created_at)
-            .where(~labelled)
+            .where(UNLABELLED)
             .order_by(P.created_at.desc())
             .offset(self.max_predictions)
             .limit(1)
@@ -237,7 +238,7 @@ class PredictionStore:
             # usual case) it would only hold the write lock for nothing.
             logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
             if logged > self.max_predictions:
-                conn.execute(sa.delete(predictions).where(~labelled, P.created_at <= cutoff))
+                conn.execute(sa.delete(predictions).where(UNLABELLED, P.created_at <= cutoff))
 
     def add_feedback(
         self, prediction_id: str, label: int, comment: str | None = None, client: str | None = None
@@ -298,7 +299,7 @@ class PredictionStore:
                 P.margin,
                 P.input_png,
             )
-            .where(~sa.exists().where(F.prediction_id == P.id), P.noise == 0)
+            .where(UNLABELLED, P.noise == 0)
             .order_by(STRATEGIES[strategy], P.id)
             .limit(k)
         )
