@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import hmac
 import logging
 import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -22,7 +20,7 @@ import bentoml
 import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BeforeValidator
 
@@ -31,16 +29,13 @@ from digitops.files import png
 from digitops.inference import contract, explain, http
 from digitops.inference.errors import EmptyImageError, RequestError
 from digitops.inference.metrics import ServiceMetrics
+from digitops.inference.predictor import PredictionThread, Reply
 from digitops.inference.preprocess import Preprocessed, add_noise, preprocess
 from digitops.inference.reload import RegistryFollower, ReloadNotices
 from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
 from digitops.inference.settings import Settings, SettingsError
-from digitops.inference.store import (
-    GroupCommit,
-    PredictionStore,
-    StoreError,
-    UnknownPrediction,
-)
+from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
+from digitops.model import DigitCNN
 
 T = TypeVar("T")
 
@@ -67,6 +62,9 @@ BATCH_MAX_LATENCY_MS = 1000
 # Worker processes share the cores; each gets its share for its forward passes and for the
 # CPU-bound steps of a request. The workers share one listening socket, so a client's
 # kept-alive connections are not spread evenly among them (README.md, "Serving").
+LAST_CONV = DigitCNN.conv_layers[-1]  # Grad-CAM's layer
+# How often the prediction store checkpoints and enforces retention, in a thread of its own.
+STORE_UPKEEP_SECONDS = 1.0
 CORES_PER_WORKER = max(1, (os.cpu_count() or 1) // SETTINGS.workers)
 
 
@@ -103,14 +101,16 @@ class DigitService:
         self.max_bytes = SETTINGS.max_upload_bytes
         try:
             self.store: PredictionStore | None = PredictionStore(
-                SETTINGS.predictions_db, max_predictions=SETTINGS.max_predictions
+                SETTINGS.predictions_db,
+                max_predictions=SETTINGS.max_predictions,
+                upkeep_seconds=STORE_UPKEEP_SECONDS,
             )
-            self.prediction_log: GroupCommit | None = GroupCommit(self.store)
         except StoreError as err:  # predictions must go on without their log
-            self.store = self.prediction_log = None
+            self.store = None
             log.warning("%s; predictions will not be logged and feedback is disabled", err)
-        # CPU-bound steps (decoding, filtering, Grad-CAM) get a thread per core: more would only
-        # contend for the cores, and each decode in flight holds up to a full-size image.
+        self.predictions = PredictionThread(self.store, self._unlogged)
+        # Grad-CAM and feature maps get a thread per core: more would only contend for the
+        # cores, and each decode in flight holds up to a full-size image.
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = http.RateLimiter(SETTINGS.feedback_per_minute)
         if self.registry is not None:  # each worker follows on its own: no notices needed
@@ -169,6 +169,14 @@ class DigitService:
             self.metrics.no_digit.inc()
             raise
 
+    async def _predicted(self, work: Callable[[], list[Reply]]) -> list[dict]:
+        """Run a prediction's `work` on the prediction thread; its replies once logged."""
+        try:
+            return await self.predictions.run(work)
+        except EmptyImageError:
+            self.metrics.no_digit.inc()
+            raise
+
     @staticmethod
     def _prepare(data: bytes, options: http.Options) -> tuple[Preprocessed, bytes]:
         """The model's 28x28 input (with the requested noise) and its PNG."""
@@ -185,20 +193,18 @@ class DigitService:
         (data,), raw = await http.read_images(request, self.max_bytes, http.IMAGE_FIELD)
         return data, http.parse_options(raw, allowed)
 
-    def _predict(
-        self, data: bytes, options: http.Options, served: ServedModel
-    ) -> tuple[dict, Future | None]:
+    def _predict(self, data: bytes, options: http.Options, served: ServedModel) -> list[Reply]:
         prepared, input_png = self._prepare(data, options)
         probabilities = served.probabilities(prepared.pixels[None])[0]
-        return self._reply(prepared, input_png, probabilities, data, options, served)
+        return [self._reply(prepared, input_png, probabilities, data, options, served)]
 
     @app.post("/predict", **contract.PREDICT)
     async def predict(self, request: Request):
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
         data, options = await self._read_one(request, http.PREDICT_OPTIONS)
         served = self.served
-        reply = await self._off_loop(lambda: self._predict(data, options, served))
-        return JSONResponse(await self._logged(*reply))
+        (reply,) = await self._predicted(lambda: self._predict(data, options, served))
+        return http.json_reply(reply)
 
     @app.post("/predict_batch", **contract.PREDICT_BATCH)
     async def predict_batch(self, request: Request):
@@ -207,7 +213,7 @@ class DigitService:
         options = http.parse_options(raw, http.PREDICT_OPTIONS)
         served = self.served
 
-        def work() -> list[tuple[dict, Future | None]]:
+        def work() -> list[Reply]:
             results: list = [None] * len(blobs)
             ready: list[tuple[int, Preprocessed, bytes]] = []
             for i, data in enumerate(blobs):
@@ -224,9 +230,8 @@ class DigitService:
                     results[i] = self._reply(prepared, input_png, probs, blobs[i], options, served)
             return results
 
-        results = await self._off_loop(work)
-        results = await asyncio.gather(*(self._logged(*r) for r in results))
-        return JSONResponse({"results": results, "count": len(results)})
+        results = await self._predicted(work)
+        return http.json_reply({"results": results, "count": len(results)})
 
     def _reply(
         self,
@@ -236,9 +241,9 @@ class DigitService:
         original: bytes,
         options: http.Options,
         served: ServedModel,
-    ) -> tuple[dict, Future | None]:
-        """The prediction's JSON, and its row handed to the prediction log (for feedback and
-        review) unless the caller opted out: the future ends when the row is stored."""
+    ) -> Reply:
+        """The prediction's JSON, and its row for the prediction log (for feedback and review)
+        unless the caller opted out."""
         self.metrics.prediction(probabilities, prepared.inverted)
         payload = http.prediction_payload(
             probabilities, input_png, prepared.inverted, served, http.new_prediction_id()
@@ -246,9 +251,11 @@ class DigitService:
         if not options.log:
             payload["logged"] = False
             return payload, None
-        if self.store is None:  # and so no prediction log either
-            return payload, _failed(StoreError("no prediction store"))
-        record = self.store.record(
+        if self.store is None:
+            self._unlogged(StoreError("no prediction store"))
+            payload["logged"] = False
+            return payload, None
+        row = self.store.record(
             payload["prediction_id"],
             input_png,
             probabilities,
@@ -257,20 +264,12 @@ class DigitService:
             original,
             options.noise,
         )
-        return payload, self.prediction_log.submit(record)
+        return payload, row
 
-    async def _logged(self, payload: dict, stored: Future | None) -> dict:
-        """The reply once its row is committed (on the event loop: no thread waits for it).
-        A broken store never fails a prediction: the reply then says `logged: false`."""
-        if stored is None:
-            return payload
-        try:
-            await asyncio.wrap_future(stored)
-        except StoreError as err:
-            payload["logged"] = False
-            self.metrics.store_failures.inc()
-            log.warning("prediction not logged: %s", err)
-        return payload
+    def _unlogged(self, err: StoreError) -> None:
+        """A prediction answered without its row in the log (its reply says `logged: false`)."""
+        self.metrics.store_failures.inc()
+        log.warning("prediction not logged: %s", err)
 
     @app.post("/explain", **contract.EXPLAIN)
     async def explain(self, request: Request):
@@ -280,7 +279,8 @@ class DigitService:
 
         def work():
             prepared, input_png = self._prepare(data, options)
-            cam, logits = explain.grad_cam(served.model, prepared.tensor(), options.target)
+            activations = served.onnx.run(prepared.pixels[None], LAST_CONV)
+            cam, logits = explain.grad_cam(served.model, activations, options.target)
             overlay = explain.overlay_png(prepared.pixels, cam)
             return prepared, input_png, cam, torch.softmax(logits, dim=0).numpy(), overlay
 
@@ -293,11 +293,11 @@ class DigitService:
             prediction_id=None,  # explanations are not logged: feedback goes through /predict
         )
         target = options.target if options.target is not None else payload["digit"]
-        return JSONResponse(
+        return http.json_reply(
             {
                 **payload,
                 "target": target,
-                "layer": "conv3",
+                "layer": LAST_CONV,
                 "cam": np.round(cam, 4).tolist(),
                 "overlay_png": http.b64(overlay),
             }
@@ -311,7 +311,7 @@ class DigitService:
 
         def work():
             prepared, _ = self._prepare(data, options)
-            maps = explain.feature_maps(served.model, prepared.tensor(), options.layer)
+            maps = explain.feature_maps(served.onnx, prepared.pixels, options.layer)
             return prepared, maps, explain.grid_png(maps)
 
         prepared, maps, grid = await self._off_loop(work)
@@ -324,7 +324,7 @@ class DigitService:
         }
         if options.arrays:
             reply["maps"] = np.round(maps, 4).tolist()
-        return reply
+        return http.json_reply(reply)
 
     @app.post("/feedback", **contract.FEEDBACK)
     async def feedback(self, request: Request):
@@ -347,8 +347,7 @@ class DigitService:
             http.parse_feedback({**raw, "prediction_id": "pending"})  # bad label: 400 first
             options = http.parse_options(raw, http.FEEDBACK_IMAGE_FIELDS)
             served = self.served
-            reply = await self._off_loop(lambda: self._predict(data, options, served))
-            logged = await self._logged(*reply)
+            (logged,) = await self._predicted(lambda: self._predict(data, options, served))
             body = {**raw, "prediction_id": logged["prediction_id"]}
         else:
             try:
@@ -471,10 +470,3 @@ class DigitService:
 # BentoML answers /docs.json with a document of its own making, which cannot see our bodies.
 DigitService.add_asgi_middleware(http.OwnOpenAPI)
 DigitService.add_asgi_middleware(http.JSONOnly, paths=("/classify",))
-
-
-def _failed(err: Exception) -> Future:
-    """A row that could not even be queued, told the way the log tells a failed write."""
-    future: Future = Future()
-    future.set_exception(err)
-    return future

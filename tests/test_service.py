@@ -78,7 +78,8 @@ def test_explain_gives_normalised_cam_and_overlay(client, digits):
     cam = np.array(body["cam"])
     assert cam.shape == (28, 28) and cam.min() >= 0 and cam.max() <= 1
     assert body["target"] == body["digit"]
-    assert Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))).mode == "RGB"
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.mode == "RGB" and overlay.size == (28, 28)
     other = client.post("/explain", files=files, data={"target": str((body["digit"] + 1) % 10)})
     assert other.json()["target"] == (body["digit"] + 1) % 10
 

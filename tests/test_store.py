@@ -7,14 +7,14 @@ import json
 import sqlite3
 import subprocess
 import sys
-import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from digitops.inference.store import GroupCommit, PredictionStore, StoreError, predictions
+from digitops.inference.store import PredictionStore, StoreError, predictions
 from tests.servers import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,41 +93,14 @@ def test_many_threads_share_one_store(store_location):
     assert store.stats() == {"pending": 180, "ingested": 0, "rejected": 0, "predictions": 1800}
 
 
-def test_group_commit_stores_every_row_in_few_transactions(store_location):
-    store = PredictionStore(store_location)
-    batches: list[int] = []
-    insert = store.insert
-    store.insert = lambda rows: (batches.append(len(rows)), insert(rows))[1]
-    log = GroupCommit(store)
-
-    def submit(i: int):
-        return log.submit(store.record(f"p{i}", b"png", PROBS, False, "1"))
-
-    with ThreadPoolExecutor(16) as pool:
-        futures = list(pool.map(submit, range(400)))
-    for stored in futures:
-        stored.result(timeout=60)  # every row stored, no error
-    assert store.stats()["predictions"] == 400 == sum(batches)
-    assert len(batches) < 400 and max(batches) > 1, "rows that queued up share a commit"
-
-
-def test_a_row_that_cannot_be_stored_fails_alone(store_location):
+def test_insert_each_refuses_a_bad_row_alone(store_location):
     store = PredictionStore(store_location)
     store.log_prediction("taken", b"png", PROBS, False, "1")
-    log = GroupCommit(store)
-    # Hold the writer on a first commit, so the next rows queue up into one batch.
-    release = threading.Event()
-    insert = store.insert
-    store.insert = lambda rows: (release.wait(30), insert(rows))[1]
-    first = log.submit(store.record("first", b"png", PROBS, False, "1"))
-    batch = [log.submit(store.record(p, b"png", PROBS, False, "1")) for p in ("a", "taken", "b")]
-    release.set()
-    first.result(timeout=60)
-    batch[0].result(timeout=60)
-    batch[2].result(timeout=60)
-    with pytest.raises(StoreError):
-        batch[1].result(timeout=60)  # its id is taken: this row, and only it, is refused
-    assert ids(store) == {"taken", "first", "a", "b"}
+    rows = [store.record(p, b"png", PROBS, False, "1") for p in ("a", "taken", "b")]
+    errors = store.insert_each(rows)
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], StoreError)  # its id is taken: this row, and only it
+    assert ids(store) == {"taken", "a", "b"}
 
 
 REPLICA = """
@@ -185,3 +158,25 @@ def test_two_replicas_writing_at_once_lose_nothing_and_duplicate_nothing(store_l
     assert a["labelled"] == b["labelled"], "both calls name the same feedback item"
     for queue in a["queues"] + b["queues"]:
         assert len(queue) == len(set(queue)), "an item handed out twice in one call"
+
+
+def test_upkeep_checkpoints_and_enforces_retention_off_the_commit_path(tmp_path):
+    path = tmp_path / "p.db"
+    store = PredictionStore(path, max_predictions=100, upkeep_seconds=0.1)
+    original = bytes(range(256)) * 64  # 16 KiB per row: the log grows by megabytes
+    try:
+        store.insert(
+            [store.record(f"p{i}", b"png", PROBS, False, "1", original) for i in range(400)]
+        )
+        # No commit checkpointed: the rows are in the write-ahead log, not the database file.
+        assert path.stat().st_size < 1_000_000 < (tmp_path / "p.db-wal").stat().st_size
+        store.insert([store.record(f"q{i}", b"png", PROBS, False, "1") for i in range(700)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            path.stat().st_size < 6_000_000 or store.stats()["predictions"] > 100
+        ):
+            time.sleep(0.1)
+        assert path.stat().st_size > 6_000_000, "the upkeep thread never checkpointed"
+        assert store.stats()["predictions"] == 100, "the upkeep thread never enforced retention"
+    finally:
+        store.close()

@@ -89,7 +89,10 @@ class Explanation(BaseModel):
     target: int = Field(ge=0, le=9, description="the class the heatmap explains")
     layer: Literal["conv3"]
     cam: list[list[float]] = Field(description="28x28 Grad-CAM heatmap in [0, 1]")
-    overlay_png: str = Field(description="base64 PNG: the heatmap over the input, enlarged")
+    overlay_png: str = Field(
+        description="base64 PNG: the heatmap over the 28x28 input, at 28x28 like input_png "
+        "(enlarge it with nearest-neighbour scaling to view it)"
+    )
 
 
 class FeatureMaps(BaseModel):

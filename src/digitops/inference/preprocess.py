@@ -15,12 +15,10 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from digitops.inference.errors import EmptyImageError, ImageError, RequestError
-from digitops.model import normalize
 
 # A request's work runs on one core; OpenCV's own thread pool would only compete for them.
 cv2.setNumThreads(1)
@@ -62,10 +60,6 @@ class Preprocessed:
 
     pixels: np.ndarray  # uint8 [28, 28], white ink on black, centred as MNIST
     inverted: bool  # whether the input was dark-on-light and got inverted
-
-    def tensor(self) -> torch.Tensor:
-        """The pixels normalised into a float model input [1, 1, 28, 28]."""
-        return normalize(torch.tensor(self.pixels).unsqueeze(0))
 
 
 def parse_invert(value: str | bool | None) -> bool | None:
@@ -376,6 +370,11 @@ def _blocks(image: np.ndarray, factor: int) -> list[np.ndarray]:
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    height, width = image.shape
+    if factor > 1 and height % factor == 0 and width % factor == 0 and image.dtype == np.float32:
+        # Whole blocks: OpenCV's area resize is exactly their means, 4x faster than numpy.
+        size = (width // factor, height // factor)
+        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     # Summing strided views is several times faster than a reshaped mean(axis=(1, 3)).
     parts = _blocks(image, factor)
     return sum(parts[1:], parts[0]) / len(parts)

@@ -1,58 +1,73 @@
-"""The forward pass the service runs for predictions: the model exported to ONNX and run by
-ONNX Runtime (tests/benchmarks/bench_forward.py compares it with torch eager, TorchScript and
-torch.compile; README.md, "Serving", has the figures). Grad-CAM and feature maps keep using
-the torch model: they need its gradients and intermediate activations."""
+"""The network the service runs: exported to ONNX and run by ONNX Runtime
+(tests/benchmarks/bench_forward.py compares it with torch eager, TorchScript and
+torch.compile; README.md, "Serving", has the figures). Predictions, Grad-CAM's activations and
+feature maps all come from it; Grad-CAM's gradient, through the small classifier only, is
+taken with torch."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import onnxruntime
 import torch
 
+from digitops.model import DigitCNN, normalize
 
-class _Probabilities(torch.nn.Module):
-    """The model with its softmax, so one graph call returns what a reply needs."""
+PROBABILITIES = "probabilities"
 
-    def __init__(self, model: torch.nn.Module):
+
+class _Outputs(torch.nn.Module):
+    """Pixels to probabilities in one graph - the input scaling, the model and its softmax -
+    with every conv block's activations as outputs too. (Scaling 784 pixels with torch ops
+    outside the graph cost more than the whole network.)"""
+
+    def __init__(self, model: DigitCNN):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, blocks = normalize(pixels), []
+        for name in self.model.conv_layers:
+            x = getattr(self.model, name)(x)
+            blocks.append(x)
+        return torch.softmax(self.model.classifier(x), dim=1), *blocks
 
 
-def onnx_session(model: torch.nn.Module, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
-    """A function mapping float32 inputs [N, 1, 28, 28] (the model's input scale) to
-    probabilities [N, 10], computed by ONNX Runtime from `model` exported in eval mode.
+class OnnxModel:
+    """`model` exported in eval mode: uint8 pixels [N, 28, 28] (white ink on black) in; the
+    probabilities, or a conv block's activations, out. A call computes only what it asks for.
 
-    One thread per call by default: the service runs requests side by side, one per core, and
-    an intra-op pool's threads spin between calls, taking the cores from other requests'
-    preprocessing (0.12 ms for one image either way).
+    One thread per call by default: the service's other work needs the other cores, and an
+    intra-op pool's threads spin between calls (0.1 ms for one image either way).
     """
-    example = torch.zeros(2, 1, 28, 28)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings():  # the exporter narrates its steps as warnings
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            _Probabilities(model.eval()),
-            (example,),
-            dynamo=True,
-            dynamic_shapes={"x": {0: batch}},
-            verbose=False,
+
+    def __init__(self, model: DigitCNN, threads: int = 1):
+        example = torch.zeros(2, 28, 28, dtype=torch.uint8)
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with warnings.catch_warnings():  # the exporter narrates its steps as warnings
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _Outputs(model.eval()),
+                (example,),
+                dynamo=True,
+                dynamic_shapes={"pixels": {0: batch}},
+                output_names=[PROBABILITIES, *model.conv_layers],
+                verbose=False,
+            )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = onnxruntime.InferenceSession(
+            program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(
-        program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    input_name = session.get_inputs()[0].name
+        self._input = self._session.get_inputs()[0].name
 
-    def probabilities(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    def run(self, pixels: np.ndarray, output: str) -> np.ndarray:
+        """`output` (PROBABILITIES or a conv block's name) for `pixels`."""
+        feed = {self._input: np.ascontiguousarray(pixels, dtype=np.uint8)}
+        return self._session.run([output], feed)[0]
 
-    return probabilities
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        return self.run(pixels, PROBABILITIES)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import bentoml
 import numpy as np
-import torch
 
 from digitops import checkpoint
-from digitops.inference.runtime import onnx_session
-from digitops.model import DigitCNN, fold_batchnorm, normalize
+from digitops.inference.runtime import OnnxModel
+from digitops.model import DigitCNN, fold_batchnorm
 
 if TYPE_CHECKING:  # importing mlflow takes seconds; only a server following the registry needs it
     from digitops.tracking import ModelVersion, Tracking
@@ -29,16 +27,16 @@ class ServedModel:
     source: str
     store_tag: str | None = None  # the BentoML store entry, when it came from there
     registry_version: str | None = None  # the MLflow registry version, when it came from there
-    # Normalised inputs [N, 1, 28, 28] -> probabilities [N, 10]: the same function as `model`
-    # plus softmax, run by ONNX Runtime (inference/runtime.py says why).
-    forward: Callable[[np.ndarray], np.ndarray] = field(init=False, repr=False)
+    # The same network run by ONNX Runtime, input scaling and softmax included
+    # (inference/runtime.py says why).
+    onnx: OnnxModel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.forward = onnx_session(self.model)
+        self.onnx = OnnxModel(self.model)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities [N, 10] for uint8 pixels [N, 28, 28], white ink on black."""
-        return self.forward(normalize(torch.tensor(pixels)).numpy())  # a copy: may be read-only
+        return self.onnx.probabilities(pixels)
 
     def identity(self) -> dict:
         m = self.metadata

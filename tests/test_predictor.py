@@ -1,0 +1,110 @@
+"""The prediction thread: work off the event loop, group commit of the prediction log, and
+replies that say truthfully whether their row was stored."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from digitops.inference.errors import RequestError
+from digitops.inference.predictor import PredictionThread
+from digitops.inference.store import PredictionStore, StoreError
+
+PROBS = [0.1] * 10
+
+
+def reply_for(store: PredictionStore, prediction_id: str):
+    """Work that predicts `prediction_id` and asks for it to be logged."""
+    return lambda: [
+        ({"prediction_id": prediction_id}, store.record(prediction_id, b"png", PROBS, False, "1"))
+    ]
+
+
+def test_requests_that_queue_up_share_one_commit(store_location):
+    store = PredictionStore(store_location)
+    commits: list[int] = []
+    insert = store.insert
+    store.insert = lambda rows: (commits.append(len(rows)), insert(rows))[1]
+    errors: list[StoreError] = []
+    thread = PredictionThread(store, errors.append)
+
+    async def main():
+        return await asyncio.gather(*(thread.run(reply_for(store, f"p{i}")) for i in range(400)))
+
+    replies = asyncio.run(main())
+    assert [r[0]["prediction_id"] for r in replies] == [f"p{i}" for i in range(400)]
+    assert not any("logged" in r[0] for r in replies) and not errors
+    assert store.stats()["predictions"] == 400 == sum(commits)
+    assert len(commits) < 400 and max(commits) > 1, "rows that queued up share a commit"
+
+
+def test_a_refused_row_is_said_in_its_reply_only(store_location):
+    store = PredictionStore(store_location)
+    store.log_prediction("taken", b"png", PROBS, False, "1")
+    errors: list[StoreError] = []
+    thread = PredictionThread(store, errors.append)
+    # Hold the thread on a first request, so the next ones queue up into one round.
+    release = threading.Event()
+
+    def held():
+        release.wait(30)
+        return reply_for(store, "first")()
+
+    async def main():
+        first = asyncio.ensure_future(thread.run(held))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(thread.run(reply_for(store, p))) for p in ("a", "taken", "b")]
+        release.set()
+        return await asyncio.gather(first, *rest)
+
+    replies = [r[0] for r in asyncio.run(main())]
+    assert [r.get("logged", True) for r in replies] == [True, True, False, True]
+    assert len(errors) == 1 and isinstance(errors[0], StoreError)
+    assert store.stats()["predictions"] == 4  # taken, first, a, b
+
+
+def test_a_failing_request_fails_alone_and_unlogged_work_is_not_stored(store_location):
+    store = PredictionStore(store_location)
+    thread = PredictionThread(store, lambda err: None)
+
+    def bad():
+        raise RequestError("not an image")
+
+    async def main():
+        return await asyncio.gather(
+            thread.run(bad),
+            thread.run(reply_for(store, "ok")),
+            thread.run(lambda: [({"logged": False}, None)]),
+            return_exceptions=True,
+        )
+
+    failed, ok, unlogged = asyncio.run(main())
+    assert isinstance(failed, RequestError) and str(failed) == "not an image"
+    assert ok == [{"prediction_id": "ok"}] and unlogged == [{"logged": False}]
+    assert store.stats()["predictions"] == 1
+
+
+def test_a_broken_store_never_fails_a_prediction(tmp_path):
+    store = PredictionStore(tmp_path / "p.db")
+    errors: list[StoreError] = []
+    thread = PredictionThread(store, errors.append)
+    # A real full disk is tests/test_faults.py's; here the log fails every write.
+    store.insert = lambda rows: (_ for _ in ()).throw(StoreError("disk full"))
+
+    async def main():
+        return await thread.run(reply_for(store, "p"))
+
+    (reply,) = asyncio.run(main())
+    assert reply == {"prediction_id": "p", "logged": False}
+    assert [str(e) for e in errors] == ["disk full"]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_replies_come_back_to_the_loop_that_asked(store_location, n):
+    store = PredictionStore(store_location)
+    thread = PredictionThread(store, lambda err: None)
+    for run in range(n):  # a new event loop each time, one thread for all of them
+        (reply,) = asyncio.run(thread.run(reply_for(store, f"p{run}")))
+        assert reply == {"prediction_id": f"p{run}"}
