@@ -69,8 +69,15 @@ def test_an_idle_kept_alive_connection_outlives_bentomls_default_timeout(server,
         assert c.post("/predict", files=good).status_code == 200
         time.sleep(6)
         assert c.post("/predict", files=good).status_code == 200
-    # The access log names each request's client address: one connection served both.
-    requests = [line for line in log.read_text().splitlines()[seen:] if "path=/predict" in line]
+    # The access log names each request's client address: one connection served both. (A line
+    # reaches the log file a moment after its reply.)
+    deadline = time.monotonic() + 10
+    while True:
+        lines = log.read_text().splitlines()[seen:]
+        requests = [line for line in lines if "path=/predict" in line]
+        if len(requests) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     clients = {line.split(" (scheme=")[0].rsplit(" ", 1)[1] for line in requests}
     assert len(requests) == 2 and len(clients) == 1, "the server closed the idle connection"
 

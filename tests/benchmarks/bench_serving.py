@@ -35,9 +35,16 @@ SETTINGS = Settings.from_env()
 
 ROOT = Path(__file__).resolve().parents[2]
 # Worker processes per system: the baseline and the naive service as their defaults (one); ours
-# as configured (DIGITOPS_WORKERS, default one), and the floor alike.
-OURS = int(os.environ.get("DIGITOPS_WORKERS", "1"))
-WORKERS = {"fastapi_baseline": 1, "naive_bentoml": 1, "bentoml_floor": OURS, "digitops": OURS}
+# as configured (DIGITOPS_WORKERS, default one per core), and the floor alike; and ours with one
+# worker, to show what one process does.
+OURS = SETTINGS.workers
+WORKERS = {
+    "fastapi_baseline": 1,
+    "naive_bentoml": 1,
+    "bentoml_floor": OURS,
+    "digitops": OURS,
+    "digitops_one_worker": 1,
+}
 SYSTEMS = tuple(WORKERS)
 LUA = Path(__file__).with_name("post_image.lua")
 
@@ -154,7 +161,7 @@ def measure_server(
             after = wrk(port, path, image, 1, seconds, warm_up=False)
             results[path] = {"c1": c1, "c32": c32, "c1_after_burst": after}
         spent = None
-        if name == "digitops":  # sampled under the c=32 load
+        if name == "digitops_one_worker":  # sampled under the c=32 load: one process, one profile
             load = lambda: wrk(port, "/predict", image, 32, seconds, warm_up=False)  # noqa: E731
             spent = profile(PROCESSES[base].pid, load, seconds, out)
         return results, spent, memory
@@ -236,7 +243,8 @@ def report(results: dict, out: Path) -> str:
         "",
         f"Where `/predict`'s CPU time goes at c=32 (py-spy samples of the worker, "
         f"{spent['requests']} requests, {spent['cpu_ms_per_request']} ms of worker CPU per "
-        f"request; flame graph: `{spent['flame_graph']}`):",
+        f"request, {spent['loop_thread_cpu_ms_per_request']} ms of it on the event loop's "
+        f"thread; flame graph: `{spent['flame_graph']}`):",
         "",
         "| step | share of samples | CPU ms per request |",
         "|---|---|---|",
@@ -299,6 +307,12 @@ def main() -> None:
             "digitops",
             serve_command("serving.service:DigitService", port),
             ["/predict", "/explain"],
+            "/readyz",
+        ),
+        (
+            "digitops_one_worker",
+            serve_command("serving.service:DigitService", port),
+            ["/predict"],
             "/readyz",
         ),
     ]

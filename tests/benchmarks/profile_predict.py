@@ -15,16 +15,22 @@ from pathlib import Path
 
 import psutil
 
-# (step, what marks a stack frame as that step), checked from the innermost frame outwards:
-# the first frame that matches names the step the sample was spent in.
+# (step, what marks a stack frame as that step): the first step with a frame anywhere on the
+# stack names the step the sample was spent in (so Pillow encoding the reply's PNG counts as
+# reply encoding, and decoding inside `preprocess` as decoding).
 STEPS = (
-    ("forward pass", ("onnxruntime", "runtime.py", "served.py:probabilities")),
-    ("decode", ("PIL/", "preprocess.py:decode", "preprocess.py:_shrink")),
-    ("preprocessing", ("preprocess.py", "scipy/")),
-    ("prediction log", ("store.py", "sqlite3")),
-    ("reply encoding", ("files.py", "json/", "base64", "http.py:prediction_payload")),
+    ("reply encoding", ("files.py", "http.py:prediction_payload", "http.py:json_reply")),
+    ("decode", ("preprocess.py:decode",)),
+    ("forward pass", ("runtime.py", "served.py:probabilities")),
+    ("prediction log", ("store.py", "predictor.py:_log")),
+    ("metrics", ("metrics.py", "prometheus_client")),
+    ("preprocessing", ("preprocess.py",)),
     ("multipart parsing", ("multipart", "formparsers")),
 )
+# A sample whose innermost frame is one of these is a thread waking another, or waiting to run:
+# the cost of handing a request between threads, not work.
+HAND_OFFS = ("_write_to_self", "_read_from_self", "Condition.wait", "Queue.get", "select")
+HAND_OFF = "thread hand-offs (waking the loop or a thread, waiting for the GIL)"
 # Installed beside this interpreter by the dev extra, whether or not the venv is on PATH.
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))
 FRAMEWORK = "framework (BentoML, Starlette, uvicorn, asyncio, threads)"
@@ -36,14 +42,23 @@ def busiest_worker(server_pid: int) -> psutil.Process:
     return max(children, key=lambda p: sum(p.cpu_times()[:2]))
 
 
+def loop_thread_cpu(worker: psutil.Process) -> float:
+    """CPU seconds of the worker's main thread, which runs its event loop."""
+    main = next(t for t in worker.threads() if t.id == worker.pid)
+    return main.user_time + main.system_time
+
+
 def step_of(stack: str) -> str:
     """The step a collapsed stack ('fn (file:line);fn (file:line)...', outermost first) is in."""
-    for frame in reversed(stack.split(";")):  # innermost first
+    frames = []
+    for frame in stack.split(";"):
         match = re.fullmatch(r"(.*) \((.*?)(?::\d+)?\)", frame)
-        where = f"{match[2]}:{match[1]}" if match else frame  # 'path/file.py:function'
-        for step, marks in STEPS:
-            if any(mark in where for mark in marks):
-                return step
+        frames.append(f"{match[2]}:{match[1]}" if match else frame)  # 'path/file.py:function'
+    if frames and any(frames[-1].endswith(name) for name in HAND_OFFS):
+        return HAND_OFF
+    for step, marks in STEPS:
+        if any(mark in where for where in frames for mark in marks):
+            return step
     return FRAMEWORK
 
 
@@ -67,21 +82,26 @@ def profile(server_pid: int, load, seconds: int, out: Path) -> dict:
     spy.wait(timeout=seconds + 60)
     raw = out / "predict_profile.txt"
     cpu_before = sum(worker.cpu_times()[:2])
+    loop_before = loop_thread_cpu(worker)
     spy = record(worker.pid, seconds, raw, "raw")
     result = load()
     spy.wait(timeout=seconds + 60)
     cpu_seconds = sum(worker.cpu_times()[:2]) - cpu_before
+    loop_seconds = loop_thread_cpu(worker) - loop_before
     samples: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
             samples[step_of(stack)] += int(count)
     total = sum(samples.values()) or 1
-    cpu_ms = cpu_seconds * 1000 / max(result["requests"], 1)
+    requests = max(result["requests"], 1)
+    cpu_ms = cpu_seconds * 1000 / requests
     return {
         "flame_graph": flame.name,
         "requests": result["requests"],
         "cpu_ms_per_request": round(cpu_ms, 3),
+        # The event loop's thread runs the framework; the others, the request's own work.
+        "loop_thread_cpu_ms_per_request": round(loop_seconds * 1000 / requests, 3),
         "steps": {
             step: {"share": round(n / total, 3), "cpu_ms": round(cpu_ms * n / total, 3)}
             for step, n in samples.most_common()

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from digitops.inference.preprocess import DEFAULT_MAX_BYTES
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's CPU set, say)."""
+    return len(os.sched_getaffinity(0))
 
 
 class SettingsError(ValueError):
@@ -25,8 +30,9 @@ class Settings:
     # The model a fresh clone serves; relative to the working directory (the repo for
     # `make serve`, the Bento's src/ when packaged).
     shipped_model: Path = Path("models/default/model.pt")
-    # Worker processes; each batches its own requests and gets its share of the cores.
-    workers: int = 1
+    # Worker processes, one per core by default: one process's threads share one GIL, so one
+    # worker uses about one core however many the machine has (README.md, "Serving").
+    workers: int = field(default_factory=usable_cores)
     max_upload_bytes: int = DEFAULT_MAX_BYTES  # the decoder's own limit
     # Prediction log + feedback queue: a SQLite file, or a postgresql:// URL for many replicas.
     predictions_db: str = "var/predictions.db"
