@@ -116,6 +116,7 @@ class DigitService:
             self.registry.follow(lambda: self.served, self._followed)
         elif SETTINGS.workers > 1:
             self.reloads.follow(lambda: self.served.store_tag, self._switch_to)
+        self._warm_up()
         card = self.served.card()
         log.info(
             "serving model from %s (version %s, test accuracy %s)",
@@ -128,6 +129,18 @@ class DigitService:
         # walk took ~220 ms and was the p99 of a lone client (README.md, "Serving").
         gc.collect()
         gc.freeze()
+
+    def _warm_up(self) -> None:
+        """Predict and explain once before the first request, unlogged and uncounted: the first
+        call into each library (Pillow's plugins, ONNX Runtime's buffers, torch's autograd)
+        costs milliseconds, which would otherwise land on some client's request."""
+        stroke = np.zeros((28, 28), dtype=np.uint8)
+        stroke[6:22, 13:15] = 255  # a "1", drawn on a 280x280 canvas
+        data, options = png(stroke, scale=10), http.Options(log=False)
+        prepared, input_png = self._prepare(data, options)
+        probabilities = self.served.probabilities(prepared.pixels[None])[0]
+        http.prediction_payload(probabilities, input_png, prepared.inverted, self.served, None)
+        self._explain(data, options, self.served)
 
     @bentoml.on_deployment
     def check_model() -> None:
@@ -270,20 +283,22 @@ class DigitService:
         self.metrics.store_failures.inc()
         log.warning("prediction not logged: %s", err)
 
+    def _explain(self, data: bytes, options: http.Options, served: ServedModel) -> tuple:
+        """(prepared, its PNG, Grad-CAM heatmap, probabilities, the heatmap's overlay PNG)."""
+        prepared, input_png = self._prepare(data, options)
+        activations = served.onnx.run(prepared.pixels[None], LAST_CONV)
+        cam, logits = explain.grad_cam(served.model, activations, options.target)
+        overlay = explain.overlay_png(prepared.pixels, cam)
+        return prepared, input_png, cam, torch.softmax(logits, dim=0).numpy(), overlay
+
     @app.post("/explain", **contract.EXPLAIN)
     async def explain(self, request: Request):
         """Grad-CAM of the last conv block for the predicted (or `target`) class."""
         data, options = await self._read_one(request, http.EXPLAIN_OPTIONS)
         served = self.served
-
-        def work():
-            prepared, input_png = self._prepare(data, options)
-            activations = served.onnx.run(prepared.pixels[None], LAST_CONV)
-            cam, logits = explain.grad_cam(served.model, activations, options.target)
-            overlay = explain.overlay_png(prepared.pixels, cam)
-            return prepared, input_png, cam, torch.softmax(logits, dim=0).numpy(), overlay
-
-        prepared, input_png, cam, probabilities, overlay = await self._off_loop(work)
+        prepared, input_png, cam, probabilities, overlay = await self._off_loop(
+            lambda: self._explain(data, options, served)
+        )
         payload = http.prediction_payload(
             probabilities,
             input_png,
