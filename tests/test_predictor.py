@@ -108,3 +108,17 @@ def test_replies_come_back_to_the_loop_that_asked(store_location, n):
     for run in range(n):  # a new event loop each time, one thread for all of them
         (reply,) = asyncio.run(thread.run(reply_for(store, f"p{run}")))
         assert reply == {"prediction_id": f"p{run}"}
+
+
+def test_a_failing_round_answers_its_requests_and_the_thread_goes_on(store_location):
+    store = PredictionStore(store_location)
+    store.log_prediction("taken", b"png", PROBS, False, "1")
+
+    def broken_handler(err: StoreError) -> None:
+        raise RuntimeError("a bug in the handler")
+
+    thread = PredictionThread(store, broken_handler)
+    with pytest.raises(RuntimeError, match="a bug in the handler"):
+        asyncio.run(thread.run(reply_for(store, "taken")))  # refused: the handler runs, and fails
+    (reply,) = asyncio.run(thread.run(reply_for(store, "next")))
+    assert reply == {"prediction_id": "next"}

@@ -61,8 +61,12 @@ class PredictionThread:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            outcomes = [_attempt(work) for work, _ in jobs]
-            self._log([r for outcome in outcomes if isinstance(outcome, list) for r in outcome])
+            outcomes: list = [_attempt(work) for work, _ in jobs]
+            try:
+                self._log([r for outcome in outcomes if isinstance(outcome, list) for r in outcome])
+            except Exception as err:  # a bug must still answer every request, not end the thread
+                log.exception("prediction round failed")
+                outcomes = [err] * len(jobs)
             _deliver([(done, outcome) for (_, done), outcome in zip(jobs, outcomes, strict=True)])
 
     def _log(self, replies: list[Reply]) -> None:
