@@ -59,11 +59,11 @@ http.install_error_handlers(app)
 # load (503).
 BATCH_MAX_SIZE = http.MAX_CLASSIFY_IMAGES
 BATCH_MAX_LATENCY_MS = 1000
-# Worker processes share the cores; each gets its share for Grad-CAM's torch ops and for the
-# CPU-bound steps of a request.
 LAST_CONV = DigitCNN.conv_layers[-1]  # Grad-CAM's layer
 # How often the prediction store checkpoints and enforces retention, in a thread of its own.
 STORE_UPKEEP_SECONDS = 1.0
+# Worker processes share the cores; each gets its share for Grad-CAM's torch ops and for the
+# CPU-bound steps of a request.
 CORES_PER_WORKER = max(1, (os.cpu_count() or 1) // SETTINGS.workers)
 
 
