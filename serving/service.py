@@ -11,7 +11,7 @@ import hmac
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -175,16 +175,16 @@ class DigitService:
     # request finishes on the model it started with even if a reload swaps it meanwhile.
     async def _off_loop(self, work: Callable[[], T]) -> T:
         """Run `work` in a worker thread (at most one per core: more would only contend)."""
-        try:
-            return await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
-        except EmptyImageError:
-            self.metrics.no_digit.inc()
-            raise
+        return await self._counted(anyio.to_thread.run_sync(work, limiter=self.cpu_limiter))
 
     async def _predicted(self, work: Callable[[], list[Reply]]) -> list[dict]:
         """Run a prediction's `work` on the prediction thread; its replies once logged."""
+        return await self._counted(self.predictions.run(work))
+
+    async def _counted(self, pending: Awaitable[T]) -> T:
+        """What `pending` gives; an image without a digit is counted on its way out."""
         try:
-            return await self.predictions.run(work)
+            return await pending
         except EmptyImageError:
             self.metrics.no_digit.inc()
             raise

@@ -162,13 +162,14 @@ def test_two_replicas_writing_at_once_lose_nothing_and_duplicate_nothing(store_l
 
 def test_upkeep_checkpoints_and_enforces_retention_off_the_commit_path(tmp_path):
     path = tmp_path / "p.db"
-    store = PredictionStore(path, max_predictions=100, upkeep_seconds=0.1)
+    store = PredictionStore(path, max_predictions=100, upkeep_seconds=1.0)
     original = bytes(range(256)) * 64  # 16 KiB per row: the log grows by megabytes
     try:
         store.insert(
             [store.record(f"p{i}", b"png", PROBS, False, "1", original) for i in range(400)]
         )
-        # No commit checkpointed: the rows are in the write-ahead log, not the database file.
+        # No commit checkpointed (the first upkeep is a second away): the rows are in the
+        # write-ahead log, not the database file.
         assert path.stat().st_size < 1_000_000 < (tmp_path / "p.db-wal").stat().st_size
         store.insert([store.record(f"q{i}", b"png", PROBS, False, "1") for i in range(700)])
         deadline = time.monotonic() + 30

@@ -199,8 +199,7 @@ class PredictionStore:
                     # PASSIVE: copies what no reader still needs, never waiting for a writer.
                     with self._transaction() as conn:
                         conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-                if self._inserts - self._retained_at >= 1000:
-                    self._retained_at = self._inserts
+                if self._retention_due():
                     self._enforce_retention()
             except StoreError as err:  # the next round tries again; predictions go on
                 log.warning("prediction store upkeep failed: %s", err)
@@ -212,7 +211,7 @@ class PredictionStore:
             with self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as err:  # disk full, read-only, I/O, locked, down
-            raise StoreError(f"prediction store {self.path} is not usable: {_cause(err)}") from err
+            raise self._unusable(err) from err
 
     def log_prediction(self, *args, **kwargs) -> None:
         """Log one prediction at once (the arguments of `record`); a server commits its rows
@@ -260,21 +259,30 @@ class PredictionStore:
         try:
             conn = self.engine.raw_connection()
         except (sa.exc.SQLAlchemyError, self.engine.dialect.dbapi.Error) as err:  # it is down
-            raise StoreError(f"prediction store {self.path} is not usable: {_cause(err)}") from err
+            raise self._unusable(err) from err
         try:
             conn.cursor().executemany(self._log_sql, values)
             conn.commit()
         except self.engine.dialect.dbapi.Error as err:  # disk full, read-only, a taken id
             conn.invalidate()  # whatever state it is in, it is not handed out again
-            raise StoreError(f"prediction store {self.path} is not usable: {_cause(err)}") from err
+            raise self._unusable(err) from err
         finally:
             conn.close()  # back to the pool
         with self._count_lock:
-            before = self._inserts
             self._inserts += len(records)
-            due = self._inserts // 1000 > before // 1000  # once per thousand rows
-        if due and not self.upkeep_seconds:
+        if not self.upkeep_seconds and self._retention_due():
             self._enforce_retention()
+
+    def _retention_due(self) -> bool:
+        """Whether a thousand rows went in since retention last ran; if so, it is now run's."""
+        with self._count_lock:
+            if self._inserts - self._retained_at < 1000:
+                return False
+            self._retained_at = self._inserts
+            return True
+
+    def _unusable(self, err: Exception) -> StoreError:
+        return StoreError(f"prediction store {self.path} is not usable: {_cause(err)}")
 
     def insert_each(self, records: list[dict]) -> list[StoreError | None]:
         """Log predictions in one transaction if they all go in (group commit); otherwise each
