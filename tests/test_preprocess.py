@@ -17,7 +17,11 @@ from scipy import ndimage
 from digitops.data import mnist
 from digitops.inference.errors import EmptyImageError, ImageError, RequestError
 from digitops.inference.preprocess import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    WORK_SIDE,
     Preprocessed,
+    _plain_png,
     add_noise,
     decode,
     parse_invert,
@@ -200,6 +204,71 @@ def test_fully_transparent_image_is_empty_whatever_its_hidden_colour():
     for color in [(0, 0, 0, 0), (255, 255, 255, 0), (128, 30, 200, 0)]:
         with pytest.raises(EmptyImageError):
             to_mnist(Image.new("RGBA", (200, 150), color))
+
+
+# --- Plain PNGs (canvas exports) are decoded by OpenCV -------------------------------------
+
+
+def plain_png_variants(digit: np.ndarray) -> dict[str, Image.Image]:
+    drawing = canvas(digit)
+    alpha = np.asarray(drawing)
+    strokes = np.dstack([np.zeros_like(alpha)] * 3 + [alpha])  # black ink in the alpha channel
+    return {
+        "L": drawing,
+        "RGB": drawing.convert("RGB"),
+        "RGBA opaque": drawing.convert("RGBA"),
+        "RGBA strokes on transparent": Image.fromarray(strokes, "RGBA"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["L", "RGB", "RGBA opaque", "RGBA strokes on transparent"])
+def test_plain_png_comes_out_as_through_pillow(digits, kind):
+    image = plain_png_variants(digits[0])[kind]
+    data = encode(image, "PNG")
+    assert _plain_png(data, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS) is not None  # the fast way
+    fast, pillow = preprocess(data), to_mnist(decode(data))
+    np.testing.assert_array_equal(fast.pixels, pillow.pixels)
+    assert fast.inverted == pillow.inverted
+
+
+def png_with(image: Image.Image, **params) -> bytes:
+    return encode(image, "PNG", **params)
+
+
+@pytest.mark.parametrize(
+    "kind", ["16-bit", "palette", "transparent colour", "exif", "over WORK_SIDE"]
+)
+def test_other_pngs_take_pillows_way(digits, kind):
+    drawing = canvas(digits[0])
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    data = {
+        "16-bit": lambda: png_with(Image.fromarray(np.uint16(np.asarray(drawing)) * 257)),
+        "palette": lambda: png_with(drawing.convert("P")),
+        "transparent colour": lambda: png_with(drawing, transparency=0),
+        "exif": lambda: png_with(drawing, exif=exif),
+        "over WORK_SIDE": lambda: png_with(canvas(digits[0], side=600)),
+    }[kind]()
+    assert _plain_png(data, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS) is None
+    # Whatever these mean (a transparent colour, a turn), Pillow's reading of them is the answer.
+    pillow = to_mnist(decode(data, draft_side=WORK_SIDE))
+    np.testing.assert_array_equal(preprocess(data).pixels, pillow.pixels)
+
+
+def test_interlaced_png_takes_pillows_way(digits):
+    data = encode(canvas(digits[0]), "PNG")
+    ihdr = bytearray(data[12:29])  # Pillow writes no interlaced PNG: set the flag and its CRC
+    ihdr[16] = 1
+    data = data[:12] + bytes(ihdr) + zlib.crc32(bytes(ihdr)).to_bytes(4, "big") + data[33:]
+    assert _plain_png(data, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS) is None
+
+
+def test_corrupt_plain_png_gets_pillows_error(digits):
+    data = bytearray(encode(canvas(digits[0]), "PNG"))
+    data[60:70] = b"x" * 10  # inside the compressed pixels
+    with pytest.raises(ImageError, match="truncated or corrupt") as caught:
+        preprocess(bytes(data))
+    assert caught.value.status == 400
 
 
 @pytest.mark.parametrize("orientation", [6, 8])

@@ -22,6 +22,9 @@ from digitops.inference.errors import EmptyImageError, ImageError, RequestError
 
 # A request's work runs on one core; OpenCV's own thread pool would only compete for them.
 cv2.setNumThreads(1)
+# A file OpenCV cannot read goes on to Pillow, whose error the client gets; OpenCV's own
+# warnings about it would only be noise in the server log.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # decoded-size limit against decompression bombs
@@ -48,6 +51,10 @@ SPECK_FRACTION = 0.05
 # At least this share of a drawing's pixels is exactly its background colour.
 FLAT_FRACTION = 0.5
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_GREY, PNG_RGB, PNG_RGBA = 0, 2, 6  # the colour types of plain PNGs
+# Chunks that change what the pixels mean to decode(): a transparent colour, an orientation.
+PNG_PIXEL_CHUNKS = (b"tRNS", b"eXIf")
 INVERT_WORDS = {
     "auto": None, "true": True, "false": False, "1": True, "0": False,
     "yes": True, "no": False, "on": True, "off": False,
@@ -164,9 +171,52 @@ def _not_readable(data: bytes) -> ImageError:
     return ImageError(f"The data is not a readable image; {SEND_INSTEAD}.")
 
 
-def preprocess(data: bytes, invert: bool | None = None, **decode_limits) -> Preprocessed:
+def preprocess(
+    data: bytes,
+    invert: bool | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Preprocessed:
     """Image file bytes -> the model's 28x28 input; see decode() and to_mnist()."""
-    return to_mnist(decode(data, draft_side=WORK_SIDE, **decode_limits), invert)
+    gray = _plain_png(data, max_bytes, max_pixels)
+    if gray is None:
+        image = decode(data, max_bytes=max_bytes, max_pixels=max_pixels, draft_side=WORK_SIDE)
+        gray = _grayscale(image)
+    return _from_grayscale(gray, invert)
+
+
+def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | None:
+    """Luminance in [0, 1] of a plain PNG - 8-bit grey, RGB or RGBA, not interlaced, no
+    metadata that changes its pixels, no bigger than WORK_SIDE - or None for anything else.
+
+    That is what canvases export (the web page's drawings), and OpenCV decodes it straight into
+    an array, 0.5 ms sooner than Pillow's decoder and its conversions for a 280x280 RGBA
+    drawing. Everything else, including every file this cannot read, takes decode()'s way, with
+    its errors."""
+    if len(data) > max_bytes or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, color, interlaced = data[24], data[25], data[28]
+    if (
+        depth != 8
+        or color not in (PNG_GREY, PNG_RGB, PNG_RGBA)
+        or interlaced
+        or max(width, height) > WORK_SIDE
+        or width * height > max_pixels
+        or any(chunk in data for chunk in PNG_PIXEL_CHUNKS)
+    ):
+        return None
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.shape[:2] != (height, width):
+        return None
+    if color == PNG_RGBA:  # OpenCV's channel order is BGRA
+        if pixels[..., 3].min() < 255:
+            return _flattened(cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA))
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2GRAY)
+    elif color == PNG_RGB:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
+    return pixels.astype(np.float32) / 255
 
 
 def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
@@ -174,7 +224,10 @@ def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
 
     Raises EmptyImageError when nothing in the image stands out as ink.
     """
-    gray = _grayscale(image)
+    return _from_grayscale(_grayscale(image), invert)
+
+
+def _from_grayscale(gray: np.ndarray, invert: bool | None) -> Preprocessed:
     # A drawing's background is exact at any size, so it is recognised on the small copy too.
     small, edge = _drawing_size(gray)
     background = _flat_background(small)
@@ -266,8 +319,12 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         values = np.nan_to_num(np.asarray(image, dtype=np.float32))
         image = Image.fromarray(np.clip(_unit_range(image.mode, values), 0, 1).astype(np.float32))
     elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = np.asarray(_shrink(image.convert("RGBA")), dtype=np.float32) / 255
-        return _flatten_alpha(rgba[..., :3] @ LUMA, rgba[..., 3])
+        rgba = _shrink(image.convert("RGBA"))
+        if rgba.getextrema()[3][0] < 255:
+            return _flattened(np.asarray(rgba))
+        # Opaque, as most canvas exports are: nothing to flatten, and Pillow's luminance
+        # takes 0.24 against 1.35 ms for the float arithmetic on a 280x280 drawing.
+        image = rgba.convert("L")
     else:
         try:
             image = image.convert("L")
@@ -299,8 +356,11 @@ def _shrink(image: Image.Image) -> Image.Image:
     return image.resize(size, Image.Resampling.BOX)
 
 
-def _flatten_alpha(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Composite onto a background level chosen so that transparent areas read as background."""
+def _flattened(rgba: np.ndarray) -> np.ndarray:
+    """Luminance in [0, 1] of uint8 RGBA pixels with transparency, composited onto a background
+    level chosen so that transparent areas read as background."""
+    pixels = rgba.astype(np.float32) / 255
+    color, alpha = pixels[..., :3] @ LUMA, pixels[..., 3]
     if alpha.sum() == 0:
         return np.zeros_like(alpha)  # fully transparent: blank
     level = np.average(color, weights=alpha)
