@@ -55,6 +55,16 @@ app = FastAPI(
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
 http.install_error_handlers(app)
 
+
+async def _this_service() -> DigitService:
+    return bentoml.get_current_service()
+
+
+# BentoML hands the routes below their `self` through a dependency on a plain function, which
+# FastAPI runs in its thread pool: a thread hop each way on every request before the route
+# starts (README.md, "Serving"). The same service, from a coroutine, stays on the event loop.
+app.dependency_overrides[bentoml.get_current_service] = _this_service
+
 # For callers of the `classify` API, max latency is BentoML's dispatcher's budget before it sheds
 # load (503).
 BATCH_MAX_SIZE = http.MAX_CLASSIFY_IMAGES

@@ -51,6 +51,27 @@ def test_predict_multipart_returns_full_breakdown(client, digits):
     assert len(body["prediction_id"]) == 32
 
 
+@pytest.mark.parametrize("path", ["/predict", "/explain"])
+def test_a_route_gets_its_service_without_fastapis_thread_pool(client, digits, monkeypatch, path):
+    """BentoML resolves a route's `self` through a plain-function dependency, which FastAPI
+    runs in its thread pool (a hop each way per request); the service resolves it on the
+    event loop instead."""
+    import fastapi.dependencies.utils as dependencies
+
+    pooled = []
+    run_in_threadpool = dependencies.run_in_threadpool
+
+    async def counted(call, *args, **kwargs):
+        pooled.append(call)
+        return await run_in_threadpool(call, *args, **kwargs)
+
+    monkeypatch.setattr(dependencies, "run_in_threadpool", counted)
+    image = png_bytes(digits[0][0])
+    r = client.post(path, files={"image": ("d.png", image, "image/png")})
+    assert r.status_code == 200, r.text
+    assert pooled == []
+
+
 def test_predict_raw_body_and_forced_inversion(client, digits):
     images, _ = digits
     dark_on_light = png_bytes(255 - images[1])
