@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,7 +10,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
 
 # Temporary files end with this; a reader that finds one knows it is a killed writer's leftover.
 PARTIAL_SUFFIX = ".part"
@@ -48,10 +46,18 @@ def write_bytes_atomic(path: str | Path, data: bytes, fsync: bool = True) -> Non
 
 
 def png(pixels: np.ndarray, scale: int = 1) -> bytes:
-    """uint8 pixels ([H, W] gray or [H, W, 3] RGB) as PNG bytes, enlarged `scale` times."""
-    image = Image.fromarray(pixels)
+    """uint8 pixels ([H, W] gray or [H, W, 3] RGB) as PNG bytes, enlarged `scale` times.
+
+    OpenCV encodes a 28x28 input in half the time Pillow takes (21 against 41 us), and every
+    prediction encodes one."""
+    import cv2  # imported here: the training side uses this module too, and needs no OpenCV
+
     if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)  # speed over bytes: these are tiny
-    return buf.getvalue()
+        pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)  # OpenCV's channel order
+    # Speed over bytes: these are tiny.
+    ok, encoded = cv2.imencode(".png", pixels, (cv2.IMWRITE_PNG_COMPRESSION, 1))
+    if not ok:
+        raise ValueError(f"cannot encode pixels of shape {pixels.shape} as PNG")
+    return encoded.tobytes()
