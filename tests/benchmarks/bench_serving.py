@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -143,8 +144,15 @@ def measure_server(
 ) -> tuple[dict, dict | None, dict]:
     """wrk's figures per endpoint; for digitops where its /predict CPU time goes; the workers'
     resident memory when warmed up and after the c=32 run."""
-    env = {"DIGITOPS_WORKERS": str(WORKERS[name])}
-    with running(cmd, port, out / f"{name}.log", ready_path=ready_path, env=env) as base:
+    # Each server logs into a new store of its own, deleted afterwards: the project's store,
+    # grown by earlier runs (to its retention cap, with a big write-ahead log), would make runs
+    # differ for reasons of their own.
+    store = tempfile.TemporaryDirectory(prefix=f"bench-{name}-")
+    env = {
+        "DIGITOPS_WORKERS": str(WORKERS[name]),
+        "DIGITOPS_PREDICTIONS_DB": str(Path(store.name) / "predictions.db"),
+    }
+    with store, running(cmd, port, out / f"{name}.log", ready_path=ready_path, env=env) as base:
         # Check it answers correctly before timing it.
         files = {"image": ("d.png", image.read_bytes(), "image/png")}
         httpx.post(f"{base}/predict", files=files, timeout=30).raise_for_status()

@@ -20,7 +20,7 @@ import psutil
 # reply encoding, and decoding inside `preprocess` as decoding).
 STEPS = (
     ("reply encoding", ("files.py", "http.py:prediction_payload", "http.py:json_reply")),
-    ("decode", ("preprocess.py:decode",)),
+    ("decode", ("preprocess.py:decode", "preprocess.py:_plain_png")),
     ("forward pass", ("runtime.py", "served.py:probabilities")),
     ("prediction log", ("store.py", "predictor.py:_log")),
     ("metrics", ("metrics.py", "prometheus_client")),
