@@ -1,15 +1,17 @@
 """Serving benchmark, side by side in one run: bare model, FastAPI baseline, naive BentoML, the
 BentoML floor (upload read, fixed reply, no work), ours.
 
-    python -m tests.benchmarks.bench_serving [--seconds 10] [--out artifacts/bench]
+    python -m tests.benchmarks.bench_serving [--seconds 5] [--rounds 3] [--out artifacts/bench]
 
-Each server runs alone (the 2 cores are not shared between servers); wrk, a C load generator,
-drives it so the client steals little CPU. Writes report.json and report.md.
+All servers start together and take turns, round after round; only the one under load uses
+the cores. wrk, a C load generator, drives it so the client steals little CPU. Writes
+report.json and report.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -17,6 +19,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -139,40 +142,83 @@ def wrk(
     return result
 
 
-def measure_server(
-    name, cmd, port, endpoints, image, seconds, out, ready_path
-) -> tuple[dict, dict | None, dict]:
-    """wrk's figures per endpoint; for digitops where its /predict CPU time goes; the workers'
-    resident memory when warmed up and after the c=32 run."""
-    # Each server logs into a new store of its own, deleted afterwards: the project's store,
-    # grown by earlier runs (to its retention cap, with a big write-ahead log), would make runs
-    # differ for reasons of their own.
-    store = tempfile.TemporaryDirectory(prefix=f"bench-{name}-")
-    env = {
-        "DIGITOPS_WORKERS": str(WORKERS[name]),
-        "DIGITOPS_PREDICTIONS_DB": str(Path(store.name) / "predictions.db"),
-    }
-    with store, running(cmd, port, out / f"{name}.log", ready_path=ready_path, env=env) as base:
-        # Check it answers correctly before timing it.
+def start_servers(stack: contextlib.ExitStack, systems: list, image: Path, out: Path) -> dict:
+    """Start every system at once, each on a port of its own and logging into a new store of
+    its own (deleted afterwards: the project's store, grown by earlier runs, would make runs
+    differ for reasons of their own). Checks each answers correctly. Returns name -> base."""
+    bases = {}
+    for name, command, _, ready_path in systems:
+        port = free_port()
+        store = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{name}-")))
+        env = {
+            "DIGITOPS_WORKERS": str(WORKERS[name]),
+            "DIGITOPS_PREDICTIONS_DB": str(store / "predictions.db"),
+        }
+        log = out / f"{name}.log"
+        bases[name] = stack.enter_context(
+            running(command(port), port, log, ready_path=ready_path, env=env)
+        )
         files = {"image": ("d.png", image.read_bytes(), "image/png")}
-        httpx.post(f"{base}/predict", files=files, timeout=30).raise_for_status()
-        results, memory = {}, {}
-        for path in endpoints:
-            c1 = wrk(port, path, image, 1, seconds)
-            if path == "/predict":  # warmed up: every code path has run
-                memory["idle_mb"] = server_rss_mb(base)
-            c32 = wrk(port, path, image, 32, seconds)
-            if path == "/predict":
-                memory["after_c32_mb"] = server_rss_mb(base)
-            # A lone client right after a burst must not pay for it (a collector walking what
-            # the burst allocated, a checkpoint of its writes).
-            after = wrk(port, path, image, 1, seconds, warm_up=False)
-            results[path] = {"c1": c1, "c32": c32, "c1_after_burst": after}
-        spent = None
-        if name == "digitops_one_worker":  # sampled under the c=32 load: one process, one profile
-            load = lambda: wrk(port, "/predict", image, 32, seconds, warm_up=False)  # noqa: E731
-            spent = profile(PROCESSES[base].pid, load, seconds, out)
-        return results, spent, memory
+        httpx.post(f"{bases[name]}/predict", files=files, timeout=30).raise_for_status()
+    return bases
+
+
+def measure_servers(systems: list, image: Path, seconds: int, rounds: int, out: Path):
+    """wrk's figures per system and endpoint, the median of `rounds` rounds; the workers'
+    resident memory when warmed up and after the last c=32 run; where digitops' /predict CPU
+    time goes.
+
+    Every round runs every system in turn, all of them started before the first: this VM's
+    speed drifts by a third from minute to minute, and a slow minute then falls on every system
+    alike instead of on whichever ran in it. An idle server uses next to no CPU."""
+    runs: dict = {name: {path: {} for path in endpoints} for name, _, endpoints, _ in systems}
+    memory: dict = {}
+    with contextlib.ExitStack() as stack:
+        bases = start_servers(stack, systems, image, out)
+        for round_ in range(rounds):
+            first = round_ == 0  # the first round warms every code path up
+            for name, _, endpoints, _ in systems:
+                port = int(bases[name].rsplit(":", 1)[1])
+                for path in endpoints:
+                    measured = runs[name][path]
+                    measured.setdefault("c1", []).append(
+                        wrk(port, path, image, 1, seconds, warm_up=first)
+                    )
+                    if first and path == "/predict":  # warmed up: every code path has run
+                        memory[name] = {"idle_mb": server_rss_mb(bases[name])}
+                    measured.setdefault("c32", []).append(
+                        wrk(port, path, image, 32, seconds, warm_up=first)
+                    )
+                    # A lone client right after a burst must not pay for it (a collector
+                    # walking what the burst allocated, a checkpoint of its writes).
+                    measured.setdefault("c1_after_burst", []).append(
+                        wrk(port, path, image, 1, seconds, warm_up=False)
+                    )
+        for name in bases:
+            memory[name]["after_c32_mb"] = server_rss_mb(bases[name])
+        # Sampled under the c=32 load: one process, one profile.
+        base = bases["digitops_one_worker"]
+        port = int(base.rsplit(":", 1)[1])
+        load = lambda: wrk(port, "/predict", image, 32, seconds, warm_up=False)  # noqa: E731
+        spent = profile(PROCESSES[base].pid, load, seconds, out)
+    results = {
+        name: {
+            path: {kind: median_of(kind_runs) for kind, kind_runs in kinds.items()}
+            for path, kinds in paths.items()
+        }
+        for name, paths in runs.items()
+    }
+    return results, spent, memory
+
+
+def median_of(runs: list[dict]) -> dict:
+    """One measurement's figures over rounds: the median of each, errors and requests summed,
+    and the rounds' own figures beside them."""
+    figures = {
+        key: float(np.median([r[key] for r in runs])) for key in ("p50_ms", "p99_ms", "throughput")
+    }
+    totals = {key: sum(r[key] for r in runs) for key in ("errors", "requests")}
+    return {**figures, **totals, "rounds": runs}
 
 
 def targets(results: dict) -> list[tuple[str, float, str, bool]]:
@@ -208,7 +254,9 @@ def report(results: dict, out: Path) -> str:
     lines = [
         "# Serving benchmark",
         "",
-        f"{results['machine']}; {results['seconds']} s per measurement; wrk on loopback.",
+        f"{results['machine']}; wrk on loopback. Each figure is the median of "
+        f"{results['rounds']} rounds of {results['seconds']} s, every round running every "
+        "system in turn.",
         "",
         "| system (worker processes) | endpoint | p50 c=1 (ms) | p99 c=1 (ms) | req/s c=32 "
         "| p99 c=32 (ms) | p50 c=1 after c=32 (ms) | errors |",
@@ -271,27 +319,27 @@ def report(results: dict, out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=5, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="of every measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     image = canvas_png(args.out)
     results = {
         "seconds": args.seconds,
+        "rounds": args.rounds,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "model": bare_model(args.seconds),
         "workers": WORKERS,
     }
-    port = free_port()
-    loopback = ["--host", "127.0.0.1", "--port", str(port)]
     systems = [
-        # name, command, endpoints, the path that answers 200 once it is up
+        # name, command on a port, endpoints, the path that answers 200 once it is up
         (
             "fastapi_baseline",
-            [
+            lambda port: [
                 "uvicorn",
                 "tests.benchmarks.fastapi_baseline:app",
-                *loopback,
+                *("--host", "127.0.0.1", "--port", str(port)),
                 *("--timeout-keep-alive", str(KEEP_ALIVE_SECONDS)),
                 "--log-level",
                 "warning",
@@ -301,37 +349,33 @@ def main() -> None:
         ),
         (
             "naive_bentoml",
-            serve_command("tests.benchmarks.naive_service:NaiveDigitService", port),
+            partial(serve_command, "tests.benchmarks.naive_service:NaiveDigitService"),
             ["/predict"],
             "/readyz",
         ),
         (
             "bentoml_floor",
-            serve_command("tests.benchmarks.floor_service:FloorService", port),
+            partial(serve_command, "tests.benchmarks.floor_service:FloorService"),
             ["/predict"],
             "/readyz",
         ),
         (
             "digitops",
-            serve_command("serving.service:DigitService", port),
+            partial(serve_command, "serving.service:DigitService"),
             ["/predict", "/explain"],
             "/readyz",
         ),
         (
             "digitops_one_worker",
-            serve_command("serving.service:DigitService", port),
+            partial(serve_command, "serving.service:DigitService"),
             ["/predict"],
             "/readyz",
         ),
     ]
-    results["memory"] = {}
-    # One at a time, so no server shares the cores with another.
-    for name, cmd, endpoints, ready in systems:
-        results[name], spent, results["memory"][name] = measure_server(
-            name, cmd, port, endpoints, image, args.seconds, args.out, ready
-        )
-        if spent is not None:
-            results["predict_profile"] = spent
+    measured, results["predict_profile"], results["memory"] = measure_servers(
+        systems, image, args.seconds, args.rounds, args.out
+    )
+    results.update(measured)
     print(report(results, args.out))
 
 
