@@ -191,9 +191,10 @@ def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | Non
     metadata that changes its pixels, no bigger than WORK_SIDE - or None for anything else.
 
     That is what canvases export (the web page's drawings), and OpenCV decodes it straight into
-    an array, 0.5 ms sooner than Pillow's decoder and its conversions for a 280x280 RGBA
-    drawing. Everything else, including every file this cannot read, takes decode()'s way, with
-    its errors."""
+    an array: 0.96 against 1.90 ms through Pillow's decoder and conversions for a 280x280 RGBA
+    drawing, 0.62 against 0.79 ms for a grey one. Everything else, including every file this
+    cannot read, takes decode()'s way, with its errors. (The chunk names are looked for in the
+    whole file: a chance match inside the pixel data only sends it Pillow's way.)"""
     if len(data) > max_bytes or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
