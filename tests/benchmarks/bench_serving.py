@@ -145,7 +145,8 @@ def wrk(
 def start_servers(stack: contextlib.ExitStack, systems: list, image: Path, out: Path) -> dict:
     """Start every system at once, each on a port of its own and logging into a new store of
     its own (deleted afterwards: the project's store, grown by earlier runs, would make runs
-    differ for reasons of their own). Checks each answers correctly. Returns name -> base."""
+    differ for reasons of their own). Checks each answers correctly. Returns name -> (base URL,
+    port)."""
     bases = {}
     for name, command, _, ready_path in systems:
         port = free_port()
@@ -155,11 +156,12 @@ def start_servers(stack: contextlib.ExitStack, systems: list, image: Path, out: 
             "DIGITOPS_PREDICTIONS_DB": str(store / "predictions.db"),
         }
         log = out / f"{name}.log"
-        bases[name] = stack.enter_context(
+        base = stack.enter_context(
             running(command(port), port, log, ready_path=ready_path, env=env)
         )
         files = {"image": ("d.png", image.read_bytes(), "image/png")}
-        httpx.post(f"{bases[name]}/predict", files=files, timeout=30).raise_for_status()
+        httpx.post(f"{base}/predict", files=files, timeout=30).raise_for_status()
+        bases[name] = base, port
     return bases
 
 
@@ -178,14 +180,14 @@ def measure_servers(systems: list, image: Path, seconds: int, rounds: int, out: 
         for round_ in range(rounds):
             first = round_ == 0  # the first round warms every code path up
             for name, _, endpoints, _ in systems:
-                port = int(bases[name].rsplit(":", 1)[1])
+                base, port = bases[name]
                 for path in endpoints:
                     measured = runs[name][path]
                     measured.setdefault("c1", []).append(
                         wrk(port, path, image, 1, seconds, warm_up=first)
                     )
                     if first and path == "/predict":  # warmed up: every code path has run
-                        memory[name] = {"idle_mb": server_rss_mb(bases[name])}
+                        memory[name] = {"idle_mb": server_rss_mb(base)}
                     measured.setdefault("c32", []).append(
                         wrk(port, path, image, 32, seconds, warm_up=first)
                     )
@@ -194,11 +196,10 @@ def measure_servers(systems: list, image: Path, seconds: int, rounds: int, out: 
                     measured.setdefault("c1_after_burst", []).append(
                         wrk(port, path, image, 1, seconds, warm_up=False)
                     )
-        for name in bases:
-            memory[name]["after_c32_mb"] = server_rss_mb(bases[name])
+        for name, (base, _) in bases.items():
+            memory[name]["after_c32_mb"] = server_rss_mb(base)
         # Sampled under the c=32 load: one process, one profile.
-        base = bases["digitops_one_worker"]
-        port = int(base.rsplit(":", 1)[1])
+        base, port = bases["digitops_one_worker"]
         load = lambda: wrk(port, "/predict", image, 32, seconds, warm_up=False)  # noqa: E731
         spent = profile(PROCESSES[base].pid, load, seconds, out)
     results = {
