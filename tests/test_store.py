@@ -103,6 +103,43 @@ def test_insert_each_refuses_a_bad_row_alone(store_location):
     assert ids(store) == {"taken", "a", "b"}
 
 
+OPEN_WHEN_TOLD = """
+import sys
+from digitops.inference.store import PredictionStore, StoreError
+
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    PredictionStore(sys.argv[1]).close()
+    print("opened")
+except StoreError as err:
+    print(err)
+"""
+
+
+def test_workers_opening_a_new_store_at_once_all_get_it(store_location):
+    # Every worker and replica creates the tables if they are missing, as it starts: the
+    # ones that lose the race must find them made, not fail and serve without a store.
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_WHEN_TOLD, store_location],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for worker in workers:  # all imported and waiting, then all at once
+        assert worker.stdout.readline() == "ready\n"
+    for worker in workers:
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    said = [worker.communicate(timeout=120)[0].strip() for worker in workers]
+    assert said == ["opened"] * 4
+    assert PredictionStore(store_location).stats()["predictions"] == 0
+
+
 REPLICA = """
 import json, sys
 from concurrent.futures import ThreadPoolExecutor

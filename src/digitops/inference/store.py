@@ -126,13 +126,28 @@ def engine_for(location: str | Path, checkpoints: bool = True) -> sa.Engine:
 
     @sa.event.listens_for(engine, "connect")
     def _sqlite_pragmas(conn, _record) -> None:
-        conn.execute("PRAGMA journal_mode=WAL")
+        _write_ahead_log(conn)
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives app crashes
         conn.execute("PRAGMA foreign_keys=ON")
         if not checkpoints:
             conn.execute("PRAGMA wal_autocheckpoint=0")
 
     return engine
+
+
+def _write_ahead_log(conn: sqlite3.Connection, patience: float = 10.0) -> None:
+    """Put the file in write-ahead-log mode (it stays so). When two processes switch a new
+    file at once, SQLite answers the loser "database is locked" at once, without its busy
+    timeout (waiting could deadlock), so the loser tries again until the winner is done."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 @dataclass
@@ -171,9 +186,7 @@ class PredictionStore:
             self._insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[
                 self.engine.dialect.name
             ]
-            with self.engine.begin() as conn:
-                metadata.create_all(conn)
-                _migrate(conn)
+            _create_schema(self.engine)
             # The prediction log's INSERT in the engine's own SQL, compiled once: every
             # prediction is written through it (see `insert`).
             compiled = predictions.insert().compile(dialect=self.engine.dialect)
@@ -430,6 +443,32 @@ class PredictionStore:
             query = query.where(F.updated_at == if_updated_at)
         with self._transaction() as conn:
             return conn.execute(query.values(status=status, reason=reason)).rowcount == 1
+
+
+# Any constant that other applications sharing the database do not use for their own locks.
+SCHEMA_LOCK_KEY = int.from_bytes(b"digitops", "big") >> 1
+
+
+def _create_schema(engine: sa.Engine) -> None:
+    """Create the tables, or bring them up to this schema, one process at a time.
+
+    Every worker of a server opens the store as it starts, and every replica of a cluster too.
+    Checking for a table and then creating it is a race: on a new store the loser fails
+    (PostgreSQL: a duplicate `pg_type` key; SQLite: "table already exists" or "database is
+    locked"), and its worker would serve without a store. So each first takes a lock
+    (PostgreSQL: an advisory lock only this asks for; SQLite: the write lock), and the
+    others then find the tables made."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            # Held until the transaction ends; readers and writers of the tables never wait.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
+        else:
+            # SQLite's write lock, before the check for tables (Python's sqlite3 would not
+            # open a transaction for DDL at all); a second process waits its busy timeout.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        metadata.create_all(conn)
+        _migrate(conn)
+        conn.commit()
 
 
 def _migrate(conn: sa.Connection) -> None:
