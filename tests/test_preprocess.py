@@ -206,7 +206,7 @@ def test_fully_transparent_image_is_empty_whatever_its_hidden_colour():
             to_mnist(Image.new("RGBA", (200, 150), color))
 
 
-# --- Plain PNGs (canvas exports) are decoded by OpenCV -------------------------------------
+# --- Plain PNGs (canvas exports) are decoded by libspng ------------------------------------
 
 
 def plain_png_variants(digit: np.ndarray) -> dict[str, Image.Image]:
@@ -266,6 +266,17 @@ def test_interlaced_png_takes_pillows_way(digits):
 def test_corrupt_plain_png_gets_pillows_error(digits):
     data = bytearray(encode(canvas(digits[0]), "PNG"))
     data[60:70] = b"x" * 10  # inside the compressed pixels
+    with pytest.raises(ImageError, match="truncated or corrupt") as caught:
+        preprocess(bytes(data))
+    assert caught.value.status == 400
+
+
+def test_damaged_png_is_refused_not_misread(digits):
+    # Stored (uncompressed) pixels: one flipped byte still decodes, to one wrong pixel, in a
+    # decoder that ignores checksums as libspng does here. Only the chunk's CRC tells.
+    data = bytearray(encode(canvas(digits[0]), "PNG", compress_level=0))
+    data[data.index(b"IDAT") + 4 + 2 + 5 + 281 * 140 + 1 + 140] ^= 0xFF  # row 140, column 140
+    assert _plain_png(bytes(data), DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS) is None
     with pytest.raises(ImageError, match="truncated or corrupt") as caught:
         preprocess(bytes(data))
     assert caught.value.status == 400

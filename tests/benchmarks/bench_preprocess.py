@@ -1,5 +1,5 @@
 """Preprocessing, step by step: what a canvas drawing and a 12-megapixel phone photo cost on
-top of their decode, and Pillow's decode beside OpenCV's.
+top of their decode, and the decoders side by side (libspng, OpenCV, Pillow).
 
     python -m tests.benchmarks.bench_preprocess [--out DIR]
 
@@ -16,6 +16,7 @@ import timeit
 from pathlib import Path
 
 import numpy as np
+import pyspng
 from PIL import Image
 
 from digitops.data import mnist
@@ -72,17 +73,18 @@ def measure() -> dict:
         return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
 
     results: dict = {"opencv": cv2.__version__}
-    pngs = drawings()
-    n = len(pngs)
-    # A plain PNG's decode is OpenCV's (pp._plain_png); Pillow's is for comparison.
-    results["drawing_decode_us"] = best_us(lambda: [cv_decode(d) for d in pngs], 20) / n
-    results["drawing_pillow_decode_us"] = best_us(lambda: [pp.decode(d) for d in pngs], 20) / n
-    results["drawing_preprocess_us"] = best_us(lambda: [pp.preprocess(d) for d in pngs], 20) / n
-    canvas = drawings("RGBA")
-    results["canvas_rgba_decode_us"] = best_us(lambda: [cv_decode(d) for d in canvas], 20) / n
-    results["canvas_rgba_preprocess_us"] = (
-        best_us(lambda: [pp.preprocess(d) for d in canvas], 20) / n
-    )
+    # A plain PNG's decode is libspng's (pp._plain_png); OpenCV's and Pillow's are for comparison.
+    steps = {
+        "decode": pyspng.load,
+        "opencv_decode": cv_decode,
+        "pillow_decode": pp.decode,
+        "preprocess": pp.preprocess,
+    }
+    for name, pngs in (("drawing", drawings()), ("canvas_rgba", drawings("RGBA"))):
+        for step, fn in steps.items():
+            calls = lambda fn=fn, pngs=pngs: [fn(d) for d in pngs]  # noqa: E731
+            results[f"{name}_{step}_us"] = best_us(calls, 20) / len(pngs)
+    pngs = drawings(count=1)
     limits = (pp.DEFAULT_MAX_BYTES, pp.DEFAULT_MAX_PIXELS)
     gray = pp._plain_png(pngs[0], *limits)
     small, edge = pp._drawing_size(gray)
@@ -120,21 +122,23 @@ def report(r: dict) -> list[str]:
         "Best of 7 rounds, one thread. A canvas drawing is a 280x280 PNG of an MNIST test digit;",
         f"the photo a pen digit on paper at 4032x3024, JPEG ({r['photo_bytes'] / 1e6:.1f} MB).",
         "",
-        "| step | Pillow | OpenCV |",
-        "|---|---|---|",
-        f"| drawing: decode | {r['drawing_pillow_decode_us']:.0f} us | "
-        f"{r['drawing_decode_us']:.0f} us (used) |",
-        f"| drawing: whole preprocessing | | {r['drawing_preprocess_us']:.0f} us |",
+        "| step | libspng | OpenCV | Pillow |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| - {step} | | {us:.0f} us |" for step, us in r["drawing_steps_us"].items()]
+    for name, what in (("drawing", "drawing (grey)"), ("canvas_rgba", "canvas export (RGBA)")):
+        lines += [
+            f"| {what}: decode | {r[f'{name}_decode_us']:.0f} us (used) | "
+            f"{r[f'{name}_opencv_decode_us']:.0f} us | {r[f'{name}_pillow_decode_us']:.0f} us |",
+            f"| {what}: whole preprocessing | {r[f'{name}_preprocess_us']:.0f} us | | |",
+        ]
+        if name == "drawing":
+            steps = r["drawing_steps_us"].items()
+            lines += [f"| - {step} | {us:.0f} us | | |" for step, us in steps]
     lines += [
-        f"| canvas export (RGBA): decode | | {r['canvas_rgba_decode_us']:.0f} us |",
-        f"| canvas export (RGBA): whole preprocessing | | "
-        f"{r['canvas_rgba_preprocess_us']:.0f} us |",
-        f"| photo: decode at 1/8 scale (JPEG draft) | {r['photo_decode_ms']:.1f} ms (used) | "
-        f"{r['photo_opencv_decode_ms']:.1f} ms |",
-        f"| photo: full-size decode (for scale) | {r['photo_full_decode_ms']:.1f} ms | |",
-        f"| photo: whole preprocessing | {r['photo_preprocess_ms']:.1f} ms | |",
+        f"| photo: decode at 1/8 scale (JPEG draft) | | {r['photo_opencv_decode_ms']:.1f} ms | "
+        f"{r['photo_decode_ms']:.1f} ms (used) |",
+        f"| photo: full-size decode (for scale) | | | {r['photo_full_decode_ms']:.1f} ms |",
+        f"| photo: whole preprocessing | | | {r['photo_preprocess_ms']:.1f} ms |",
         "",
         f"- Drawing, preprocessing on top of its decode: {over:.0f} us "
         f"(target <= {DRAWING_TARGET_US} us: {met(over <= DRAWING_TARGET_US)})",

@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import io
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pyspng
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
@@ -22,9 +24,6 @@ from digitops.inference.errors import EmptyImageError, ImageError, RequestError
 
 # A request's work runs on one core; OpenCV's own thread pool would only compete for them.
 cv2.setNumThreads(1)
-# A file OpenCV cannot read goes on to Pillow, whose error the client gets; OpenCV's own
-# warnings about it would only be noise in the server log.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # decoded-size limit against decompression bombs
@@ -188,13 +187,13 @@ def preprocess(
 
 def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | None:
     """Luminance in [0, 1] of a plain PNG - 8-bit grey, RGB or RGBA, not interlaced, no
-    metadata that changes its pixels, no bigger than WORK_SIDE - or None for anything else.
+    chunk that changes what its pixels mean, no bigger than WORK_SIDE, every chunk's checksum
+    right - or None for anything else.
 
-    That is what canvases export (the web page's drawings), and OpenCV decodes it straight into
-    an array: 0.96 against 1.90 ms through Pillow's decoder and conversions for a 280x280 RGBA
-    drawing, 0.62 against 0.79 ms for a grey one. Everything else, including every file this
-    cannot read, takes decode()'s way, with its errors. (The chunk names are looked for in the
-    whole file: a chance match inside the pixel data only sends it Pillow's way.)"""
+    That is what canvases export (the web page's drawings: opaque RGBA), and libspng decodes
+    it straight into an array, twice as fast as OpenCV's libpng for RGBA (0.47 against 0.99 ms
+    for a 280x280 drawing; grey 0.13 against 0.16 ms). Everything else, including every file
+    this cannot read, takes decode()'s way, with its errors."""
     if len(data) > max_bytes or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -205,19 +204,46 @@ def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | Non
         or interlaced
         or max(width, height) > WORK_SIDE
         or width * height > max_pixels
-        or any(chunk in data for chunk in PNG_PIXEL_CHUNKS)
     ):
         return None
-    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if pixels is None or pixels.shape[:2] != (height, width):
+    chunks = _png_chunk_types(data)
+    if chunks is None or any(kind in PNG_PIXEL_CHUNKS for kind in chunks):
         return None
-    if color == PNG_RGBA:  # OpenCV's channel order is BGRA
+    try:
+        pixels = pyspng.load(data)
+    except RuntimeError:  # e.g. a cut-off or malformed pixel stream
+        return None
+    if pixels.shape[:2] != (height, width):
+        return None
+    if color == PNG_RGBA:
         if pixels[..., 3].min() < 255:
-            return _flattened(cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA))
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2GRAY)
+            return _flattened(pixels)
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2GRAY)
     elif color == PNG_RGB:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
     return pixels.astype(np.float32) / 255
+
+
+def _png_chunk_types(data: bytes) -> list[bytes] | None:
+    """The types of a PNG's chunks up to IEND, or None when one is cut off or fails its CRC.
+
+    libspng, as pyspng sets it up, ignores checksums and would decode a damaged chunk that
+    still parses; Pillow and libpng refuse it, and so does this, so a damaged upload is refused
+    the same way whichever decoder it would have met. (A canvas export has 3-5 chunks.)"""
+    kinds, at, view = [], len(PNG_SIGNATURE), memoryview(data)
+    while at + 12 <= len(data):
+        size = int.from_bytes(data[at : at + 4], "big")
+        end = at + 8 + size
+        if end + 4 > len(data):
+            return None
+        kind = data[at + 4 : at + 8]
+        if zlib.crc32(view[at + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            return None
+        kinds.append(kind)
+        if kind == b"IEND":
+            return kinds
+        at = end + 4
+    return None
 
 
 def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
