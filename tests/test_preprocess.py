@@ -19,6 +19,7 @@ from digitops.inference.errors import EmptyImageError, ImageError, RequestError
 from digitops.inference.preprocess import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
+    PNG_MAX_CHUNKS,
     WORK_SIDE,
     Preprocessed,
     _plain_png,
@@ -235,14 +236,21 @@ def png_with(image: Image.Image, **params) -> bytes:
     return encode(image, "PNG", **params)
 
 
+def with_empty_chunks(data: bytes, count: int) -> bytes:
+    """The PNG with `count` empty private chunks after its header (Pillow skips them)."""
+    chunk = b"\0\0\0\0" + b"zzZz" + zlib.crc32(b"zzZz").to_bytes(4, "big")
+    return data[:33] + chunk * count + data[33:]
+
+
 @pytest.mark.parametrize(
-    "kind", ["16-bit", "palette", "transparent colour", "exif", "over WORK_SIDE"]
+    "kind", ["16-bit", "palette", "transparent colour", "exif", "over WORK_SIDE", "many chunks"]
 )
 def test_other_pngs_take_pillows_way(digits, kind):
     drawing = canvas(digits[0])
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6
     data = {
+        "many chunks": lambda: with_empty_chunks(png_with(drawing), PNG_MAX_CHUNKS),
         "16-bit": lambda: png_with(Image.fromarray(np.uint16(np.asarray(drawing)) * 257)),
         "palette": lambda: png_with(drawing.convert("P")),
         "transparent colour": lambda: png_with(drawing, transparency=0),
@@ -272,7 +280,7 @@ def test_corrupt_plain_png_gets_pillows_error(digits):
 
 
 def test_damaged_png_is_refused_not_misread(digits):
-    # Stored (uncompressed) pixels: one flipped byte still decodes, to one wrong pixel, in a
+    # Stored (uncompressed) pixels: one flipped byte still decodes, to wrong pixels, in a
     # decoder that ignores checksums as libspng does here. Only the chunk's CRC tells.
     data = bytearray(encode(canvas(digits[0]), "PNG", compress_level=0))
     data[data.index(b"IDAT") + 4 + 2 + 5 + 281 * 140 + 1 + 140] ^= 0xFF  # row 140, column 140

@@ -54,6 +54,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_GREY, PNG_RGB, PNG_RGBA = 0, 2, 6  # the colour types of plain PNGs
 # Chunks that change what the pixels mean to decode(): a transparent colour, an orientation.
 PNG_PIXEL_CHUNKS = (b"tRNS", b"eXIf")
+# A canvas export has 3-5 chunks, and a 512 px image in libpng's 8 KB IDATs at most ~130; a
+# file of many more tiny ones is no plain PNG, and would keep the chunk walk busy.
+PNG_MAX_CHUNKS = 256
 INVERT_WORDS = {
     "auto": None, "true": True, "false": False, "1": True, "0": False,
     "yes": True, "no": False, "on": True, "off": False,
@@ -230,9 +233,9 @@ def _png_chunk_types(data: bytes) -> list[bytes] | None:
 
     libspng, as pyspng sets it up, ignores checksums and would decode a damaged chunk that
     still parses; Pillow and libpng refuse it, and so does this, so a damaged upload is refused
-    the same way whichever decoder it would have met. (A canvas export has 3-5 chunks.)"""
+    the same way whichever decoder it would have met. More than PNG_MAX_CHUNKS: None too."""
     kinds, at, view = [], len(PNG_SIGNATURE), memoryview(data)
-    while at + 12 <= len(data):
+    while at + 12 <= len(data) and len(kinds) < PNG_MAX_CHUNKS:
         size = int.from_bytes(data[at : at + 4], "big")
         end = at + 8 + size
         if end + 4 > len(data):
