@@ -187,9 +187,9 @@ class DigitService:
         """Run `work` in a worker thread (at most one per core: more would only contend)."""
         return await self._counted(anyio.to_thread.run_sync(work, limiter=self.cpu_limiter))
 
-    async def _predicted(self, work: Callable[[], list[Reply]]) -> list[dict]:
-        """Run a prediction's `work` on the prediction thread; its replies once logged."""
-        return await self._counted(self.predictions.run(work))
+    async def _predicted(self, images: Images) -> list[dict]:
+        """Predict `images` on the prediction thread; their replies once logged."""
+        return await self._counted(self.predictions.run(images))
 
     async def _counted(self, pending: Awaitable[T]) -> T:
         """What `pending` gives; an image without a digit is counted on its way out."""
@@ -215,17 +215,11 @@ class DigitService:
         (data,), raw = await http.read_images(request, self.max_bytes, http.IMAGE_FIELD)
         return data, http.parse_options(raw, allowed)
 
-    def _predict(self, data: bytes, options: http.Options, served: ServedModel) -> list[Reply]:
-        prepared, input_png = self._prepare(data, options)
-        probabilities = served.probabilities(prepared.pixels[None])[0]
-        return [self._reply(prepared, input_png, probabilities, data, options, served)]
-
     @app.post("/predict", **contract.PREDICT)
     async def predict(self, request: Request):
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
         data, options = await self._read_one(request, http.PREDICT_OPTIONS)
-        served = self.served
-        (reply,) = await self._predicted(lambda: self._predict(data, options, served))
+        (reply,) = await self._predicted(Images(self, [data], options, alone=True))
         return http.json_reply(reply)
 
     @app.post("/predict_batch", **contract.PREDICT_BATCH)
@@ -233,26 +227,7 @@ class DigitService:
         """Many images in one call (form field 'images', repeated): one result each, in order."""
         blobs, raw = await http.read_images(request, self.max_bytes, http.BATCH_FIELD)
         options = http.parse_options(raw, http.PREDICT_OPTIONS)
-        served = self.served
-
-        def work() -> list[Reply]:
-            results: list = [None] * len(blobs)
-            ready: list[tuple[int, Preprocessed, bytes]] = []
-            for i, data in enumerate(blobs):
-                try:
-                    ready.append((i, *self._prepare(data, options)))
-                except EmptyImageError as err:
-                    self.metrics.no_digit.inc()
-                    results[i] = {"error": str(err), "status": err.status}, None
-                except RequestError as err:  # one bad image must not fail its neighbours
-                    results[i] = {"error": str(err), "status": err.status}, None
-            if ready:  # one forward pass for all of them
-                probabilities = served.probabilities(np.stack([p.pixels for _, p, _ in ready]))
-                for (i, prepared, input_png), probs in zip(ready, probabilities, strict=True):
-                    results[i] = self._reply(prepared, input_png, probs, blobs[i], options, served)
-            return results
-
-        results = await self._predicted(work)
+        results = await self._predicted(Images(self, blobs, options, alone=False))
         return http.json_reply({"results": results, "count": len(results)})
 
     def _reply(
@@ -370,8 +345,7 @@ class DigitService:
             (data,), raw = await http.read_images(request, self.max_bytes, http.IMAGE_FIELD)
             http.parse_feedback({**raw, "prediction_id": "pending"})  # bad label: 400 first
             options = http.parse_options(raw, http.FEEDBACK_IMAGE_FIELDS)
-            served = self.served
-            (logged,) = await self._predicted(lambda: self._predict(data, options, served))
+            (logged,) = await self._predicted(Images(self, [data], options, alone=True))
             body = {**raw, "prediction_id": logged["prediction_id"]}
         else:
             try:
@@ -489,6 +463,44 @@ class DigitService:
     async def model_card(self):
         """Which model is serving: version, accuracy, training date, data version, source."""
         return {**self.served.card(), "mlflow_ui_url": SETTINGS.mlflow_ui}
+
+
+class Images:
+    """A request's images on the prediction thread (a `predictor.Job`): prepared, then answered
+    from a forward pass that they share with the other requests of the thread's round. The
+    request finishes on the model it started with, even if a reload swaps it meanwhile."""
+
+    def __init__(
+        self, service: DigitService, images: list[bytes], options: http.Options, *, alone: bool
+    ):
+        self.service, self.images, self.options = service, images, options
+        self.model = service.served
+        # A lone image's error is its request's (/predict); in a batch, each image answers
+        # for itself, and one bad image does not fail its neighbours.
+        self.alone = alone
+        self.prepared: list[tuple[Preprocessed, bytes] | RequestError] = []
+
+    def prepare(self) -> np.ndarray:
+        for data in self.images:
+            try:
+                self.prepared.append(self.service._prepare(data, self.options))
+            except RequestError as err:
+                if self.alone:
+                    raise
+                if isinstance(err, EmptyImageError):
+                    self.service.metrics.no_digit.inc()
+                self.prepared.append(err)
+        pixels = [p[0].pixels for p in self.prepared if not isinstance(p, RequestError)]
+        return np.stack(pixels) if pixels else np.empty((0, 28, 28), dtype=np.uint8)
+
+    def answer(self, probabilities: np.ndarray) -> list[Reply]:
+        predicted = iter(probabilities)
+        return [
+            ({"error": str(p), "status": p.status}, None)
+            if isinstance(p, RequestError)
+            else self.service._reply(*p, next(predicted), data, self.options, self.model)
+            for p, data in zip(self.prepared, self.images, strict=True)
+        ]
 
 
 # BentoML answers /docs.json with a document of its own making, which cannot see our bodies.

@@ -1,11 +1,15 @@
-"""The prediction thread: work off the event loop, group commit of the prediction log, and
-replies that say truthfully whether their row was stored."""
+"""The prediction thread: work off the event loop, one forward pass per model for a round's
+requests, group commit of the prediction log, and replies that say truthfully whether their row
+was stored."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from digitops.inference.errors import RequestError
@@ -15,11 +19,47 @@ from digitops.inference.store import PredictionStore, StoreError
 PROBS = [0.1] * 10
 
 
-def reply_for(store: PredictionStore, prediction_id: str):
-    """Work that predicts `prediction_id` and asks for it to be logged."""
-    return lambda: [
-        ({"prediction_id": prediction_id}, store.record(prediction_id, b"png", PROBS, False, "1"))
-    ]
+class Echo:
+    """A model that answers each image with its top-left pixel, as a probability, so a job can
+    tell its own rows; it notes the size of every forward pass."""
+
+    def __init__(self, fails: bool = False):
+        self.passes: list[int] = []
+        self.fails = fails
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        if self.fails:
+            raise RuntimeError("the model broke")
+        self.passes.append(len(pixels))
+        return np.repeat(pixels[:, :1, 0] / 255, 10, axis=1)
+
+
+@dataclass
+class Job:
+    """A request's job: `images` images whose pixels are all `value`, answered by `answer`."""
+
+    answer: Callable[[np.ndarray], list]
+    images: int = 1
+    value: int = 0
+    model: Echo = field(default_factory=Echo)
+    before: Callable[[], None] = lambda: None  # runs as the job is prepared
+
+    def prepare(self) -> np.ndarray:
+        self.before()
+        return np.full((self.images, 28, 28), self.value, dtype=np.uint8)
+
+
+def reply_for(store: PredictionStore, prediction_id: str, **job) -> Job:
+    """A job that predicts `prediction_id` and asks for it to be logged."""
+    return Job(
+        lambda probabilities: [
+            (
+                {"prediction_id": prediction_id},
+                store.record(prediction_id, b"png", PROBS, False, "1"),
+            )
+        ],
+        **job,
+    )
 
 
 def test_requests_that_queue_up_share_one_commit(store_location):
@@ -48,12 +88,10 @@ def test_a_refused_row_is_said_in_its_reply_only(store_location):
     # Hold the thread on a first request, so the next ones queue up into one round.
     release = threading.Event()
 
-    def held():
-        release.wait(30)
-        return reply_for(store, "first")()
-
     async def main():
-        first = asyncio.ensure_future(thread.run(held))
+        first = asyncio.ensure_future(
+            thread.run(reply_for(store, "first", before=lambda: release.wait(30)))
+        )
         await asyncio.sleep(0.05)
         rest = [asyncio.ensure_future(thread.run(reply_for(store, p))) for p in ("a", "taken", "b")]
         release.set()
@@ -74,9 +112,9 @@ def test_a_failing_request_fails_alone_and_unlogged_work_is_not_stored(store_loc
 
     async def main():
         return await asyncio.gather(
-            thread.run(bad),
+            thread.run(reply_for(store, "bad", before=bad)),
             thread.run(reply_for(store, "ok")),
-            thread.run(lambda: [({"logged": False}, None)]),
+            thread.run(Job(lambda probabilities: [({"logged": False}, None)])),
             return_exceptions=True,
         )
 
@@ -122,3 +160,53 @@ def test_a_failing_round_answers_its_requests_and_the_thread_goes_on(store_locat
         asyncio.run(thread.run(reply_for(store, "taken")))  # refused: the handler runs, and fails
     (reply,) = asyncio.run(thread.run(reply_for(store, "next")))
     assert reply == {"prediction_id": "next"}
+
+
+def test_a_round_runs_one_forward_pass_per_model_and_each_job_gets_its_own_rows(store_location):
+    thread = PredictionThread(PredictionStore(store_location), lambda err: None)
+    release = threading.Event()
+    first, second = Echo(), Echo()
+
+    def rows(probabilities: np.ndarray) -> list:
+        return [({"seen": [round(p[0] * 255) for p in probabilities]}, None)]
+
+    async def main():
+        held = asyncio.ensure_future(
+            thread.run(Job(rows, model=first, before=lambda: release.wait(30)))
+        )
+        await asyncio.sleep(0.05)
+        queued = [  # (images, value, model)
+            (2, 10, first), (0, 0, first), (1, 20, second), (3, 30, first), (1, 40, second),
+        ]  # fmt: skip
+        rest = [
+            asyncio.ensure_future(thread.run(Job(rows, n, value, model)))
+            for n, value, model in queued
+        ]
+        release.set()
+        return await asyncio.gather(held, *rest)
+
+    replies = [r[0]["seen"] for r in asyncio.run(main())]
+    assert replies == [[0], [10, 10], [], [20], [30, 30, 30], [40]]
+    assert first.passes == [1, 5] and second.passes == [2]  # the held round, then one each
+
+
+def test_a_failing_forward_pass_fails_only_the_jobs_of_its_model(store_location):
+    store = PredictionStore(store_location)
+    thread = PredictionThread(store, lambda err: None)
+    release = threading.Event()
+    broken = Echo(fails=True)
+
+    async def main():
+        held = asyncio.ensure_future(
+            thread.run(reply_for(store, "held", before=lambda: release.wait(30)))
+        )
+        await asyncio.sleep(0.05)
+        failed = asyncio.ensure_future(thread.run(reply_for(store, "failed", model=broken)))
+        ok = asyncio.ensure_future(thread.run(reply_for(store, "ok")))
+        release.set()
+        return await asyncio.gather(held, failed, ok, return_exceptions=True)
+
+    held, failed, ok = asyncio.run(main())
+    assert isinstance(failed, RuntimeError) and str(failed) == "the model broke"
+    assert held == [{"prediction_id": "held"}] and ok == [{"prediction_id": "ok"}]
+    assert store.stats()["predictions"] == 2

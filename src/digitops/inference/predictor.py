@@ -1,12 +1,17 @@
 """The thread that does the prediction routes' work, off the event loop.
 
-A request crosses threads once each way: its work is queued here, and its reply is handed
-back to the event loop. Everything that queued while the thread was busy is done in one round:
-the requests' work one after the other, their rows of the prediction log in one transaction
-(group commit), and their replies back to the loop in one wake-up. Under load one commit and
-one wake-up serve many requests; a lone request waits for nothing but its own work and its own
-row. (With a thread pool per step - work, then a log writer - each request crossed threads four
-times, and under load the hand-offs cost more CPU than the work: README.md, "Serving".)
+A request crosses threads once each way: its job is queued here, and its reply is handed
+back to the event loop. Everything that queued while the thread was busy is done in one round,
+step by step: every job's images prepared, one forward pass per model for all of them, every
+job's replies, their rows of the prediction log in one transaction (group commit), and the
+replies back to the loop in one wake-up. A lone request waits for nothing but its own work and
+its own row.
+
+Why steps, not jobs one after the other: a step repeated for several images runs with its code
+and data still in the CPU's caches, and the model takes a batch for little more than one image.
+A request's work done in a round of 16 cost 1.10 ms against 1.38 ms job by job (README.md,
+"Serving"). (With a thread pool per step - work, then a log writer - each request crossed
+threads four times, and under load the hand-offs cost more CPU than the work.)
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
 
 from digitops.inference.store import PredictionStore, StoreError
 
@@ -23,11 +31,28 @@ log = logging.getLogger("bentoml.digitops")
 
 # A reply's JSON and the row that logs it (None: the caller asked for no logging).
 Reply = tuple[dict, dict | None]
-Work = Callable[[], list[Reply]]
+
+
+class Model(Protocol):
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities [N, 10] for uint8 pixels [N, 28, 28]."""
+
+
+class Job(Protocol):
+    """One request's work, in two steps around the forward pass that it shares with the
+    other requests of its round."""
+
+    model: Model  # the model the request started with
+
+    def prepare(self) -> np.ndarray:
+        """The model's inputs [N, 28, 28] (N may be 0); raises the request's error."""
+
+    def answer(self, probabilities: np.ndarray) -> list[Reply]:
+        """The replies, given the probabilities [N, 10] of what `prepare` gave."""
 
 
 class PredictionThread:
-    """Runs `work` for the event loop and logs what it predicted before answering.
+    """Runs jobs for the event loop and logs what they predicted before answering.
 
     A reply says `logged: false` exactly when its row was not stored (the store is broken, or
     refused that row), so no acknowledged write is ever lost silently; a broken
@@ -43,14 +68,14 @@ class PredictionThread:
         self.store = store
         self.on_unlogged = on_unlogged
         self.max_round = max_round
-        self._queue: queue.SimpleQueue[tuple[Work, asyncio.Future]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Job, asyncio.Future]] = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="predictions", daemon=True).start()
 
-    async def run(self, work: Work) -> list[dict]:
-        """The replies `work` makes (in this thread), once their rows are logged; or what it
+    async def run(self, job: Job) -> list[dict]:
+        """The replies of `job` (done in this thread), once their rows are logged; or what it
         raised."""
         done = asyncio.get_running_loop().create_future()
-        self._queue.put((work, done))
+        self._queue.put((job, done))
         return await done
 
     def _serve(self) -> None:
@@ -61,8 +86,8 @@ class PredictionThread:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            outcomes: list = [_attempt(work) for work, _ in jobs]
             try:
+                outcomes = _work([job for job, _ in jobs])
                 self._log([r for outcome in outcomes if isinstance(outcome, list) for r in outcome])
             except Exception as err:  # a bug must still answer every request, not end the thread
                 log.exception("prediction round failed")
@@ -85,9 +110,45 @@ class PredictionThread:
                 self.on_unlogged(error)
 
 
-def _attempt(work: Work) -> list[Reply] | BaseException:
+def _work(jobs: list[Job]) -> list[list[Reply] | BaseException]:
+    """Each job's replies, or the error it raised: the jobs' steps done one after the other."""
+    inputs = [_attempt(job.prepare) for job in jobs]
+    probabilities = _forward(jobs, inputs)
+    return [
+        found if isinstance(found, BaseException) else _attempt(job.answer, found)
+        for job, found in zip(jobs, probabilities, strict=True)
+    ]
+
+
+def _forward(jobs: list[Job], inputs: list) -> list[np.ndarray | BaseException]:
+    """The probabilities for each job's inputs: one forward pass per model for all of them.
+    A job whose inputs are an error keeps it; a failed pass is the error of all its jobs."""
+    results: list = list(inputs)
+    by_model: dict[int, list[int]] = {}
+    for i, (job, pixels) in enumerate(zip(jobs, inputs, strict=True)):
+        if not isinstance(pixels, BaseException):
+            by_model.setdefault(id(job.model), []).append(i)
+    for members in by_model.values():
+        batch = [inputs[i] for i in members]
+        try:
+            pixels = batch[0] if len(batch) == 1 else np.concatenate(batch)
+            if len(pixels) == 0:  # every image of these jobs failed: nothing to predict
+                probabilities = np.empty((0, 10), dtype=np.float32)
+            else:
+                probabilities = jobs[members[0]].model.probabilities(pixels)
+        except Exception as err:
+            for i in members:
+                results[i] = err
+            continue
+        ends = np.cumsum([len(inputs[i]) for i in members])
+        for i, end in zip(members, ends, strict=True):
+            results[i] = probabilities[end - len(inputs[i]) : end]
+    return results
+
+
+def _attempt(step: Callable, *args) -> object:
     try:
-        return work()
+        return step(*args)
     except Exception as err:  # the request's own error (400, 422...), raised where it waits
         return err
 
