@@ -508,32 +508,31 @@ def _otsu(values: np.ndarray) -> float:
     return (int(np.argmax(between)) + 1) * top / 256
 
 
-def _center_of_mass(image: np.ndarray) -> tuple[float, float]:
-    """(row, column) of the intensity-weighted centre; scipy's center_of_mass costs ~25x more
-    on a 20x20 digit, most of it call overhead."""
-    weights = image.astype(np.float64)
-    total = weights.sum()
-    rows = weights.sum(axis=1) @ np.arange(image.shape[0]) / total
-    cols = weights.sum(axis=0) @ np.arange(image.shape[1]) / total
-    return float(rows), float(cols)
-
-
 def _center(ink: np.ndarray) -> np.ndarray:
-    """Crop to the ink, scale its longest side to 20 px, centre its mass at (14, 14) in 28x28."""
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
-    scale = 20 / max(crop.shape)
-    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-    digit = np.clip(np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS)), 0, 1)
-    if digit.max() == 0:
+    """Crop to the ink, scale its longest side to 20 px, centre its mass at (14, 14) in 28x28.
+
+    In as few calls as it takes: in request order, where caches are cold, each numpy call costs
+    tens of microseconds, and OpenCV's bounding box and moments replace ten of them (393 -> 312
+    us in request order; the same pixels on every fixture)."""
+    x, y, width, height = cv2.boundingRect(_as_uint8(ink > 0))
+    if width == 0:
+        raise EmptyImageError()
+    crop = np.ascontiguousarray(ink[y : y + height, x : x + width], dtype=np.float32)
+    scale = 20 / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS)
+    digit = np.asarray(resized).clip(0, 1)
+    peak = digit.max()
+    if peak == 0:
         raise EmptyImageError()
     # Thin strokes fade when shrunk, but MNIST strokes always peak at white.
-    digit = np.rint(digit / digit.max() * 255).astype(np.uint8)
+    digit = np.rint(digit / peak * 255).astype(np.uint8)
     # MNIST moved each digit by whole pixels (its centres of mass lie within half a pixel of
     # (14, 14)); a subpixel shift would resample, blurring the strokes and breaking parity.
-    cy, cx = _center_of_mass(digit)
-    top = int(np.clip(round(14 - cy), 0, 28 - size[1]))
-    left = int(np.clip(round(14 - cx), 0, 28 - size[0]))
+    moments = cv2.moments(digit)
+    cy, cx = moments["m01"] / moments["m00"], moments["m10"] / moments["m00"]
+    top = min(max(round(14 - cy), 0), 28 - size[1])
+    left = min(max(round(14 - cx), 0), 28 - size[0])
     canvas = np.zeros((28, 28), dtype=np.uint8)
     canvas[top : top + size[1], left : left + size[0]] = digit
     return canvas
