@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import cv2
 import numpy as np
 
 # Temporary files end with this; a reader that finds one knows it is a killed writer's leftover.
 PARTIAL_SUFFIX = ".part"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @contextlib.contextmanager
@@ -49,14 +51,28 @@ def write_bytes_atomic(path: str | Path, data: bytes, fsync: bool = True) -> Non
 def png(pixels: np.ndarray, scale: int = 1) -> bytes:
     """uint8 pixels ([H, W] gray or [H, W, 3] RGB) as PNG bytes, enlarged `scale` times.
 
-    OpenCV encodes a 28x28 input in half the time Pillow takes (21 against 41 us), and every
-    prediction encodes one."""
+    Written here rather than by OpenCV or Pillow: every prediction encodes its 28x28 input, and
+    a request meets an image library's encoder with cold caches, where its generality costs
+    (OpenCV 119 against 75 us in request order; 21 against 12 us in a loop). Rows are stored
+    unfiltered and deflated fast: these images are tiny, and speed matters more than bytes."""
     if scale > 1:
         pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
-    if pixels.ndim == 3:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)  # OpenCV's channel order
-    # Speed over bytes: these are tiny.
-    ok, encoded = cv2.imencode(".png", pixels, (cv2.IMWRITE_PNG_COMPRESSION, 1))
-    if not ok:
-        raise ValueError(f"cannot encode pixels of shape {pixels.shape} as PNG")
-    return encoded.tobytes()
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or pixels.shape[2:] not in ((), (3,)):
+        raise ValueError(f"cannot encode pixels of shape {pixels.shape} ({pixels.dtype}) as PNG")
+    height, width = pixels.shape[:2]
+    rows = np.zeros((height, 1 + pixels[0].size), dtype=np.uint8)  # each row: filter 0, pixels
+    rows[:, 1:] = pixels.reshape(height, -1)
+    colour = 0 if pixels.ndim == 2 else 2  # grey, or RGB
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    return b"".join(
+        (
+            PNG_SIGNATURE,
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)),
+            _chunk(b"IEND", b""),
+        )
+    )
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

@@ -20,6 +20,7 @@ import pyspng
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from digitops.files import PNG_SIGNATURE
 from digitops.inference.errors import EmptyImageError, ImageError, RequestError
 
 # A request's work runs on one core; OpenCV's own thread pool would only compete for them.
@@ -50,7 +51,6 @@ SPECK_FRACTION = 0.05
 # At least this share of a drawing's pixels is exactly its background colour.
 FLAT_FRACTION = 0.5
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_GREY, PNG_RGB, PNG_RGBA = 0, 2, 6  # the colour types of plain PNGs
 # Chunks that change what the pixels mean to decode(): a transparent colour, an orientation.
 PNG_PIXEL_CHUNKS = (b"tRNS", b"eXIf")
@@ -225,7 +225,7 @@ def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | Non
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2GRAY)
     elif color == PNG_RGB:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
-    return pixels.astype(np.float32) / 255
+    return np.divide(pixels, 255, dtype=np.float32)  # one pass: no float copy to divide
 
 
 def _png_chunk_types(data: bytes) -> list[bytes] | None:
@@ -306,12 +306,12 @@ def _drawn_ink(gray: np.ndarray, background: float, edge: int = EDGE_WIDTH) -> n
     contrast = max(background, 1 - background)
     difference = np.abs(gray - background)
     strong = difference > MIN_CONTRAST * contrast
-    rows, cols = np.flatnonzero(strong.any(axis=1)), np.flatnonzero(strong.any(axis=0))
-    if rows.size == 0:
+    x, y, width, height = cv2.boundingRect(_as_uint8(strong))
+    if width == 0:
         raise EmptyImageError()
     box = (
-        slice(max(rows[0] - edge, 0), rows[-1] + edge + 1),
-        slice(max(cols[0] - edge, 0), cols[-1] + edge + 1),
+        slice(max(y - edge, 0), y + height + edge),
+        slice(max(x - edge, 0), x + width + edge),
     )
     # Only the box is scaled: the rest of a drawing is background.
     ink, strong = difference[box] / contrast, strong[box]
@@ -323,9 +323,10 @@ def _drawn_ink(gray: np.ndarray, background: float, edge: int = EDGE_WIDTH) -> n
 
 def _without_specks(strong: np.ndarray) -> np.ndarray:
     """The mask without blobs under SPECK_FRACTION of the largest (strokes touching at a
-    corner are one blob). OpenCV labels a drawing's blobs 5x faster than scipy."""
-    _, labels = cv2.connectedComponents(_as_uint8(strong), connectivity=8)
-    areas = np.bincount(labels.ravel())
+    corner are one blob). OpenCV labels a drawing's blobs 5x faster than scipy, and measures
+    their areas as it goes."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(_as_uint8(strong), connectivity=8)
+    areas = stats[:, cv2.CC_STAT_AREA]
     areas[0] = 0  # the background
     specks = areas < SPECK_FRACTION * areas.max()
     specks[0] = False  # the background is not a speck, and is not kept either (strong is 0)
@@ -336,7 +337,7 @@ def _grow(mask: np.ndarray, width: int) -> np.ndarray:
     """The mask dilated by `width` px in all 8 directions (a (2w+1)-square structuring element);
     OpenCV's dilation, 5x faster than shifted numpy ORs here."""
     square = np.ones((2 * width + 1, 2 * width + 1), dtype=np.uint8)
-    return cv2.dilate(_as_uint8(mask), square).astype(bool)
+    return cv2.dilate(_as_uint8(mask), square).view(bool)  # 0s and 1s: already booleans
 
 
 def _as_uint8(mask: np.ndarray) -> np.ndarray:
