@@ -19,7 +19,7 @@ import anyio
 import bentoml
 import numpy as np
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BeforeValidator
@@ -55,15 +55,6 @@ app = FastAPI(
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
 http.install_error_handlers(app)
 
-
-async def _this_service() -> DigitService:
-    return bentoml.get_current_service()
-
-
-# BentoML hands the routes below their `self` through a dependency on a plain function, which
-# FastAPI runs in its thread pool: a thread hop each way on every request before the route
-# starts (README.md, "Serving"). The same service, from a coroutine, stays on the event loop.
-app.dependency_overrides[bentoml.get_current_service] = _this_service
 
 # For callers of the `classify` API, max latency is BentoML's dispatcher's budget before it sheds
 # load (503).
@@ -503,6 +494,30 @@ class Images:
         ]
 
 
+async def _this_service() -> DigitService:
+    return bentoml.get_current_service()
+
+
+def _self_from_the_loop(service_class: type) -> None:
+    """Have the routes of `service_class` get their `self` from a coroutine.
+
+    BentoML hands each route its `self` through a dependency on a plain function (a default
+    `Depends` in the route's signature), which FastAPI runs in its thread pool: a thread hop
+    each way on every request before the route starts (README.md, "Serving"). Overriding that
+    dependency (`app.dependency_overrides`) avoids the hop, but while any override is set
+    FastAPI rebuilds every route's dependencies from their signatures on every request. So the
+    signature's default itself names the coroutine; FastAPI reads it as it builds the routes."""
+    for method in vars(service_class).values():
+        signature = getattr(method, "__signature__", None)
+        if signature is None:
+            continue
+        first, *rest = signature.parameters.values()
+        if getattr(first.default, "dependency", None) is bentoml.get_current_service:
+            loop_self = first.replace(default=Depends(_this_service))
+            method.__signature__ = signature.replace(parameters=[loop_self, *rest])
+
+
+_self_from_the_loop(DigitService.inner)
 # BentoML answers /docs.json with a document of its own making, which cannot see our bodies.
 DigitService.add_asgi_middleware(http.OwnOpenAPI)
 DigitService.add_asgi_middleware(http.JSONOnly, paths=("/classify",))

@@ -55,21 +55,28 @@ def test_predict_multipart_returns_full_breakdown(client, digits):
 def test_a_route_gets_its_service_without_fastapis_thread_pool(client, digits, monkeypatch, path):
     """BentoML resolves a route's `self` through a plain-function dependency, which FastAPI
     runs in its thread pool (a hop each way per request); the service resolves it on the
-    event loop instead."""
+    event loop instead, and not through a dependency override, with which FastAPI rebuilds
+    the route's dependencies on every request."""
     import fastapi.dependencies.utils as dependencies
 
-    pooled = []
-    run_in_threadpool = dependencies.run_in_threadpool
+    pooled, rebuilt = [], []
+    run_in_threadpool, get_dependant = dependencies.run_in_threadpool, dependencies.get_dependant
 
     async def counted(call, *args, **kwargs):
         pooled.append(call)
         return await run_in_threadpool(call, *args, **kwargs)
 
-    monkeypatch.setattr(dependencies, "run_in_threadpool", counted)
+    def built(**kwargs):
+        rebuilt.append(kwargs.get("call"))
+        return get_dependant(**kwargs)
+
     image = png_bytes(digits[0][0])
+    client.post(path, files={"image": ("d.png", image, "image/png")})  # FastAPI builds its routes
+    monkeypatch.setattr(dependencies, "run_in_threadpool", counted)
+    monkeypatch.setattr(dependencies, "get_dependant", built)
     r = client.post(path, files={"image": ("d.png", image, "image/png")})
     assert r.status_code == 200, r.text
-    assert pooled == []
+    assert pooled == [] and rebuilt == []
 
 
 def test_predict_raw_body_and_forced_inversion(client, digits):
