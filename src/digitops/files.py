@@ -53,8 +53,9 @@ def png(pixels: np.ndarray, scale: int = 1) -> bytes:
 
     Written here rather than by OpenCV or Pillow: every prediction encodes its 28x28 input, and
     a request meets an image library's encoder with cold caches, where its generality costs
-    (OpenCV 119 against 75 us in request order; 21 against 12 us in a loop). Rows are stored
-    unfiltered and deflated fast: these images are tiny, and speed matters more than bytes."""
+    (OpenCV's imencode: 119 against 75 us in request order, 18 against 12 in a loop). Rows are
+    stored unfiltered and deflated fast: these images are tiny, and speed matters more than
+    bytes."""
     if scale > 1:
         pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or pixels.shape[2:] not in ((), (3,)):
