@@ -513,7 +513,7 @@ def _center(ink: np.ndarray) -> np.ndarray:
     """Crop to the ink, scale its longest side to 20 px, centre its mass at (14, 14) in 28x28.
 
     In as few calls as it takes: in request order, where caches are cold, each numpy call costs
-    tens of microseconds, and OpenCV's bounding box and moments replace ten of them (393 -> 312
+    tens of microseconds, and OpenCV's bounding box and moments replace a dozen (393 -> 312
     us in request order; the same pixels on every fixture)."""
     x, y, width, height = cv2.boundingRect(_as_uint8(ink > 0))
     if width == 0:
