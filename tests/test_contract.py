@@ -133,8 +133,13 @@ def test_unknown_or_conflicting_options_are_refused(client, digit_png):
 
 @pytest.mark.e2e
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
-    """Every check on, bounded to about 2 minutes on 2 cores (tests/schemathesis.toml says
-    which statuses schema-valid image uploads may get, and why)."""
+    """Every check on, bounded by --max-examples (tests/schemathesis.toml says which statuses
+    schema-valid image uploads may get, and why).
+
+    It takes 2.5-3.5 minutes on 2 cores, most of it in schemathesis itself: py-spy on the client
+    found 73% of its time in Hypothesis drawing the floats of /classify's 28x28 pixel arrays in
+    the coverage phase. The timeout only catches a hang, so it leaves room for a slow machine.
+    """
     cli = Path(sys.executable).parent / "schemathesis"
     with bentoml_serve(tmp_path, DIGITOPS_FEEDBACK_PER_MINUTE="100000") as (base, _):
         out = subprocess.run(
@@ -154,7 +159,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
             ],
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=900,
         )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "No issues found" in out.stdout or " passed" in out.stdout
