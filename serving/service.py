@@ -265,7 +265,8 @@ class DigitService:
         activations = served.onnx.run(prepared.pixels[None], LAST_CONV)
         cam, logits = explain.grad_cam(served.model, activations, options.target)
         overlay = explain.overlay_png(prepared.pixels, cam)
-        return prepared, input_png, cam, torch.softmax(logits, dim=0).numpy(), overlay
+        probabilities = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
+        return prepared, input_png, cam, probabilities, overlay
 
     @app.post("/explain", **contract.EXPLAIN)
     async def explain(self, request: Request):

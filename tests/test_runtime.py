@@ -1,13 +1,15 @@
 """The served forward pass (ONNX Runtime) computes what the torch model computes."""
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 
 from digitops import checkpoint
 from digitops.data import mnist
 from digitops.inference import explain
 from digitops.inference.served import ServedModel
-from digitops.model import fold_batchnorm, normalize
+from digitops.model import DigitCNN, fold_batchnorm, normalize
 
 
 def test_onnx_runtime_gives_the_eager_models_probabilities(mnist_dir):
@@ -37,5 +39,41 @@ def test_activations_and_grad_cam_from_onnx_match_torch(mnist_dir):
         from_torch, logits = explain.grad_cam(served.model, x.numpy())
         from_onnx, _ = explain.grad_cam(served.model, served.onnx.run(image[None], "conv3"))
         assert np.abs(from_onnx - from_torch).max() <= 1e-4
-        probabilities = torch.softmax(logits, dim=0).numpy()
+        probabilities = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
         assert np.abs(probabilities - served.probabilities(image[None])[0]).max() <= 1e-5
+
+
+def grad_cam_by_autograd(model: DigitCNN, activations: np.ndarray, target: int | None):
+    """Grad-CAM as its paper defines it, by torch's autograd: what explain.grad_cam computes
+    without it."""
+    with torch.enable_grad():
+        activations = torch.from_numpy(activations).requires_grad_(True)
+        logits = model.classifier(activations)[0]
+        cls = int(logits.argmax()) if target is None else target
+        (gradients,) = torch.autograd.grad(logits[cls], activations)
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activations.detach()).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=(28, 28), mode="bilinear", align_corners=False)[0, 0]
+    return (cam / cam.max()).numpy(), logits.detach().numpy()
+
+
+@pytest.mark.parametrize("pool_features", [True, False])
+@pytest.mark.parametrize("hidden", [0, 24])
+def test_grad_cam_is_autograds_for_every_read_out(pool_features, hidden):
+    torch.manual_seed(0)
+    model = DigitCNN(channels=(4, 8, 16), hidden=hidden, pool_features=pool_features).eval()
+    for _ in range(4):
+        activations = torch.relu(torch.randn(1, 16, 7, 7)).numpy()
+        for target in (None, 3):
+            cam, logits = explain.grad_cam(model, activations, target)
+            expected_cam, expected_logits = grad_cam_by_autograd(model, activations, target)
+            assert cam.dtype == np.float32 and cam.shape == (28, 28)
+            assert np.abs(cam - expected_cam).max() <= 1e-5
+            assert np.abs(logits - expected_logits).max() <= 1e-5
+
+
+def test_grad_cam_refuses_a_layer_it_has_no_gradient_for():
+    model = DigitCNN(channels=(4, 8, 16), hidden=0)
+    model.classifier.insert(0, torch.nn.Tanh())
+    with pytest.raises(TypeError, match="no gradient for Tanh"):
+        explain.grad_cam(model, np.ones((1, 16, 7, 7), dtype=np.float32))

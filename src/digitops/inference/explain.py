@@ -3,9 +3,11 @@ can share one model without ever seeing each other's activations."""
 
 from __future__ import annotations
 
+import functools
+
+import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
+from torch import nn
 
 from digitops.files import png
 from digitops.inference.runtime import OnnxModel
@@ -14,25 +16,61 @@ from digitops.model import IMAGE_SIZE, DigitCNN
 
 def grad_cam(
     model: DigitCNN, activations: np.ndarray, target: int | None = None
-) -> tuple[np.ndarray, torch.Tensor]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM of the last conv block, from its activations [1, C, H, W] for one input (the
     served ONNX model computes them: inference/runtime.py).
 
     Returns (heatmap float32 [28, 28] in [0, 1], logits [10]). `target` defaults to the
-    predicted class. The gradient runs through the classifier only.
+    predicted class.
+
+    Grad-CAM weighs each channel by the mean of the class logit's gradient over it. The
+    read-out after the conv blocks is max pooling, then linear layers with ReLUs between, so
+    that gradient is a few products with the layers' weights, done here in numpy: 0.3-0.4 ms
+    against 1.1-1.6 ms for torch's autograd, as a request meets it. Max pooling hands each
+    output's gradient to one of its inputs, so it leaves a channel's sum of gradients, all
+    that the mean needs, unchanged. tests/test_runtime.py checks the result against autograd.
     """
-    with torch.enable_grad():
-        activations = torch.from_numpy(activations).requires_grad_(True)
-        logits = model.classifier(activations)[0]
-        cls = int(logits.argmax()) if target is None else int(target)
-        (gradients,) = torch.autograd.grad(logits[cls], activations)
-    weights = gradients.mean(dim=(2, 3), keepdim=True)  # channel importance: pooled gradients
-    cam = F.relu((weights * activations.detach()).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    cam = cam[0, 0]
+    x = activations[0]
+    channels, height, width = x.shape
+    features, backward = x, []  # backward: what the gradient passes through, in forward order
+    for layer in model.classifier:
+        if isinstance(layer, nn.MaxPool2d):
+            features = _max_pool(features, layer)
+        elif isinstance(layer, nn.Flatten):
+            features = features.reshape(-1)
+        elif isinstance(layer, nn.Linear):
+            weight = layer.weight.detach().numpy()
+            features = weight @ features + layer.bias.detach().numpy()
+            backward.append(weight)
+        elif isinstance(layer, nn.ReLU):
+            active = features > 0
+            features = features * active
+            backward.append(active)
+        elif not isinstance(layer, nn.Dropout):  # dropout does nothing in eval mode
+            raise TypeError(f"grad_cam has no gradient for {type(layer).__name__}")
+    logits = features
+    cls = int(logits.argmax()) if target is None else int(target)
+    gradient = backward.pop()[cls]  # d logit[cls] / d the last layer's inputs
+    for step in reversed(backward):
+        gradient = gradient * step if step.dtype == bool else gradient @ step
+    weights = gradient.reshape(channels, -1).sum(axis=1) / (height * width)
+    cam = np.maximum(weights @ x.reshape(channels, -1), 0).reshape(height, width)
+    # Bilinear with half-pixel centres, as torch's interpolate(align_corners=False).
+    cam = cv2.resize(cam, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
     peak = cam.max()
-    cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-    return cam.numpy().astype(np.float32), logits.detach()
+    cam = cam / peak if peak > 0 else np.zeros_like(cam)
+    return cam.astype(np.float32, copy=False), logits
+
+
+def _max_pool(x: np.ndarray, pool: nn.MaxPool2d) -> np.ndarray:
+    """`pool` (stride = kernel, no padding: what DigitCNN builds) of x [C, H, W]."""
+    k = pool.kernel_size
+    if pool.stride != k or pool.padding != 0 or pool.dilation != 1 or pool.ceil_mode:
+        raise TypeError(f"grad_cam has no gradient for {pool}")
+    height, width = x.shape[1] // k * k, x.shape[2] // k * k
+    return functools.reduce(
+        np.maximum, (x[:, i:height:k, j:width:k] for i in range(k) for j in range(k))
+    )
 
 
 def feature_maps(onnx: OnnxModel, pixels: np.ndarray, layer: str) -> np.ndarray:
@@ -42,20 +80,20 @@ def feature_maps(onnx: OnnxModel, pixels: np.ndarray, layer: str) -> np.ndarray:
     return onnx.run(pixels[None], layer)[0]
 
 
+RAMP = np.array([3, 2, 1], dtype=np.float32)  # where red, green and blue peak, in 4 * value
+
+
 def _colormap(values: np.ndarray) -> np.ndarray:
     """Map [0, 1] to RGB uint8 with a 'jet'-like ramp (blue -> cyan -> yellow -> red)."""
     v = np.clip(values, 0, 1)[..., None]
-    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return (np.concatenate([r, g, b], axis=-1) * 255).astype(np.uint8)
+    return (np.clip(1.5 - np.abs(4 * v - RAMP), 0, 1) * 255).astype(np.uint8)
 
 
 def overlay_png(pixels: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> bytes:
     """The heatmap blended over the 28x28 input the model saw, at that size, like the input's
     own PNG: a viewer enlarges both with nearest-neighbour scaling (the web page does). Sent 8x
     enlarged, it took 0.6 ms to encode, most of /explain's own work."""
-    gray = np.repeat(pixels[..., None].astype(np.float32), 3, axis=-1)
+    gray = pixels[..., None].astype(np.float32)
     blended = (1 - alpha) * gray + alpha * _colormap(cam).astype(np.float32)
     return png(blended.round().astype(np.uint8))
 
