@@ -1,5 +1,7 @@
 """The served forward pass (ONNX Runtime) computes what the torch model computes."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 
 from digitops import checkpoint
 from digitops.data import mnist
-from digitops.inference import explain
+from digitops.inference import explain, runtime
 from digitops.inference.served import ServedModel
 from digitops.model import DigitCNN, fold_batchnorm, normalize
 
@@ -23,6 +25,31 @@ def test_onnx_runtime_gives_the_eager_models_probabilities(mnist_dir):
     assert np.abs(batched - eager).max() <= 1e-5
     one_by_one = np.concatenate([served.probabilities(images[i : i + 1]) for i in range(32)])
     assert np.abs(one_by_one - eager[:32]).max() <= 1e-5
+
+
+def test_a_new_version_of_the_same_network_swaps_its_weights_into_the_exported_graph(
+    mnist_dir, monkeypatch
+):
+    """A rollout's model is exported once per architecture; every version gets its own
+    weights - the probabilities are its eager model's - and another network its own export."""
+    exports = []
+    export = runtime._export
+    monkeypatch.setattr(runtime, "_EXPORTED", {})
+    monkeypatch.setattr(runtime, "_export", lambda outputs: exports.append(1) or export(outputs))
+    images, _ = mnist.load(mnist_dir, "t10k")
+    shipped, _ = checkpoint.load("models/default/model.pt")
+    other = fold_batchnorm(DigitCNN(channels=(8, 16, 32), hidden=0))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        for network in (fold_batchnorm(shipped), other):
+            model = copy.deepcopy(network)  # a version of the network with other weights
+            for parameter in model.parameters():
+                parameter.data.add_(0.05 * torch.randn_like(parameter))
+            with torch.inference_mode():
+                eager = torch.softmax(model(normalize(torch.from_numpy(images[:64]))), dim=1)
+            served = runtime.OnnxModel(model).probabilities(images[:64])
+            assert np.abs(served - eager.numpy()).max() <= 1e-5
+    assert len(exports) == 2  # one per network, not one per version
 
 
 def test_activations_and_grad_cam_from_onnx_match_torch(mnist_dir):
