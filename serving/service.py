@@ -87,6 +87,7 @@ def starting_model(registry: RegistryFollower | None) -> ServedModel:
     name="digitops",
     http={"host": "127.0.0.1", "port": 3000},
     traffic={"timeout": 30, "max_concurrency": 512},
+    logging={"access": {"enabled": SETTINGS.access_log}},
     workers=SETTINGS.workers,
 )
 @bentoml.asgi_app(app, path="/")

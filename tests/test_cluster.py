@@ -81,6 +81,11 @@ def test_two_replicas_behind_nginx_share_one_store_and_stop_cleanly(mnist_dir):
     assert all(p.handle() is None for p in records)
     assert not [p.port for p in records if port_in_use(p.port)]
     assert cluster("down", "--dir", str(directory)).returncode == 0  # a second `down` is harmless
+    # One access log, at the edge: nginx's has every request; the replicas write none.
+    logs = directory / "logs"
+    assert (logs / "nginx-access.log").read_text().count("POST /predict") == 3 * len(digits)
+    for replica in replicas:
+        assert "path=/predict" not in (logs / f"{replica.name}.log").read_text()
     shutil.rmtree(directory, ignore_errors=True)
 
 

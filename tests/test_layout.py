@@ -172,6 +172,10 @@ def test_settings_come_from_the_environment_and_bad_values_say_which():
     assert Settings.from_env({"DIGITOPS_MODEL_TAG": " "}).model_tag is None
     with pytest.raises(SettingsError, match="DIGITOPS_MAX_UPLOAD_BYTES must be a positive"):
         Settings.from_env({"DIGITOPS_MAX_UPLOAD_BYTES": "10MB"})
+    assert Settings.from_env({}).access_log
+    assert not Settings.from_env({"DIGITOPS_ACCESS_LOG": "False"}).access_log
+    with pytest.raises(SettingsError, match="DIGITOPS_ACCESS_LOG must be true or false, got 'n'"):
+        Settings.from_env({"DIGITOPS_ACCESS_LOG": "n"})
 
 
 def test_the_real_world_set_generator_is_not_shipped():

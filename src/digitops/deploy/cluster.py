@@ -215,6 +215,8 @@ def start_replica(
         "MLFLOW_TRACKING_URI": mlflow.url,
         "DIGITOPS_REGISTRY_POLL_SECONDS": os.environ.get("DIGITOPS_REGISTRY_POLL_SECONDS", "10"),
         "DIGITOPS_WORKERS": str(workers),
+        # nginx logs every request, with the replica that answered and its time.
+        "DIGITOPS_ACCESS_LOG": os.environ.get("DIGITOPS_ACCESS_LOG", "false"),
     }
     return launch(f"replica-{number}", cmd, port, logs / f"replica-{number}.log", env)
 
