@@ -83,11 +83,20 @@ def starting_model(registry: RegistryFollower | None) -> ServedModel:
     return unfollowed() if registry is None else registry.first(unfollowed)
 
 
+def _sampled_share() -> float:
+    """BentoML's tracing.sample_rate, as configured for this server."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return BentoMLContainer.tracing.sample_rate.get() or 0.0
+
+
 @bentoml.service(
     name="digitops",
     http={"host": "127.0.0.1", "port": 3000},
     traffic={"timeout": 30, "max_concurrency": 512},
     logging={"access": {"enabled": SETTINGS.access_log}},
+    # An excluded URL skips the whole middleware; "." matches every one.
+    tracing={} if SETTINGS.tracing else {"excluded_urls": ["."]},
     workers=SETTINGS.workers,
 )
 @bentoml.asgi_app(app, path="/")
@@ -119,6 +128,10 @@ class DigitService:
         elif SETTINGS.workers > 1:
             self.reloads.follow(lambda: self.served.store_tag, self._switch_to)
         self._warm_up()
+        if not SETTINGS.tracing and _sampled_share() > 0:
+            log.warning(
+                "tracing.sample_rate is set, but no request is traced: DIGITOPS_TRACING is off"
+            )
         card = self.served.card()
         log.info(
             "serving model from %s (version %s, test accuracy %s)",

@@ -57,6 +57,30 @@ def test_every_endpoint_and_bad_inputs_on_a_real_server(server, mnist_dir):
     assert "serving model from" in log.read_text()
 
 
+@pytest.mark.parametrize("tracing", [False, True])
+def test_requests_are_traced_only_when_digitops_tracing_is_on(tmp_path, mnist_dir, tracing):
+    """With every request sampled by BentoML's config, the access log names each request's
+    trace only when DIGITOPS_TRACING is on; off, the OpenTelemetry middleware never ran for it
+    (no trace at all), and the worker says why none is traced."""
+    images, _ = mnist.load(mnist_dir, "t10k")
+    settings = {
+        # The service's own section: BentoML lets it override the top-level `tracing`.
+        "BENTOML_CONFIG_OPTIONS": "services.digitops.tracing.sample_rate=1.0",
+        "DIGITOPS_TRACING": str(tracing).lower(),
+        "DIGITOPS_WORKERS": "1",
+    }
+    with bentoml_serve(tmp_path, **settings) as (base, log):
+        good = {"image": ("d.png", png_bytes(images[0]), "image/png")}
+        assert httpx.post(f"{base}/predict", files=good, timeout=30).status_code == 200
+        deadline = time.monotonic() + 10  # a line reaches the log a moment after its reply
+        while "path=/predict" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    lines = log.read_text().splitlines()
+    (request,) = [line for line in lines if "path=/predict" in line]
+    assert ("sampled=1" in request) == tracing and ("trace=" in request) == tracing
+    assert any("DIGITOPS_TRACING is off" in line for line in lines) != tracing
+
+
 def test_an_idle_kept_alive_connection_outlives_bentomls_default_timeout(server, mnist_dir):
     """A connection idle longer than BentoML's default keep-alive (5 s) is still open: a client
     reusing it must never meet a server that is just closing it (KEEP_ALIVE_SECONDS)."""
