@@ -1,5 +1,5 @@
 """Serving benchmark, side by side in one run: bare model, FastAPI baseline, naive BentoML, the
-BentoML floor (upload read, fixed reply, no work), ours.
+FastAPI and BentoML floors (upload read, fixed reply, no work), ours.
 
     python -m tests.benchmarks.bench_serving [--seconds 5] [--rounds 3] [--out artifacts/bench]
 
@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # worker, to show what one process does.
 OURS = SETTINGS.workers
 WORKERS = {
+    "fastapi_floor": 1,
     "fastapi_baseline": 1,
     "naive_bentoml": 1,
     "bentoml_floor": OURS,
@@ -265,8 +266,38 @@ def targets(results: dict) -> list[tuple[str, float, str, bool]]:
     ]
 
 
+def gap_at_c1(results: dict) -> list[tuple[str, float]]:
+    """Where /predict's p50 at c=1 stands against the FastAPI baseline's, in parts (each paired
+    within rounds): what the framework adds under the same upload and reply, and what the work
+    costs on each side of it."""
+    p50 = {
+        name: results[name]["/predict"]["c1"]
+        for name in ("fastapi_floor", "fastapi_baseline", "bentoml_floor")
+    }
+    ours = results["digitops"]["/predict"]["c1"]
+    return [
+        (
+            "BentoML floor minus FastAPI floor: BentoML's stack",
+            paired(p50["bentoml_floor"], p50["fastapi_floor"], "p50_ms", operator.sub),
+        ),
+        (
+            "FastAPI baseline minus FastAPI floor: its work (preprocessing, model, reply)",
+            paired(p50["fastapi_baseline"], p50["fastapi_floor"], "p50_ms", operator.sub),
+        ),
+        (
+            "/predict minus the BentoML floor: ours (the same work, log, input PNG, metrics)",
+            paired(ours, p50["bentoml_floor"], "p50_ms", operator.sub),
+        ),
+        (
+            "/predict minus the FastAPI baseline",
+            paired(ours, p50["fastapi_baseline"], "p50_ms", operator.sub),
+        ),
+    ]
+
+
 def report(results: dict, out: Path) -> str:
     checks = targets(results)
+    gap = gap_at_c1(results)
     lines = [
         "# Serving benchmark",
         "",
@@ -314,6 +345,8 @@ def report(results: dict, out: Path) -> str:
     ]
     for name, value, goal, met in checks:
         lines.append(f"| {name} | {value:.2f} | {goal} | {'met' if met else 'NOT met'} |")
+    lines += ["", "p50 at c=1, in parts (paired within rounds):", "", "| part | ms |", "|---|---|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in gap]
     spent = results["predict_profile"]
     lines += [
         "",
@@ -333,8 +366,20 @@ def report(results: dict, out: Path) -> str:
     summary = {
         name: {"measured": value, "goal": goal, "met": met} for name, value, goal, met in checks
     }
-    (out / "report.json").write_text(json.dumps({**results, "targets": summary}, indent=2) + "\n")
+    document = {**results, "targets": summary, "gap_at_c1_ms": dict(gap)}
+    (out / "report.json").write_text(json.dumps(document, indent=2) + "\n")
     return text
+
+
+def uvicorn_command(app: str, port: int) -> list[str]:
+    """A plain FastAPI app under uvicorn, one worker, no access log (uvicorn's at this level)."""
+    return [
+        "uvicorn",
+        app,
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--timeout-keep-alive", str(KEEP_ALIVE_SECONDS)),
+        *("--log-level", "warning"),
+    ]
 
 
 def main() -> None:
@@ -355,15 +400,14 @@ def main() -> None:
     systems = [
         # name, command on a port, endpoints, the path that answers 200 once it is up
         (
+            "fastapi_floor",
+            partial(uvicorn_command, "tests.benchmarks.fastapi_floor:app"),
+            ["/predict"],
+            "/docs",
+        ),
+        (
             "fastapi_baseline",
-            lambda port: [
-                "uvicorn",
-                "tests.benchmarks.fastapi_baseline:app",
-                *("--host", "127.0.0.1", "--port", str(port)),
-                *("--timeout-keep-alive", str(KEEP_ALIVE_SECONDS)),
-                "--log-level",
-                "warning",
-            ],
+            partial(uvicorn_command, "tests.benchmarks.fastapi_baseline:app"),
             ["/predict"],
             "/docs",
         ),
