@@ -30,7 +30,7 @@ from digitops.inference import contract, explain, http
 from digitops.inference.errors import EmptyImageError, RequestError
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.predictor import PredictionThread, Reply
-from digitops.inference.preprocess import Preprocessed, add_noise, preprocess
+from digitops.inference.preprocess import Preprocessed, add_noise, is_small_png, preprocess
 from digitops.inference.reload import RegistryFollower, ReloadNotices
 from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
 from digitops.inference.settings import Settings, SettingsError
@@ -193,8 +193,10 @@ class DigitService:
         return await self._counted(anyio.to_thread.run_sync(work, limiter=self.cpu_limiter))
 
     async def _predicted(self, images: Images) -> list[dict]:
-        """Predict `images` on the prediction thread; their replies once logged."""
-        return await self._counted(self.predictions.run(images))
+        """Predict `images` (on the prediction thread, or here if it is one drawing and the
+        thread is idle); their replies once logged."""
+        light = len(images.images) == 1 and is_small_png(images.images[0])
+        return await self._counted(self.predictions.run(images, light=light))
 
     async def _counted(self, pending: Awaitable[T]) -> T:
         """What `pending` gives; an image without a digit is counted on its way out."""

@@ -210,3 +210,50 @@ def test_a_failing_forward_pass_fails_only_the_jobs_of_its_model(store_location)
     assert isinstance(failed, RuntimeError) and str(failed) == "the model broke"
     assert held == [{"prediction_id": "held"}] and ok == [{"prediction_id": "ok"}]
     assert store.stats()["predictions"] == 2
+
+
+def test_a_lone_light_job_is_done_on_the_loop_and_logged(store_location):
+    store = PredictionStore(store_location)
+    thread = PredictionThread(store, lambda err: None)
+    ran_on = []
+
+    async def main():
+        job = reply_for(store, "p", before=lambda: ran_on.append(threading.current_thread()))
+        return await thread.run(job, light=True)
+
+    (reply,) = asyncio.run(main())
+    assert ran_on == [threading.main_thread()], "no thread hop for a lone drawing"
+    assert reply == {"prediction_id": "p"} and store.stats()["predictions"] == 1
+
+
+def test_light_jobs_that_arrive_together_and_heavy_jobs_go_to_the_thread(store_location):
+    store = PredictionStore(store_location)
+    thread = PredictionThread(store, lambda err: None)
+    ran_on: dict[str, str] = {}
+
+    def job(prediction_id: str) -> Job:
+        def note() -> None:
+            ran_on[prediction_id] = threading.current_thread().name
+
+        return reply_for(store, prediction_id, before=note)
+
+    async def main():
+        together = [thread.run(job(f"p{i}"), light=True) for i in range(4)]
+        return await asyncio.gather(*together), await thread.run(job("photo"), light=False)
+
+    together, photo = asyncio.run(main())
+    assert [r[0]["prediction_id"] for r in together] == ["p0", "p1", "p2", "p3"]
+    assert photo == [{"prediction_id": "photo"}] and store.stats()["predictions"] == 5
+    assert set(ran_on.values()) == {"predictions"}, "under load the loop only parses requests"
+
+
+def test_a_failing_light_job_raises_its_own_error(store_location):
+    store = PredictionStore(store_location)
+    thread = PredictionThread(store, lambda err: None)
+
+    def bad():
+        raise RequestError("not an image")
+
+    with pytest.raises(RequestError, match="not an image"):
+        asyncio.run(thread.run(reply_for(store, "bad", before=bad), light=True))
+    assert store.stats()["predictions"] == 0
