@@ -218,3 +218,20 @@ def test_upkeep_checkpoints_and_enforces_retention_off_the_commit_path(tmp_path)
         assert store.stats()["predictions"] == 100, "the upkeep thread never enforced retention"
     finally:
         store.close()
+
+
+def test_the_write_ahead_log_stays_bounded_while_commits_never_stop(tmp_path):
+    # With a commit always in flight no PASSIVE checkpoint can rewind the log: this loop left
+    # a 415 MB log for 75 MB of rows before the upkeep waited for a gap past the limit.
+    path, wal = tmp_path / "p.db", tmp_path / "p.db-wal"
+    store = PredictionStore(path, upkeep_seconds=0.02, wal_limit_bytes=1_000_000)
+    original = bytes(range(256)) * 16  # 4 KiB per row
+    largest, rows, stop = 0, 0, time.monotonic() + 3
+    try:
+        while time.monotonic() < stop:
+            store.insert([store.record(f"p{rows}", b"png", PROBS, False, "1", original)])
+            rows += 1
+            largest = max(largest, wal.stat().st_size)
+    finally:
+        store.close()
+    assert largest < rows * len(original) / 4, f"{rows} rows, a {largest}-byte log"
