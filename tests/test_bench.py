@@ -15,18 +15,22 @@ def test_a_comparison_of_two_systems_is_made_within_each_round():
 
 
 def test_the_gap_to_the_baseline_is_split_into_framework_and_work_within_each_round():
-    def system(*p50s):
-        return {"/predict": {"c1": {"rounds": [{"p50_ms": p} for p in p50s]}}}
+    def system(*p50s, path="/predict"):
+        return {path: {"c1": {"rounds": [{"p50_ms": p} for p in p50s]}}}
 
     results = {
         "fastapi_floor": system(1.0, 2.0),
         "fastapi_baseline": system(4.0, 8.0),
         "bentoml_floor": system(2.0, 4.0),
         "digitops": system(5.0, 10.0),
+        "digitops_baseline_work": system(3.5, 7.0, path="/predict?log=false"),
     }
     assert dict(gap_at_c1(results)) == {
         "BentoML floor minus FastAPI floor: BentoML's stack": 1.5,
         "FastAPI baseline minus FastAPI floor: its work (preprocessing, model, reply)": 4.5,
         "/predict minus the BentoML floor: ours (the same work, log, input PNG, metrics)": 4.5,
         "/predict minus the FastAPI baseline": 1.5,
+        "/predict doing only the baseline's work minus the FastAPI baseline": -0.75,
+        "/predict minus /predict doing only the baseline's work: the access line and the "
+        "prediction log": 2.25,
     }

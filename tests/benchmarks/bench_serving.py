@@ -1,5 +1,6 @@
 """Serving benchmark, side by side in one run: bare model, FastAPI baseline, naive BentoML, the
-FastAPI and BentoML floors (upload read, fixed reply, no work), ours.
+FastAPI and BentoML floors (upload read, fixed reply, no work), ours, and ours doing only the
+baseline's work (no access line, no prediction log).
 
     python -m tests.benchmarks.bench_serving [--seconds 5] [--rounds 3] [--out artifacts/bench]
 
@@ -51,7 +52,12 @@ WORKERS = {
     "bentoml_floor": OURS,
     "digitops": OURS,
     "digitops_one_worker": 1,
+    "digitops_baseline_work": OURS,
 }
+# Ours doing only the baseline's work: no access line (uvicorn's is off at the baseline's log
+# level) and no prediction log (`?log=false`). Beside `digitops`, it prices those two.
+BASELINE_WORK = "/predict?log=false"
+ENV = {"digitops_baseline_work": {"DIGITOPS_ACCESS_LOG": "false"}}
 SYSTEMS = tuple(WORKERS)
 LUA = Path(__file__).with_name("post_image.lua")
 
@@ -157,6 +163,7 @@ def start_servers(stack: contextlib.ExitStack, systems: list, image: Path, out: 
         env = {
             "DIGITOPS_WORKERS": str(WORKERS[name]),
             "DIGITOPS_PREDICTIONS_DB": str(store / "predictions.db"),
+            **ENV.get(name, {}),
         }
         log = out / f"{name}.log"
         base = stack.enter_context(
@@ -189,7 +196,7 @@ def measure_servers(systems: list, image: Path, seconds: int, rounds: int, out: 
                     measured.setdefault("c1", []).append(
                         wrk(port, path, image, 1, seconds, warm_up=first)
                     )
-                    if first and path == "/predict":  # warmed up: every code path has run
+                    if first and path == endpoints[0]:  # warmed up: every code path has run
                         memory[name] = {"idle_mb": server_rss_mb(base)}
                     measured.setdefault("c32", []).append(
                         wrk(port, path, image, 32, seconds, warm_up=first)
@@ -275,6 +282,7 @@ def gap_at_c1(results: dict) -> list[tuple[str, float]]:
         for name in ("fastapi_floor", "fastapi_baseline", "bentoml_floor")
     }
     ours = results["digitops"]["/predict"]["c1"]
+    baseline_work = results["digitops_baseline_work"][BASELINE_WORK]["c1"]
     return [
         (
             "BentoML floor minus FastAPI floor: BentoML's stack",
@@ -291,6 +299,15 @@ def gap_at_c1(results: dict) -> list[tuple[str, float]]:
         (
             "/predict minus the FastAPI baseline",
             paired(ours, p50["fastapi_baseline"], "p50_ms", operator.sub),
+        ),
+        (
+            "/predict doing only the baseline's work minus the FastAPI baseline",
+            paired(baseline_work, p50["fastapi_baseline"], "p50_ms", operator.sub),
+        ),
+        (
+            "/predict minus /predict doing only the baseline's work: the access line and the "
+            "prediction log",
+            paired(ours, baseline_work, "p50_ms", operator.sub),
         ),
     ]
 
@@ -433,6 +450,12 @@ def main() -> None:
             "digitops_one_worker",
             partial(serve_command, "serving.service:DigitService"),
             ["/predict"],
+            "/readyz",
+        ),
+        (
+            "digitops_baseline_work",
+            partial(serve_command, "serving.service:DigitService"),
+            [BASELINE_WORK],
             "/readyz",
         ),
     ]
