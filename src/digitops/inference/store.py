@@ -233,8 +233,9 @@ class PredictionStore:
             _, frames, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
             page_size = conn.exec_driver_sql("PRAGMA page_size").scalar_one()
             if frames * page_size > self.wal_limit_bytes:
-                # RESTART: holds new commits back while it copies the few frames written since
-                # the PASSIVE pass, so that the next commit starts the log from its beginning.
+                # RESTART: holds new commits back until it has copied the few frames written
+                # since the PASSIVE pass and no reader still reads an older snapshot (queries
+                # here take milliseconds), so that the next commit starts the log afresh.
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)")
 
     @contextmanager
