@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from digitops.inference import store as store_module
 from digitops.inference.store import PredictionStore, StoreError, predictions
 from tests.servers import postgres_server
 
@@ -220,11 +221,12 @@ def test_upkeep_checkpoints_and_enforces_retention_off_the_commit_path(tmp_path)
         store.close()
 
 
-def test_the_write_ahead_log_stays_bounded_while_commits_never_stop(tmp_path):
+def test_the_write_ahead_log_stays_bounded_while_commits_never_stop(tmp_path, monkeypatch):
     # A commit every millisecond, as from a busy server: no PASSIVE checkpoint finds the log
     # idle, and without a RESTART past the limit this loop left a 48 MB log for 2,200 rows.
     path, wal, limit = tmp_path / "p.db", tmp_path / "p.db-wal", 1_000_000
-    store = PredictionStore(path, upkeep_seconds=0.05, wal_limit_bytes=limit)
+    monkeypatch.setattr(store_module, "WAL_LIMIT_BYTES", limit)
+    store = PredictionStore(path, upkeep_seconds=0.05)
     original = bytes(range(256)) * 16  # 4 KiB per row
     largest, rows, stop = 0, 0, time.monotonic() + 3
     try:

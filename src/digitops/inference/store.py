@@ -183,11 +183,9 @@ class PredictionStore:
         max_predictions: int = 100_000,
         max_original_bytes: int = 256 * 1024,
         upkeep_seconds: float | None = None,
-        wal_limit_bytes: int = WAL_LIMIT_BYTES,
     ):
         self.max_predictions = max_predictions
         self.max_original_bytes = max_original_bytes
-        self.wal_limit_bytes = wal_limit_bytes
         self._inserts = self._retained_at = 0
         self._count_lock = threading.Lock()
         self.path = _shown(location)
@@ -227,12 +225,12 @@ class PredictionStore:
 
     def _checkpoint(self) -> None:
         """Copy the write-ahead log into the database file, and rewind the log once it has
-        passed `wal_limit_bytes` (see WAL_LIMIT_BYTES)."""
+        passed WAL_LIMIT_BYTES."""
         with self._transaction() as conn:
             # PASSIVE: copies what no reader still needs, never waiting for a writer.
             _, frames, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
             page_size = conn.exec_driver_sql("PRAGMA page_size").scalar_one()
-            if frames * page_size > self.wal_limit_bytes:
+            if frames * page_size > WAL_LIMIT_BYTES:
                 # RESTART: holds new commits back until it has copied the few frames written
                 # since the PASSIVE pass and no reader still reads an older snapshot (queries
                 # here take milliseconds), so that the next commit starts the log afresh.
