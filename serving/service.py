@@ -28,13 +28,19 @@ from digitops import __version__
 from digitops.files import png
 from digitops.inference import contract, explain, http
 from digitops.inference.errors import EmptyImageError, RequestError
+from digitops.inference.journal import PredictionLog
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.predictor import PredictionThread, Reply
 from digitops.inference.preprocess import Preprocessed, add_noise, is_small_png, preprocess
 from digitops.inference.reload import RegistryFollower, ReloadNotices
 from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
-from digitops.inference.settings import Settings, SettingsError
-from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
+from digitops.inference.settings import Settings, SettingsError, journal_directory
+from digitops.inference.store import (
+    FeedbackResult,
+    PredictionStore,
+    StoreError,
+    UnknownPrediction,
+)
 from digitops.model import DigitCNN
 
 T = TypeVar("T")
@@ -63,6 +69,13 @@ BATCH_MAX_LATENCY_MS = 1000
 LAST_CONV = DigitCNN.conv_layers[-1]  # Grad-CAM's layer
 # How often the prediction store checkpoints and enforces retention, in a thread of its own.
 STORE_UPKEEP_SECONDS = 1.0
+# How long a read of the store (feedback, review queue, stats) waits for this worker's
+# journaled predictions to reach it.
+LOG_CATCH_UP_SECONDS = 2.0
+# Feedback on a prediction the store does not have yet waits for it while the prediction is
+# younger than this: another worker or replica journaled it, and commits it within its group
+# window (journal.GROUP_SECONDS, 50 ms).
+PEER_LOG_LAG_SECONDS = 0.5
 # Worker processes share the cores; each gets its share for Grad-CAM's torch ops and for the
 # CPU-bound steps of a request.
 CORES_PER_WORKER = max(1, (os.cpu_count() or 1) // SETTINGS.workers)
@@ -115,10 +128,13 @@ class DigitService:
                 max_predictions=SETTINGS.max_predictions,
                 upkeep_seconds=STORE_UPKEEP_SECONDS,
             )
+            self.log: PredictionLog | None = PredictionLog(
+                self.store, journal_directory(SETTINGS), self._lost
+            )
         except StoreError as err:  # predictions must go on without their log
-            self.store = None
+            self.store = self.log = None
             log.warning("%s; predictions will not be logged and feedback is disabled", err)
-        self.predictions = PredictionThread(self.store, self._unlogged)
+        self.predictions = PredictionThread(self.log, self._unlogged)
         # Grad-CAM and feature maps get a thread per core: more would only contend for the
         # cores, and each decode in flight holds up to a full-size image.
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
@@ -156,6 +172,13 @@ class DigitService:
         probabilities = self.served.probabilities(prepared.pixels[None])[0]
         http.prediction_payload(probabilities, input_png, prepared.inverted, self.served, None)
         self._explain(data, options, self.served)
+
+    @bentoml.on_shutdown
+    def close_log(self) -> None:
+        """Commit the journaled predictions before the worker goes (what cannot be committed
+        stays journaled, for the next worker to start)."""
+        if self.log is not None:
+            self.log.close()
 
     @bentoml.on_deployment
     def check_model() -> None:
@@ -275,6 +298,51 @@ class DigitService:
         self.metrics.store_failures.inc()
         log.warning("prediction not logged: %s", err)
 
+    def _lost(self, row: dict, err: StoreError) -> None:
+        """A journaled prediction (its reply said it was logged) that the store refused."""
+        self.metrics.store_failures.inc()
+        log.error("prediction %s was journaled but the store refused it: %s", row["id"], err)
+
+    def _caught_up(self) -> bool:
+        """Whether this worker's journaled predictions are all in the store, after waiting up
+        to LOG_CATCH_UP_SECONDS for them (in a worker thread)."""
+        return self.log.flush(LOG_CATCH_UP_SECONDS)
+
+    async def _read_store(self, query: Callable[[], T]) -> T:
+        """`query`, once this worker's journaled predictions are in the store, so that a client
+        sees its own predictions; if the store cannot take them now, what it has."""
+
+        def read() -> T:
+            self._caught_up()  # if not, the log writer says why
+            return query()
+
+        return await anyio.to_thread.run_sync(read)
+
+    async def _add_feedback(
+        self, prediction_id: str, label: int, comment: str | None, client: str
+    ) -> FeedbackResult:
+        """Label a prediction once the store has it. One younger than PEER_LOG_LAG_SECONDS that
+        it has not is waited for: another worker or replica journaled it, and is committing it.
+        While this worker's own journaled predictions cannot reach the store, an id it does not
+        find may be one of them: StoreError (retry later), not UnknownPrediction."""
+
+        def labelled() -> FeedbackResult:
+            caught_up = self._caught_up()
+            try:
+                return self.store.add_feedback(prediction_id, label, comment, client)
+            except UnknownPrediction:
+                if caught_up:
+                    raise
+                raise StoreError("journaled predictions are waiting for the store") from None
+
+        while True:
+            try:
+                return await anyio.to_thread.run_sync(labelled)
+            except UnknownPrediction:
+                if not 0 <= http.prediction_age(prediction_id) < PEER_LOG_LAG_SECONDS:
+                    raise
+                await anyio.sleep(0.02)
+
     def _explain(self, data: bytes, options: http.Options, served: ServedModel) -> tuple:
         """(prepared, its PNG, Grad-CAM heatmap, probabilities, the heatmap's overlay PNG)."""
         prepared, input_png = self._prepare(data, options)
@@ -364,9 +432,7 @@ class DigitService:
                 ) from None
         prediction_id, label, comment = http.parse_feedback(body)
         try:
-            result = await anyio.to_thread.run_sync(
-                lambda: self.store.add_feedback(prediction_id, label, comment, client)
-            )
+            result = await self._add_feedback(prediction_id, label, comment, client)
         except UnknownPrediction:
             raise RequestError(
                 f"unknown prediction_id {prediction_id!r}; use the id a "
@@ -399,7 +465,7 @@ class DigitService:
         """The unlabelled predictions the model is least sure of: label these first."""
         if self.store is None:
             raise RequestError("the review queue is unavailable: no prediction store", 503)
-        items = await anyio.to_thread.run_sync(lambda: self.store.review_queue(k, strategy))
+        items = await self._read_store(lambda: self.store.review_queue(k, strategy))
         for item in items:
             item["input_png"] = http.b64(item["input_png"])
         return {"strategy": strategy, "k": k, "items": items}
@@ -409,7 +475,7 @@ class DigitService:
         """Counts of feedback by state (pending / ingested / rejected) and logged predictions."""
         if self.store is None:
             raise RequestError("feedback stats are unavailable: no prediction store", 503)
-        return await anyio.to_thread.run_sync(self.store.stats)
+        return await self._read_store(self.store.stats)
 
     @app.post("/admin/reload", **contract.RELOAD)
     async def reload(self, request: Request):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -59,8 +60,16 @@ def test_two_replicas_behind_nginx_share_one_store_and_stop_cleanly(mnist_dir):
             assert all(r.json().get("logged", True) for r in replies)
             answered = {r.headers["X-Upstream"] for r in replies}
             assert answered == {f"127.0.0.1:{r.port}" for r in replicas}
-            # One store behind both: each replica counts the predictions the other logged too.
-            counts = [httpx.get(f"{r.url}/feedback/stats").json()["predictions"] for r in replicas]
+            # One store behind both: each replica counts the predictions the other logged too,
+            # once the other's log writer has committed them (every 50 ms).
+            deadline = time.monotonic() + 5
+            while True:
+                counts = [
+                    httpx.get(f"{r.url}/feedback/stats").json()["predictions"] for r in replicas
+                ]
+                if counts == [len(replies)] * 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             assert counts == [len(replies)] * 2
 
             # A replica dies: a POST that never reached it (connection refused) goes to the

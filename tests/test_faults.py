@@ -70,6 +70,41 @@ def test_sigkill_during_feedback_loses_no_acknowledged_correction(tmp_path, mnis
         assert reply.status_code == 200
 
 
+@pytest.mark.e2e
+def test_sigkill_before_the_store_commits_loses_no_prediction_answered_as_logged(
+    tmp_path, mnist_dir
+):
+    images, _ = mnist.load(mnist_dir, "t10k")
+    with bentoml_serve(tmp_path) as (base, _), httpx.Client(base_url=base, timeout=30) as c:
+
+        def predict(i: int) -> dict:
+            files = {"image": ("d.png", png_bytes(images[i]), "image/png")}
+            reply = c.post("/predict", files=files)
+            assert reply.status_code == 200
+            return reply.json()
+
+        predict(0)
+        # Another process holds the store's write lock (a long transaction): the log's writer
+        # cannot commit, and the replies must not wait for it.
+        holder = sqlite3.connect(tmp_path / "predictions.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        answered = [predict(i) for i in range(1, 21)]
+        kill_tree(PROCESSES[base])  # before the writer's busy timeout (10 s) ends: no commit
+        holder.rollback()
+        holder.close()
+    assert not any("logged" in reply for reply in answered), "each was journaled"
+    ids = {reply["prediction_id"] for reply in answered}
+    with contextlib.closing(sqlite3.connect(tmp_path / "predictions.db")) as db:
+        assert not ids & {i for (i,) in db.execute("SELECT id FROM predictions")}
+    # The restarted server moves the dead workers' journals into the store as it starts.
+    with bentoml_serve(tmp_path) as (base, _), httpx.Client(base_url=base, timeout=30) as c:
+        assert c.get("/feedback/stats").json()["predictions"] == 21
+        reply = c.post(
+            "/feedback", json={"prediction_id": answered[-1]["prediction_id"], "label": 7}
+        )
+        assert reply.status_code == 200
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB file system of its own, to fill up. Mounting needs root (CI runs as root)."""

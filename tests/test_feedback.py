@@ -20,7 +20,11 @@ def client(request, tmp_path_factory):
         return
     database = request.getfixturevalue("postgres").create_database("feedback_http")
     workdir = tmp_path_factory.mktemp("serve-pg")
-    settings = {"DIGITOPS_PREDICTIONS_DB": database, "DIGITOPS_FEEDBACK_PER_MINUTE": "100000"}
+    settings = {
+        "DIGITOPS_PREDICTIONS_DB": database,
+        "DIGITOPS_PREDICTION_JOURNAL": str(workdir / "journal"),
+        "DIGITOPS_FEEDBACK_PER_MINUTE": "100000",
+    }
     with bentoml_serve(workdir, **settings) as (base, _), httpx.Client(base_url=base) as c:
         yield c
 

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from digitops.inference import store as store_module
-from digitops.inference.store import PredictionStore, StoreError, predictions
+from digitops.inference.store import PredictionStore, RowRefused, StoreError, predictions
 from tests.servers import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,14 +94,20 @@ def test_many_threads_share_one_store(store_location):
     assert store.stats() == {"pending": 180, "ingested": 0, "rejected": 0, "predictions": 1800}
 
 
-def test_insert_each_refuses_a_bad_row_alone(store_location):
+def test_insert_each_refuses_a_bad_row_alone_and_stores_a_row_once(store_location):
     store = PredictionStore(store_location)
-    store.log_prediction("taken", b"png", PROBS, False, "1")
-    rows = [store.record(p, b"png", PROBS, False, "1") for p in ("a", "taken", "b")]
+    store.log_prediction("again", b"png", PROBS, False, "1")
+    bad = {**store.record("bad", b"png", PROBS, False, "1"), "input_png": None}
+    rows = [store.record(p, b"new", PROBS, False, "1") for p in ("a", "again")] + [bad]
+    rows.append(store.record("b", b"new", PROBS, False, "1"))
     errors = store.insert_each(rows)
-    assert errors[0] is None and errors[2] is None
-    assert isinstance(errors[1], StoreError)  # its id is taken: this row, and only it
-    assert ids(store) == {"taken", "a", "b"}
+    assert errors[:2] == [None, None] and errors[3] is None
+    assert isinstance(errors[2], RowRefused)  # this row, and only it
+    assert ids(store) == {"again", "a", "b"}
+    # A row that is already there stays as it was (a journal replayed after a crash).
+    with store.engine.connect() as conn:
+        again = conn.exec_driver_sql("SELECT input_png FROM predictions WHERE id = 'again'")
+        assert bytes(again.scalar_one()) == b"png"
 
 
 OPEN_WHEN_TOLD = """

@@ -212,6 +212,8 @@ def start_replica(
     ]  # fmt: skip
     env = {
         "DIGITOPS_PREDICTIONS_DB": pg.url("digitops"),
+        # Each worker's predictions are journaled here before its reply (a local disk).
+        "DIGITOPS_PREDICTION_JOURNAL": str(logs.parent / "journal"),
         "MLFLOW_TRACKING_URI": mlflow.url,
         "DIGITOPS_REGISTRY_POLL_SECONDS": os.environ.get("DIGITOPS_REGISTRY_POLL_SECONDS", "10"),
         "DIGITOPS_WORKERS": str(workers),

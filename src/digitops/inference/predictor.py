@@ -4,9 +4,9 @@ A request crosses threads once each way: its job is queued here, and its reply i
 back to the event loop; a lone drawing, which finds the thread idle, is done on the loop and
 crosses no thread. Everything that queued while the thread was busy is done in one round,
 step by step: every job's images prepared, one forward pass per model for all of them, every
-job's replies, their rows of the prediction log in one transaction (group commit), and the
-replies back to the loop in one wake-up. A lone request waits for nothing but its own work and
-its own row.
+job's replies, their rows of the prediction log in one append to its journal (which a thread of its
+own commits to the store in groups: journal.py), and the replies back to the loop in one
+wake-up. A lone request waits for nothing but its own work and its row's append.
 
 Why steps, not jobs one after the other: a step repeated for several images runs with its code
 and data still in the CPU's caches, and one forward pass serves them all. A request's work done
@@ -26,7 +26,8 @@ from typing import Protocol
 
 import numpy as np
 
-from digitops.inference.store import PredictionStore, StoreError
+from digitops.inference.journal import PredictionLog
+from digitops.inference.store import StoreError
 
 log = logging.getLogger("bentoml.digitops")
 
@@ -55,18 +56,19 @@ class Job(Protocol):
 class PredictionThread:
     """Runs jobs for the event loop and logs what they predicted before answering.
 
-    A reply says `logged: false` exactly when its row was not stored (the store is broken, or
-    refused that row), so no acknowledged write is ever lost silently; a broken
-    store never fails a prediction. `on_unlogged` hears each such row's error.
+    A reply says `logged: false` exactly when its row did not reach the prediction log (its
+    journal cannot be written, or the store is too far behind), so no acknowledged write is
+    ever lost silently; a broken log never fails a prediction. `on_unlogged` hears each such
+    row's error.
     """
 
     def __init__(
         self,
-        store: PredictionStore | None,
+        log: PredictionLog | None,
         on_unlogged: Callable[[StoreError], None],
         max_round: int = 64,
     ):
-        self.store = store
+        self.log = log
         self.on_unlogged = on_unlogged
         self.max_round = max_round
         self._queue: queue.SimpleQueue[tuple[Job, asyncio.Future]] = queue.SimpleQueue()
@@ -75,7 +77,7 @@ class PredictionThread:
         threading.Thread(target=self._serve, name="predictions", daemon=True).start()
 
     async def run(self, job: Job, light: bool = False) -> list[dict]:
-        """The replies of `job`, once their rows are logged; or what it raised.
+        """The replies of `job`, once their rows are journaled; or what it raised.
 
         A `light` job (a millisecond or two of work, as a drawing's) that finds the thread idle
         is done right here, on the event loop: a lone request then skips the two hand-offs,
@@ -112,7 +114,7 @@ class PredictionThread:
             self._working = False
 
     def _round(self, jobs: list[Job]) -> list[list[Reply] | BaseException]:
-        """Each job's replies, their rows logged; or the error it raised."""
+        """Each job's replies, their rows journaled; or the error it raised."""
         try:
             outcomes = _work(jobs)
             self._log([r for outcome in outcomes if isinstance(outcome, list) for r in outcome])
@@ -122,19 +124,20 @@ class PredictionThread:
         return outcomes
 
     def _log(self, replies: list[Reply]) -> None:
-        """Store the rows of `replies` in one transaction; mark every reply whose row is not
-        stored."""
+        """Journal the rows of `replies` in one write; if that fails, mark every reply that had
+        a row."""
         logged = [(payload, row) for payload, row in replies if row is not None]
-        if not logged or self.store is None:  # without a store there are no rows
+        if not logged or self.log is None:  # without a store there are no rows
             return
         try:
-            errors = self.store.insert_each([row for _, row in logged])
+            error = self.log.append([row for _, row in logged])
         except Exception as err:  # a bug here must still answer every waiting request
-            errors = [StoreError(f"prediction log failed: {err}")] * len(logged)
-        for (payload, _), error in zip(logged, errors, strict=True):
-            if error is not None:
-                payload["logged"] = False
-                self.on_unlogged(error)
+            error = StoreError(f"prediction log failed: {err}")
+        if error is None:
+            return
+        for payload, _ in logged:
+            payload["logged"] = False
+            self.on_unlogged(error)
 
 
 def _work(jobs: list[Job]) -> list[list[Reply] | BaseException]:

@@ -6,6 +6,7 @@ in step.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -41,6 +42,10 @@ class Settings:
     max_upload_bytes: int = DEFAULT_MAX_BYTES  # the decoder's own limit
     # Prediction log + feedback queue: a SQLite file, or a postgresql:// URL for many replicas.
     predictions_db: str = "var/predictions.db"
+    # A local directory where each worker journals its predictions before replying; a thread
+    # commits them to the store in groups (src/digitops/inference/journal.py). Unset: beside a
+    # SQLite file (`<file>.journal`), else var/journal/<a hash of the database URL>.
+    prediction_journal: str | None = None
     # Unlabelled predictions kept; the oldest beyond this are dropped.
     max_predictions: int = 100_000
     # Feedback requests per client per minute, per worker.
@@ -93,3 +98,14 @@ class Settings:
             else:
                 values[f.name] = raw
         return cls(**values)
+
+
+def journal_directory(settings: Settings) -> Path:
+    """Where this server's workers journal their predictions (Settings.prediction_journal).
+    One per store, so that a journal left by a stopped worker goes into its own store."""
+    if settings.prediction_journal:
+        return Path(settings.prediction_journal)
+    location = settings.predictions_db
+    if "://" in location or location.startswith("file:"):
+        return Path("var/journal") / hashlib.sha256(location.encode()).hexdigest()[:16]
+    return Path(f"{location}.journal")

@@ -87,6 +87,10 @@ class StoreError(RuntimeError):
     go on without it."""
 
 
+class RowRefused(StoreError):
+    """The store refused a row for good (it breaks a constraint): trying again will not help."""
+
+
 class UnknownPrediction(KeyError):
     pass
 
@@ -196,8 +200,13 @@ class PredictionStore:
             ]
             _create_schema(self.engine)
             # The prediction log's INSERT in the engine's own SQL, compiled once: every
-            # prediction is written through it (see `insert`).
-            compiled = predictions.insert().compile(dialect=self.engine.dialect)
+            # prediction is written through it (see `insert`). A row already there is left
+            # as it is, so a journal replayed after a crash (journal.py) adds nothing twice.
+            compiled = (
+                self._insert(predictions)
+                .on_conflict_do_nothing(index_elements=["id"])
+                .compile(dialect=self.engine.dialect)
+            )
             self._log_sql, self._log_columns = compiled.string, compiled.positiontup
         except (OSError, sa.exc.SQLAlchemyError, KeyError) as err:
             raise StoreError(
@@ -295,8 +304,11 @@ class PredictionStore:
         try:
             conn.cursor().executemany(self._log_sql, values)
             conn.commit()
-        except self.engine.dialect.dbapi.Error as err:  # disk full, read-only, a taken id
+        except self.engine.dialect.dbapi.Error as err:  # disk full, read-only, a bad row
             conn.invalidate()  # whatever state it is in, it is not handed out again
+            dbapi = self.engine.dialect.dbapi
+            if isinstance(err, (dbapi.IntegrityError, dbapi.DataError)):
+                raise RowRefused(f"prediction store {self.path} refused: {_cause(err)}") from err
             raise self._unusable(err) from err
         finally:
             conn.close()  # back to the pool
@@ -317,14 +329,17 @@ class PredictionStore:
         return StoreError(f"prediction store {self.path} is not usable: {_cause(err)}")
 
     def insert_each(self, records: list[dict]) -> list[StoreError | None]:
-        """Log predictions in one transaction if they all go in (group commit); otherwise each
-        alone, so one bad row never fails its neighbours. Says per row what kept it out."""
+        """Log predictions in one transaction if they all go in (group commit); if the store
+        refuses one of them, each alone, so one bad row never fails its neighbours. Says per
+        row what kept it out."""
         try:
             self.insert(records)
             return [None] * len(records)
-        except StoreError as err:
+        except RowRefused as err:
             if len(records) == 1:
                 return [err]
+        except StoreError as err:  # the store is unusable (down, full): for every row alike
+            return [err] * len(records)
         outcome: list[StoreError | None] = []
         for record in records:
             outcome += self.insert_each([record])
