@@ -22,7 +22,7 @@ STEPS = (
     ("reply encoding", ("files.py", "http.py:prediction_payload", "http.py:json_reply")),
     ("decode", ("preprocess.py:decode", "preprocess.py:_plain_png")),
     ("forward pass", ("runtime.py", "served.py:probabilities")),
-    ("prediction log", ("store.py", "predictor.py:_log")),
+    ("prediction log", ("store.py", "journal.py", "predictor.py:_log")),
     ("metrics", ("metrics.py", "prometheus_client")),
     ("preprocessing", ("preprocess.py",)),
     ("multipart parsing", ("multipart", "formparsers")),
