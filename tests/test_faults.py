@@ -96,8 +96,12 @@ def test_sigkill_before_the_store_commits_loses_no_prediction_answered_as_logged
     ids = {reply["prediction_id"] for reply in answered}
     with contextlib.closing(sqlite3.connect(tmp_path / "predictions.db")) as db:
         assert not ids & {i for (i,) in db.execute("SELECT id FROM predictions")}
-    # The restarted server moves the dead workers' journals into the store as it starts.
+    # The restarted server's workers move the dead workers' journals into the store as they
+    # start (a worker that answers first may find one still being moved by the other).
     with bentoml_serve(tmp_path) as (base, _), httpx.Client(base_url=base, timeout=30) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/feedback/stats").json()["predictions"] < 21 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert c.get("/feedback/stats").json()["predictions"] == 21
         reply = c.post(
             "/feedback", json={"prediction_id": answered[-1]["prediction_id"], "label": 7}

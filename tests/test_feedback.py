@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from digitops.data import mnist
+from digitops.inference import http
 from digitops.inference.http import RateLimiter
 from tests.servers import bentoml_serve
 from tests.test_service import png_bytes
@@ -71,6 +72,27 @@ def test_bad_feedback_is_refused_clearly(client, body, status, words):
     else:
         r = client.post("/feedback", json=body)
     assert r.status_code == status and words in r.json()["error"]
+
+
+def test_feedback_right_after_predicting_finds_the_prediction_on_any_worker(client, digits):
+    """Each request on a new connection, so it may reach either worker: a prediction journaled
+    by one is labelled through the other as soon as its reply is in."""
+    images, labels = digits
+    fresh = {"Connection": "close"}
+    for i in range(20, 26):  # few: the in-process server keeps the default rate limit
+        files = {"image": ("d.png", png_bytes(images[i]), "image/png")}
+        prediction = client.post("/predict", files=files, headers=fresh).json()
+        body = {"prediction_id": prediction["prediction_id"], "label": int(labels[i])}
+        reply = client.post("/feedback", json=body, headers=fresh)
+        assert reply.status_code == 200, reply.text
+
+
+def test_prediction_ids_tell_their_age():
+    made = http.new_prediction_id()
+    assert len(made) == 32 and int(made, 16) >= 0
+    assert 0 <= http.prediction_age(made) < 1
+    for other in ("../../etc/passwd", "f" * 32, "z" * 32, ""):
+        assert abs(http.prediction_age(other)) > 1e6  # never waited for
 
 
 def test_review_queue_is_least_certain_first_and_excludes_labelled(client, digits):

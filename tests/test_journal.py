@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from digitops.inference.journal import PredictionLog
+from digitops.inference import journal as journal_module
+from digitops.inference.journal import FRAME, PredictionLog, _encode
 from digitops.inference.store import PredictionStore, StoreError
 
 PROBS = [0.1] * 10
@@ -49,7 +51,8 @@ def test_journaled_rows_reach_the_store_and_the_journal_is_emptied(store_locatio
 
 DIES_AFTER_JOURNALING = """
 import os, sys
-from digitops.inference.journal import PredictionLog
+from digitops.inference import journal as journal_module
+from digitops.inference.journal import FRAME, PredictionLog, _encode
 from digitops.inference.store import PredictionStore, StoreError
 
 store = PredictionStore(sys.argv[1])
@@ -75,14 +78,45 @@ def test_a_dead_workers_journal_goes_into_the_store_when_the_next_log_opens(tmp_
         timeout=120,
     )
     assert ids(store) == set(), "the store was down: the rows are only journaled"
+    dead = {p: p.read_bytes() for p in journal.glob("*.journal")}
+    assert len(dead) == 3  # the dead worker's two, and the torn one
     log = PredictionLog(store, journal, never_lost)
     assert ids(store) == {f"journaled{i}" for i in range(5)}
-    journals = sorted(p.name for p in journal.glob("*.journal"))
-    assert len(journals) == 2 and "0-torn.journal" not in journals  # only the new log's own
-    # Recovering twice (a worker died after the commit, before emptying) stores nothing twice.
-    PredictionLog(store, tmp_path / "journal", never_lost).close()
+    assert not set(journal.glob("*.journal")) & set(dead), "recovered journals are removed"
+    # A worker that died after its commit, before emptying its journal: recovering the same
+    # rows again stores nothing twice.
+    for path, data in dead.items():
+        path.write_bytes(data)
+    PredictionLog(store, journal, never_lost).close()
     log.close()
     assert store.stats()["predictions"] == 5
+    assert not list(journal.glob("*.journal"))
+
+
+def test_a_journal_that_cannot_be_read_is_set_aside_and_the_log_opens(tmp_path):
+    store = PredictionStore(tmp_path / "p.db")
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    # Zeros where a power cut left a record's blocks unwritten, then a header that is no JSON.
+    (journal / "zeros.journal").write_bytes(bytes(4096))
+    (journal / "garbage.journal").write_bytes(FRAME.pack(3, 0) + b"{x}")
+    (journal / "columns.journal").write_bytes(_encode({"id": "p", "no such column": 1}))
+    log = PredictionLog(store, journal, never_lost)
+    assert store.stats()["predictions"] == 0
+    assert sorted(p.name for p in journal.glob("*.bad")) == ["columns.journal.bad"]
+    log.close()
+
+
+def test_an_idle_writer_recovers_a_journal_left_after_the_log_opened(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "RECOVER_SECONDS", 0.1)
+    store = PredictionStore(tmp_path / "p.db")
+    log = PredictionLog(store, tmp_path / "journal", never_lost)
+    (tmp_path / "journal" / "late.journal").write_bytes(_encode(rows(store, "late")[0]))
+    deadline = time.monotonic() + 10
+    while ids(store) != {"late"} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ids(store) == {"late"}
+    log.close()
 
 
 def test_a_live_logs_journal_is_not_taken_by_another(tmp_path):
@@ -115,7 +149,8 @@ def test_a_journal_that_cannot_be_written_refuses_the_rows_whole(tmp_path):
     log._current.fd = os.open(os.devnull, os.O_RDONLY)
     error = log.append(rows(store, "p"))
     assert isinstance(error, StoreError) and "journal" in str(error)
-    assert log.flush(timeout=1) and ids(store) == set()
+    log.close()  # commits every row that was journaled: this one was not
+    assert ids(store) == set()
 
 
 def test_the_journal_directory_is_one_per_store(tmp_path):

@@ -19,6 +19,7 @@ costs nothing).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -46,6 +47,9 @@ GROUP_SECONDS = 0.05
 GROUP_ROWS = 256
 # The writer's pauses between attempts while the store refuses every write (down, disk full).
 RETRY_SECONDS = (0.05, 5.0)
+# How often an idle writer looks for journals of dead workers that no log has recovered yet
+# (the store was down when the next worker started, or no worker has started since).
+RECOVER_SECONDS = 30.0
 
 
 class PredictionLog:
@@ -73,6 +77,7 @@ class PredictionLog:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._pending: list[dict] = []  # journaled, not yet taken by the writer
+        self._pending_bytes = 0  # their size in the journal
         self._backlog = 0  # bytes journaled and not yet in the store
         self._appended = self._settled = 0  # rows journaled; rows stored or reported lost
         self._hurry = 0  # callers of flush() waiting
@@ -99,6 +104,7 @@ class PredictionLog:
             # row would take the GIL from requests for nothing.
             wake = not self._pending or len(self._pending) + len(rows) >= GROUP_ROWS
             self._pending += rows
+            self._pending_bytes += len(frames)
             self._backlog += len(frames)
             self._appended += len(rows)
             if wake:
@@ -128,11 +134,18 @@ class PredictionLog:
     def _write_behind(self) -> None:
         while True:
             with self._lock:
-                self._changed.wait_for(lambda: self._pending or self._closing)
+                idle = not self._changed.wait_for(
+                    lambda: self._pending or self._closing, RECOVER_SECONDS
+                )
+            if idle:
+                self._recover_others()
+                continue
+            with self._lock:
                 self._changed.wait_for(self._group_ready, GROUP_SECONDS)
                 if not self._pending:
                     break  # closing, and everything is in
-                rows, self._pending = self._pending, []
+                rows, taken = self._pending, self._pending_bytes
+                self._pending, self._pending_bytes = [], 0
                 sealed = self._current
                 self._current = self._files[1 - self._files.index(sealed)]
             if not self._commit(rows):
@@ -142,12 +155,18 @@ class PredictionLog:
             except OSError as err:  # its rows are stored: a later recovery adds nothing twice
                 log.error("cannot empty journal %s: %s", sealed.path, err)
             with self._lock:
-                self._backlog -= sealed.size
-                sealed.size = 0
+                self._backlog -= taken
                 self._settled += len(rows)
                 self._changed.notify_all()
         for journal in self._files:  # unlocked: a log opened later takes what is left
             journal.close()
+
+    def _recover_others(self) -> None:
+        """Recover dead workers' journals that nobody has yet."""
+        try:
+            recover(self.store, self.directory)
+        except Exception:  # recovery must not end the writer
+            log.exception("recovering journals in %s failed", self.directory)
 
     def _report_lost(self, row: dict, error: StoreError) -> None:
         try:
@@ -166,9 +185,9 @@ class PredictionLog:
         while True:
             try:
                 errors = self.store.insert_each(rows)
-            except Exception as err:  # a bug: the rows stay journaled, and it is said loudly
+            except Exception as err:  # a bug: retrying would stall every row behind these
                 log.exception("prediction log writer failed")
-                errors = [StoreError(f"prediction log failed: {err}")] * len(rows)
+                errors = [RowRefused(f"prediction log failed: {err}")] * len(rows)
             waiting = []
             for row, error in zip(rows, errors, strict=True):
                 if isinstance(error, RowRefused):
@@ -194,8 +213,12 @@ class _Journal:
 
     def __init__(self, path: Path):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # Made under a name that recovery skips, and locked before it takes its own: another
+        # worker's recovery would take an unlocked journal for a dead worker's.
+        made = path.with_name(path.name + ".new")
+        self.fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(made, path)
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -212,6 +235,7 @@ class _Journal:
 
     def empty(self) -> None:
         os.ftruncate(self.fd, 0)
+        self.size = 0
 
     def close(self) -> None:
         """Unlock; an empty journal is removed, one with rows is left to be recovered."""
@@ -222,7 +246,8 @@ class _Journal:
 
 def recover(store: PredictionStore, directory: Path) -> int:
     """Move the rows of the journals in `directory` whose workers are gone into `store`;
-    how many. A journal the store cannot take now stays for the next try."""
+    how many. A journal the store cannot take now stays for the next try; one that cannot be
+    read at all is set aside as `<name>.bad`, for a person to look at."""
     recovered = 0
     for path in sorted(directory.glob("*.journal")):
         try:
@@ -230,27 +255,36 @@ def recover(store: PredictionStore, directory: Path) -> int:
         except FileNotFoundError:  # another worker recovered it meanwhile
             continue
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # its worker is alive
-                continue
-            with os.fdopen(os.dup(fd), "rb") as f:
-                rows = list(_decode(f.read(), path))
-            errors = store.insert_each(rows) if rows else []
-            waiting = [e for e in errors if e is not None and not isinstance(e, RowRefused)]
-            if waiting:
-                log.warning("journal %s waits for the store: %s", path, waiting[0])
-                continue
-            for row, error in zip(rows, errors, strict=True):
-                if error is not None:
-                    log.error("journaled prediction %s refused by the store: %s", row["id"], error)
-            path.unlink(missing_ok=True)
-            recovered += len(rows) - sum(e is not None for e in errors)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its worker is alive, or another is recovering it
+            os.close(fd)
+            continue
+        try:
+            recovered += _recover_one(store, path, fd)
+        except Exception:  # one bad journal must not keep a worker from starting
+            log.exception("journal %s cannot be recovered; set aside as %s.bad", path, path.name)
+            with contextlib.suppress(OSError):
+                path.rename(path.with_name(path.name + ".bad"))
         finally:
             os.close(fd)
     if recovered:
         log.info("moved %d predictions from stopped workers' journals into the store", recovered)
     return recovered
+
+
+def _recover_one(store: PredictionStore, path: Path, fd: int) -> int:
+    with os.fdopen(os.dup(fd), "rb") as f:
+        rows = list(_decode(f.read(), path))
+    errors = store.insert_each(rows) if rows else []
+    waiting = [e for e in errors if e is not None and not isinstance(e, RowRefused)]
+    if waiting:
+        log.warning("journal %s waits for the store: %s", path, waiting[0])
+        return 0
+    for row, error in zip(rows, errors, strict=True):
+        if error is not None:
+            log.error("journaled prediction %s refused by the store: %s", row["id"], error)
+    path.unlink(missing_ok=True)
+    return len(rows) - sum(e is not None for e in errors)
 
 
 def _encode(row: dict) -> bytes:
@@ -273,10 +307,13 @@ def _decode(data: bytes, path: Path) -> Iterator[dict]:
         end = start + header_size + body_size
         if end > len(data):
             break
-        header = json.loads(data[start : start + header_size])
-        row, offset = header["fields"], start + header_size
-        for name, size in header["blobs"]:
-            row[name], offset = data[offset : offset + size], offset + size
+        try:
+            header = json.loads(data[start : start + header_size])
+            row, offset = header["fields"], start + header_size
+            for name, size in header["blobs"]:
+                row[name], offset = data[offset : offset + size], offset + size
+        except (ValueError, KeyError, TypeError):  # zeros or garbage where a record was torn
+            break
         yield row
         at = end
     if at < len(data):
