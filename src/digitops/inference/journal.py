@@ -12,9 +12,9 @@ reported, never dropped quietly (`on_lost`).
 Each worker has two journal files, locked (flock) for as long as it lives, that take turns:
 the writer seals the one that holds the rows it is about to commit, appends go to the other
 meanwhile, and the sealed one is emptied once its rows are in the store. A journal whose lock
-is free belongs to a worker that died; the next log to open in that directory moves its rows
-into the store (inserting a row twice does nothing, so a crash between commit and emptying
-costs nothing).
+is free belongs to a worker that died; the next log to open in that directory, or an idle
+writer's periodic look (RECOVER_SECONDS), moves its rows into the store (inserting a row
+twice does nothing, so a crash between commit and emptying costs nothing).
 """
 
 from __future__ import annotations
