@@ -27,6 +27,7 @@ from pydantic import BeforeValidator
 from digitops import __version__
 from digitops.files import png
 from digitops.inference import contract, explain, http
+from digitops.inference.access_log import BufferedAccessLog
 from digitops.inference.errors import EmptyImageError, RequestError
 from digitops.inference.journal import PredictionLog
 from digitops.inference.metrics import ServiceMetrics
@@ -117,6 +118,10 @@ def _sampled_share() -> float:
 class DigitService:
     def __init__(self) -> None:
         torch.set_num_threads(CORES_PER_WORKER)
+        # With tracing on, each access line names its request's trace, which only the
+        # request's own context knows: those lines are written as each reply goes out.
+        buffered = SETTINGS.access_log and not SETTINGS.tracing
+        self.access_log = BufferedAccessLog() if buffered else None
         # Reloads announced from now on are followed, including any during the load below.
         self.reloads = ReloadNotices()
         self.metrics = ServiceMetrics()
@@ -177,9 +182,11 @@ class DigitService:
     @bentoml.on_shutdown
     def close_log(self) -> None:
         """Commit the journaled predictions before the worker goes (what cannot be committed
-        stays journaled, for the next worker to start)."""
+        stays journaled, for the next worker to start), and write the held access lines."""
         if self.log is not None:
             self.log.close()
+        if self.access_log is not None:
+            self.access_log.close()
 
     @bentoml.on_deployment
     def check_model() -> None:

@@ -1,0 +1,82 @@
+"""The access lines are held back and written in batches, through the log's own handlers."""
+
+import logging
+import time
+
+import pytest
+
+from digitops.inference.access_log import ACCESS_LOGGER, BufferedAccessLog
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+
+@pytest.fixture
+def written():
+    """What reaches the handlers above the access logger (BentoML puts its own there)."""
+    parent, lines = logging.getLogger(ACCESS_LOGGER).parent, Lines()
+    level = parent.level
+    parent.addHandler(lines)
+    parent.setLevel(logging.INFO)
+    yield lines
+    parent.removeHandler(lines)
+    parent.setLevel(level)
+
+
+def test_a_line_is_held_then_written_with_the_time_it_was_made(written):
+    access = BufferedAccessLog(flush_seconds=0.2)
+    try:
+        made = time.time()
+        logging.getLogger(ACCESS_LOGGER).info("%s (%s) %.3fms", "127.0.0.1:1", "status=200", 1.5)
+        assert written.messages() == []  # not on the request's own time
+        deadline = time.monotonic() + 5
+        while not written.records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert written.messages() == ["127.0.0.1:1 (status=200) 1.500ms"]
+        assert abs(written.records[0].created - made) < 0.1
+    finally:
+        access.close()
+
+
+def test_close_writes_what_is_held_in_order_and_restores_the_logger(written):
+    logger = logging.getLogger(ACCESS_LOGGER)
+    access = BufferedAccessLog(flush_seconds=60)
+    for i in range(3):
+        logger.info("line %d", i)
+    assert written.messages() == []
+    access.close()
+    assert written.messages() == ["line 0", "line 1", "line 2"]
+    assert logger.propagate and not logger.handlers
+    logger.info("after")  # written at once again
+    assert written.messages()[-1] == "after"
+
+
+def test_a_warning_is_written_at_once_after_the_lines_held_before_it(written):
+    logger = logging.getLogger(ACCESS_LOGGER)
+    access = BufferedAccessLog(flush_seconds=60)
+    try:
+        logger.info("held")
+        logger.warning("urgent")
+        assert written.messages() == ["held", "urgent"]
+    finally:
+        access.close()
+
+
+def test_a_full_buffer_is_written_by_the_line_that_fills_it(written):
+    logger = logging.getLogger(ACCESS_LOGGER)
+    access = BufferedAccessLog(flush_seconds=60, capacity=4)
+    try:
+        for i in range(4):
+            logger.info("line %d", i)
+        assert written.messages() == [f"line {i}" for i in range(4)]
+    finally:
+        access.close()
