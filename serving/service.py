@@ -128,17 +128,19 @@ class DigitService:
         self.registry = registry_follower()
         self._serve(starting_model(self.registry))
         self.max_bytes = SETTINGS.max_upload_bytes
+        self.store: PredictionStore | None = None
+        self.log: PredictionLog | None = None
         try:
-            self.store: PredictionStore | None = PredictionStore(
+            self.store = PredictionStore(
                 SETTINGS.predictions_db,
                 max_predictions=SETTINGS.max_predictions,
                 upkeep_seconds=STORE_UPKEEP_SECONDS,
             )
-            self.log: PredictionLog | None = PredictionLog(
-                self.store, journal_directory(SETTINGS), self._lost
-            )
+            self.log = PredictionLog(self.store, journal_directory(SETTINGS), self._lost)
         except StoreError as err:  # predictions must go on without their log
-            self.store = self.log = None
+            if self.store is not None:  # the store opened, its journal did not
+                self.store.close()
+            self.store = None
             log.warning("%s; predictions will not be logged and feedback is disabled", err)
         self.predictions = PredictionThread(self.log, self._unlogged)
         # Grad-CAM and feature maps get a thread per core: more would only contend for the
@@ -182,9 +184,12 @@ class DigitService:
     @bentoml.on_shutdown
     def close_log(self) -> None:
         """Commit the journaled predictions before the worker goes (what cannot be committed
-        stays journaled, for the next worker to start), and write the held access lines."""
+        stays journaled, for the next worker to start), close the store, and write the held
+        access lines."""
         if self.log is not None:
             self.log.close()
+        if self.store is not None:
+            self.store.close()
         if self.access_log is not None:
             self.access_log.close()
 

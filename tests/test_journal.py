@@ -107,6 +107,19 @@ def test_a_journal_that_cannot_be_read_is_set_aside_and_the_log_opens(tmp_path):
     log.close()
 
 
+def test_a_journal_a_dead_worker_never_named_is_removed_and_a_new_one_is_not(tmp_path):
+    store = PredictionStore(tmp_path / "p.db")
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    orphan, making = journal / "1-dead-0.journal.new", journal / "2-live-0.journal.new"
+    orphan.touch()
+    making.touch()  # a worker naming its journal right now
+    made = time.time() - journal_module.UNNAMED_SECONDS - 1
+    os.utime(orphan, (made, made))
+    journal_module.recover(store, journal)
+    assert not orphan.exists() and making.exists()
+
+
 def test_an_idle_writer_recovers_a_journal_left_after_the_log_opened(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "RECOVER_SECONDS", 0.1)
     store = PredictionStore(tmp_path / "p.db")

@@ -26,6 +26,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +51,9 @@ RETRY_SECONDS = (0.05, 5.0)
 # How often an idle writer looks for journals of dead workers that no log has recovered yet
 # (the store was down when the next worker started, or no worker has started since).
 RECOVER_SECONDS = 30.0
+# A journal still under its first name (`.journal.new`) this long after it was made belongs to
+# a worker that died before naming it (a live one names it at once); it never held a row.
+UNNAMED_SECONDS = 60.0
 
 
 class PredictionLog:
@@ -188,12 +192,9 @@ class PredictionLog:
             except Exception as err:  # a bug: retrying would stall every row behind these
                 log.exception("prediction log writer failed")
                 errors = [RowRefused(f"prediction log failed: {err}")] * len(rows)
-            waiting = []
-            for row, error in zip(rows, errors, strict=True):
-                if isinstance(error, RowRefused):
-                    self._report_lost(row, error)
-                elif error is not None:
-                    waiting.append((row, error))
+            refused, waiting = _sort_out(rows, errors)
+            for row, error in refused:
+                self._report_lost(row, error)
             if not waiting:
                 return True
             log.warning(
@@ -247,7 +248,12 @@ class _Journal:
 def recover(store: PredictionStore, directory: Path) -> int:
     """Move the rows of the journals in `directory` whose workers are gone into `store`;
     how many. A journal the store cannot take now stays for the next try; one that cannot be
-    read at all is set aside as `<name>.bad`, for a person to look at."""
+    read at all is set aside as `<name>.bad`, for a person to look at; one that a worker died
+    before naming is removed."""
+    for path in directory.glob("*.journal.new"):
+        with contextlib.suppress(OSError):  # gone meanwhile: another recovery removed it
+            if time.time() - path.stat().st_mtime > UNNAMED_SECONDS:
+                path.unlink()
     recovered = 0
     for path in sorted(directory.glob("*.journal")):
         try:
@@ -275,16 +281,22 @@ def recover(store: PredictionStore, directory: Path) -> int:
 def _recover_one(store: PredictionStore, path: Path, fd: int) -> int:
     with os.fdopen(os.dup(fd), "rb") as f:
         rows = list(_decode(f.read(), path))
-    errors = store.insert_each(rows) if rows else []
-    waiting = [e for e in errors if e is not None and not isinstance(e, RowRefused)]
+    refused, waiting = _sort_out(rows, store.insert_each(rows) if rows else [])
     if waiting:
-        log.warning("journal %s waits for the store: %s", path, waiting[0])
+        log.warning("journal %s waits for the store: %s", path, waiting[0][1])
         return 0
-    for row, error in zip(rows, errors, strict=True):
-        if error is not None:
-            log.error("journaled prediction %s refused by the store: %s", row["id"], error)
+    for row, error in refused:
+        log.error("journaled prediction %s refused by the store: %s", row["id"], error)
     path.unlink(missing_ok=True)
-    return len(rows) - sum(e is not None for e in errors)
+    return len(rows) - len(refused)
+
+
+def _sort_out(rows: list[dict], errors: list[StoreError | None]) -> tuple[list, list]:
+    """The (row, error) pairs of `insert_each`'s outcome that the store refused for good, and
+    those that wait for it (it is down or full)."""
+    failed = [(row, error) for row, error in zip(rows, errors, strict=True) if error is not None]
+    refused = [(row, error) for row, error in failed if isinstance(error, RowRefused)]
+    return refused, [(row, error) for row, error in failed if not isinstance(error, RowRefused)]
 
 
 def _encode(row: dict) -> bytes:
