@@ -80,3 +80,35 @@ def test_a_full_buffer_is_written_by_the_line_that_fills_it(written):
         assert written.messages() == [f"line {i}" for i in range(4)]
     finally:
         access.close()
+
+
+def test_a_line_made_while_a_batch_is_written_does_not_wait_for_it(written, monkeypatch):
+    """The thread writes a batch outside the handler's lock: a request's line goes on."""
+    import threading
+
+    logger = logging.getLogger(ACCESS_LOGGER)
+    access = BufferedAccessLog(flush_seconds=60)
+    writing, release = threading.Event(), threading.Event()
+    emit = written.emit
+
+    def slow_emit(record):  # the log's own handler, stuck on a slow disk
+        writing.set()
+        release.wait(10)
+        emit(record)
+
+    monkeypatch.setattr(written, "emit", slow_emit)
+    try:
+        logger.info("in the batch")
+        flusher = threading.Thread(target=access.held.flush)
+        flusher.start()
+        assert writing.wait(10)
+        made = threading.Thread(target=logger.info, args=("meanwhile",))
+        made.start()
+        made.join(2)
+        assert not made.is_alive(), "a request's line waited for the batch being written"
+        release.set()
+        flusher.join(10)
+    finally:
+        release.set()
+        access.close()
+    assert written.messages() == ["in the batch", "meanwhile"]

@@ -17,7 +17,9 @@ import threading
 from logging.handlers import MemoryHandler
 
 ACCESS_LOGGER = "bentoml.access"
-# How long a line may wait before it is written.
+# How long a line may wait before it is written. Shorter batches are gentler on the tail and
+# dearer per request: at 0.05 s, /predict's p99/p50 at c=1 was 1.89 against 2.33, its p50
+# 0.03 ms and its CPU 0.08 ms per request higher (ten paired rounds; no line at all: 1.77).
 FLUSH_SECONDS = 0.5
 # Lines held at most: a burst past this is written at once, by the request that fills it.
 CAPACITY = 10_000
@@ -35,6 +37,22 @@ class _Propagate(logging.Handler):
             self.parent.handle(record)
 
 
+class _Held(MemoryHandler):
+    """A MemoryHandler whose flush takes the held lines and writes them outside its lock: the
+    stock one writes them under it, and a request making its line meanwhile would wait for the
+    whole batch (hundreds of lines, a few milliseconds). A batch written by a request (a
+    warning, a full buffer) while the thread writes its own may interleave with it; every line
+    carries its own time."""
+
+    def flush(self) -> None:
+        with self.lock:
+            records, self.buffer = self.buffer, []
+            target = self.target
+        if target is not None:
+            for record in records:
+                target.handle(record)
+
+
 class BufferedAccessLog:
     """Holds the access logger's lines and writes them every `flush_seconds`; `close` writes
     what is left and puts the logger back as it was."""
@@ -42,7 +60,7 @@ class BufferedAccessLog:
     def __init__(self, flush_seconds: float = FLUSH_SECONDS, capacity: int = CAPACITY):
         self.logger = logging.getLogger(ACCESS_LOGGER)
         # A warning or worse is written at once, with everything held before it.
-        self.held = MemoryHandler(capacity, logging.WARNING, _Propagate(self.logger))
+        self.held = _Held(capacity, logging.WARNING, _Propagate(self.logger))
         self.logger.addHandler(self.held)
         self.logger.propagate = False
         self._closed = threading.Event()
