@@ -4,9 +4,9 @@ A request crosses threads once each way: its job is queued here, and its reply i
 back to the event loop; a lone drawing, which finds the thread idle, is done on the loop and
 crosses no thread. Everything that queued while the thread was busy is done in one round,
 step by step: every job's images prepared, one forward pass per model for all of them, every
-job's replies, their rows of the prediction log in one append to its journal (which a thread of its
-own commits to the store in groups: journal.py), and the replies back to the loop in one
-wake-up. A lone request waits for nothing but its own work and its row's append.
+job's replies, their rows of the prediction log in one append to its journal (which a thread
+of its own commits to the store in groups: journal.py), and the replies back to the loop in
+one wake-up. A lone request waits for nothing but its own work and its row's append.
 
 Why steps, not jobs one after the other: a step repeated for several images runs with its code
 and data still in the CPU's caches, and one forward pass serves them all. A request's work done
@@ -127,7 +127,7 @@ class PredictionThread:
         """Journal the rows of `replies` in one write; if that fails, mark every reply that had
         a row."""
         logged = [(payload, row) for payload, row in replies if row is not None]
-        if not logged or self.log is None:  # without a store there are no rows
+        if not logged or self.log is None:  # without a log (no store) there are no rows
             return
         try:
             error = self.log.append([row for _, row in logged])
