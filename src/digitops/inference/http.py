@@ -14,10 +14,10 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from digitops.inference.errors import ImageError, RequestError
+from digitops.inference.forms import read_form
 from digitops.inference.preprocess import parse_invert
 from digitops.inference.served import ServedModel
 from digitops.model import DigitCNN
@@ -134,35 +134,28 @@ async def read_images(request: Request, limit: int, field: str) -> tuple[list[by
         # The form parser would spool a huge upload to disk before we could refuse it.
         files_allowed = MAX_BATCH_IMAGES if field == BATCH_FIELD else 1
         _refuse_declared_size(request, limit * files_allowed + MULTIPART_OVERHEAD)
-        try:
-            form = await request.form(max_files=MAX_BATCH_IMAGES, max_fields=64)
-        except Exception as err:
-            raise RequestError(f"malformed multipart body: {err}") from None
-        files = [
-            v
-            for k, v in form.multi_items()
-            if k in (field, IMAGE_FIELD) and isinstance(v, UploadFile)
-        ]
-        for key, value in form.multi_items():
-            if not isinstance(value, str):
-                continue
+        form = await read_form(
+            request.headers["content-type"],
+            request.stream(),
+            max_files=MAX_BATCH_IMAGES,
+            max_fields=64,
+            max_file_bytes=limit,
+        )
+        files = [f.data for f in form.files if f.name in (field, IMAGE_FIELD)]
+        for key, value in form.fields:
             if options.get(key, value) != value:  # which one did the client mean?
                 raise RequestError(f"option '{key}' sent twice with different values")
             options[key] = value
         if not files:
-            got = sorted({k for k, _ in form.multi_items()}) or "no fields"
-            raise RequestError(f"no file in form field '{field}' (got {got}); {SEND_INSTEAD}")
+            got = sorted({name for name, _ in form.fields} | {f.name for f in form.files})
+            raise RequestError(
+                f"no file in form field '{field}' (got {got or 'no fields'}); {SEND_INSTEAD}"
+            )
         if field == IMAGE_FIELD and len(files) > 1:
             raise RequestError(
                 f"{len(files)} files sent; send one image here, or many to /predict_batch"
             )
-        blobs = []
-        for upload in files:
-            data = await upload.read(limit + 1)
-            if len(data) > limit:
-                raise ImageError(f"upload '{upload.filename}' is over the {limit}-byte limit", 413)
-            blobs.append(data)
-        return blobs, options
+        return files, options
     if content_type.startswith("image/") or content_type == "application/octet-stream":
         return [await read_body(request, limit)], options
     if not content_type and not request.headers.get("content-length", "").strip("0"):
@@ -327,11 +320,12 @@ def prediction_payload(
     prediction_id: str | None,
 ) -> dict:
     """The JSON of a prediction; without `prediction_id` when it is not logged for feedback."""
-    digit = int(np.argmax(probabilities))
+    p = probabilities.tolist()  # Python floats: faster than numpy scalars here
+    digit = max(range(len(p)), key=p.__getitem__)
     payload = {
         "digit": digit,
-        "confidence": round(float(probabilities[digit]), 6),
-        "probabilities": [round(float(p), 6) for p in probabilities],
+        "confidence": round(p[digit], 6),
+        "probabilities": [round(x, 6) for x in p],
         "inverted": bool(inverted),
         "input_png": b64(input_png),
         "prediction_id": prediction_id,
