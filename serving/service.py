@@ -19,6 +19,7 @@ import anyio
 import bentoml
 import numpy as np
 import torch
+from bentoml import get_current_service  # looked up once: `bentoml.` is a lazy module
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -185,13 +186,14 @@ class DigitService:
     def close_log(self) -> None:
         """Commit the journaled predictions before the worker goes (what cannot be committed
         stays journaled, for the next worker to start), close the store, and write the held
-        access lines."""
+        access lines and metrics."""
         if self.log is not None:
             self.log.close()
         if self.store is not None:
             self.store.close()
         if self.access_log is not None:
             self.access_log.close()
+        self.metrics.close()
 
     @bentoml.on_deployment
     def check_model() -> None:
@@ -591,7 +593,7 @@ class Images:
 
 
 async def _this_service() -> DigitService:
-    return bentoml.get_current_service()
+    return get_current_service()
 
 
 def _self_from_the_loop(service_class: type) -> None:
@@ -608,7 +610,7 @@ def _self_from_the_loop(service_class: type) -> None:
         if signature is None:
             continue
         first, *rest = signature.parameters.values()
-        if getattr(first.default, "dependency", None) is bentoml.get_current_service:
+        if getattr(first.default, "dependency", None) is get_current_service:
             loop_self = first.replace(default=Depends(_this_service))
             method.__signature__ = signature.replace(parameters=[loop_self, *rest])
 

@@ -13,8 +13,9 @@ FLUSH_SECONDS late. A worker killed outright (SIGKILL) loses at most that much o
 from __future__ import annotations
 
 import logging
-import threading
 from logging.handlers import MemoryHandler
+
+from digitops.inference.periodic import Periodic
 
 ACCESS_LOGGER = "bentoml.access"
 # How long a line may wait before it is written. Shorter batches are gentler on the tail and
@@ -63,19 +64,10 @@ class BufferedAccessLog:
         self.held = _Held(capacity, logging.WARNING, _Propagate(self.logger))
         self.logger.addHandler(self.held)
         self.logger.propagate = False
-        self._closed = threading.Event()
-        self._flusher = threading.Thread(
-            target=self._flush_every, args=(flush_seconds,), name="access-log", daemon=True
-        )
-        self._flusher.start()
-
-    def _flush_every(self, seconds: float) -> None:
-        while not self._closed.wait(seconds):
-            self.held.flush()
+        self._flusher = Periodic(self.held.flush, flush_seconds, name="access-log")
 
     def close(self) -> None:
-        self._closed.set()
-        self._flusher.join()
+        self._flusher.stop()  # writes what is held
         self.logger.removeHandler(self.held)
         self.logger.propagate = True
-        self.held.close()  # writes what is still held
+        self.held.close()

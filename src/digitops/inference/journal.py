@@ -31,6 +31,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import orjson
+
 from digitops.inference.store import PredictionStore, RowRefused, StoreError
 
 log = logging.getLogger("bentoml.digitops")
@@ -303,9 +305,9 @@ def _encode(row: dict) -> bytes:
     """A row as one journal record; its bytes fields (images) go raw, after a JSON header."""
     blobs = {k: v for k, v in row.items() if isinstance(v, bytes)}
     fields = {k: v for k, v in row.items() if not isinstance(v, bytes)}
-    header = json.dumps({"fields": fields, "blobs": [[k, len(v)] for k, v in blobs.items()]})
+    header = orjson.dumps({"fields": fields, "blobs": [[k, len(v)] for k, v in blobs.items()]})
     body = b"".join(blobs.values())
-    return FRAME.pack(len(header), len(body)) + header.encode() + body
+    return FRAME.pack(len(header), len(body)) + header + body
 
 
 def _decode(data: bytes, path: Path) -> Iterator[dict]:
