@@ -3,10 +3,10 @@
 Built on python-multipart, the parser under Starlette's own `request.form()`, with Starlette's
 rules (a part with a filename is a file; a name is required; at most so many files and fields)
 and its messages. Why not `request.form()` itself: it spools every file into a temporary file
-behind an `UploadFile`, which the route then reads back. On a canvas drawing that took 41 µs
-against 17 µs here in a loop, and about 0.1 ms of /predict's p50 at concurrency 1 in paired
-rounds (README.md, "Benchmarks"). Here a file over its limit is also refused as it streams in,
-before it is held whole.
+behind an `UploadFile`, which the route then reads back: 42 us against 28 us here for a canvas
+drawing's form in a loop, and more on the request path, where the caches are cold (README.md,
+"Benchmarks"). Here a file over its limit is also refused as it streams in, before it is held
+whole.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ async def read_images(request: Request, limit: int, field: str) -> tuple[list[by
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options = dict(request.query_params)
     if content_type == "multipart/form-data":
-        # The form parser would spool a huge upload to disk before we could refuse it.
+        # A body declared too big for its files is refused before a byte of it is read.
         files_allowed = MAX_BATCH_IMAGES if field == BATCH_FIELD else 1
         _refuse_declared_size(request, limit * files_allowed + MULTIPART_OVERHEAD)
         form = await read_form(
