@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,18 +17,13 @@ from pathlib import Path
 import httpx
 import psutil
 
+from digitops.deploy.ports import free_port
 from digitops.deploy.postgres import LocalPostgres
 from digitops.inference.http import KEEP_ALIVE_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The process group behind each running server's base URL, for tests that kill it.
 PROCESSES: dict[str, subprocess.Popen] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

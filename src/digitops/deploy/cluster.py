@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from digitops.deploy.postgres import LocalPostgres, PostgresUnavailable, free_port
+from digitops.deploy.ports import free_port
+from digitops.deploy.postgres import LocalPostgres, PostgresUnavailable
 
 SERVICE = "serving.service:DigitService"
 NGINX_TEMPLATE = Path("deploy/nginx.conf")

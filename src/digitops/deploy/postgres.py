@@ -12,9 +12,10 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 from pathlib import Path
+
+from digitops.deploy.ports import free_port
 
 SUPERUSER = "digitops"
 
@@ -38,12 +39,6 @@ def bin_dir() -> Path:
 
 def _version(path: str) -> float:
     return float(Path(path).parent.parent.name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalPostgres:
