@@ -179,7 +179,9 @@ class DigitService:
         data, options = png(stroke, scale=10), http.Options(log=False)
         prepared, input_png = self._prepare(data, options)
         probabilities = self.served.probabilities(prepared.pixels[None])[0]
-        http.prediction_payload(probabilities, input_png, prepared.inverted, self.served, None)
+        http.prediction_payload(
+            probabilities.tolist(), input_png, prepared.inverted, self.served, None
+        )
         self._explain(data, options, self.served)
 
     @bentoml.on_shutdown
@@ -286,10 +288,12 @@ class DigitService:
     ) -> Reply:
         """The prediction's JSON, and its row for the prediction log (for feedback and review)
         unless the caller opted out."""
-        self.metrics.prediction(probabilities, prepared.inverted)
+        p = probabilities.tolist()  # once, for the reply, the metrics and the log's row
         payload = http.prediction_payload(
-            probabilities, input_png, prepared.inverted, served, http.new_prediction_id()
+            p, input_png, prepared.inverted, served, http.new_prediction_id()
         )
+        digit = payload["digit"]
+        self.metrics.prediction(digit, p[digit], prepared.inverted)
         if not options.log:
             payload["logged"] = False
             return payload, None
@@ -300,7 +304,7 @@ class DigitService:
         row = self.store.record(
             payload["prediction_id"],
             input_png,
-            probabilities,
+            p,
             prepared.inverted,
             payload["model"]["version"],
             original,
@@ -376,7 +380,7 @@ class DigitService:
             lambda: self._explain(data, options, served)
         )
         payload = http.prediction_payload(
-            probabilities,
+            probabilities.tolist(),
             input_png,
             prepared.inverted,
             served,

@@ -2,16 +2,9 @@
 
 import time
 
-import numpy as np
 from prometheus_client import CollectorRegistry
 
 from digitops.inference.metrics import ServiceMetrics
-
-
-def probabilities(digit: int, confidence: float) -> np.ndarray:
-    p = np.full(10, (1 - confidence) / 9, dtype=np.float32)
-    p[digit] = confidence
-    return p
 
 
 def value(registry: CollectorRegistry, name: str, **labels) -> float:
@@ -22,7 +15,7 @@ def test_predictions_are_counted_by_the_thread_within_its_interval():
     registry = CollectorRegistry()
     metrics = ServiceMetrics(update_seconds=0.05, registry=registry)
     try:
-        metrics.prediction(probabilities(7, 0.93), inverted=True)
+        metrics.prediction(7, 0.93, inverted=True)
         deadline = time.monotonic() + 5
         while value(registry, "digitops_predictions_total", digit="7") == 0:
             assert time.monotonic() < deadline, "never counted"
@@ -38,7 +31,7 @@ def test_close_counts_what_is_held():
     registry = CollectorRegistry()
     metrics = ServiceMetrics(update_seconds=3600, registry=registry)
     for digit in (1, 1, 4):
-        metrics.prediction(probabilities(digit, 0.5), inverted=False)
+        metrics.prediction(digit, 0.5, inverted=False)
     assert value(registry, "digitops_predictions_total", digit="1") == 0  # held, not yet counted
     metrics.close()
     assert value(registry, "digitops_predictions_total", digit="1") == 2

@@ -7,6 +7,7 @@ import base64
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -313,14 +314,15 @@ def prediction_age(prediction_id: str) -> float:
 
 
 def prediction_payload(
-    probabilities: np.ndarray,
+    probabilities: Sequence[float],
     input_png: bytes,
     inverted: bool,
     served: ServedModel,
     prediction_id: str | None,
 ) -> dict:
-    """The JSON of a prediction; without `prediction_id` when it is not logged for feedback."""
-    p = probabilities.tolist()  # Python floats: faster than numpy scalars here
+    """The JSON of a prediction; without `prediction_id` when it is not logged for feedback.
+    `probabilities` are Python floats (`ndarray.tolist()`), as `PredictionStore.record` takes."""
+    p = probabilities
     digit = max(range(len(p)), key=p.__getitem__)
     payload = {
         "digit": digit,

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from digitops.inference.periodic import Periodic
 
 if TYPE_CHECKING:
@@ -84,19 +82,18 @@ class ServiceMetrics:
         self._model_labels: tuple[str, str, str] | None = None
         self._by_digit = [self.predictions.labels(digit=str(d)) for d in range(10)]
         # Appended to by the request path, drained by the thread: deque's ends are thread-safe.
-        self._held: deque[tuple[np.ndarray, bool]] = deque()
+        self._held: deque[tuple[int, float, bool]] = deque()
         self._updater = Periodic(self._count_held, update_seconds, name="metrics")
 
-    def prediction(self, probabilities: np.ndarray, inverted: bool) -> None:
+    def prediction(self, digit: int, confidence: float, inverted: bool) -> None:
         """Count a prediction (within `update_seconds`)."""
-        self._held.append((probabilities, inverted))
+        self._held.append((digit, confidence, inverted))
 
     def _count_held(self) -> None:
         while self._held:
-            probabilities, inverted = self._held.popleft()
-            digit = int(np.argmax(probabilities))
+            digit, confidence, inverted = self._held.popleft()
             self._by_digit[digit].inc()
-            self.confidence.observe(float(probabilities[digit]))
+            self.confidence.observe(confidence)
             if inverted:
                 self.inverted.inc()
 

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -267,14 +266,15 @@ class PredictionStore:
         self,
         prediction_id: str,
         input_png: bytes,
-        probabilities: np.ndarray,
+        probabilities: Sequence[float],
         inverted: bool,
         model_version: str | None,
         original: bytes | None = None,
         noise: float = 0.0,
     ) -> dict:
-        """A prediction as a row of the log (see `insert`)."""
-        p = np.asarray(probabilities).tolist()  # Python floats: faster than numpy scalars here
+        """A prediction as a row of the log (see `insert`). `probabilities` are Python floats
+        (`ndarray.tolist()`): on ten numbers, numpy scalars cost more than they save."""
+        p = probabilities
         entropy, margin = uncertainty(p)
         digit = max(range(len(p)), key=p.__getitem__)
         if original is not None and len(original) > self.max_original_bytes:
