@@ -22,14 +22,23 @@ class Lines(logging.Handler):
 
 @pytest.fixture
 def written():
-    """What reaches the handlers above the access logger (BentoML puts its own there)."""
-    parent, lines = logging.getLogger(ACCESS_LOGGER).parent, Lines()
-    level = parent.level
+    """What reaches the handlers above the access logger (BentoML puts its own there), from an
+    access logger as BentoML leaves it: no handlers, propagating. (The session's in-process
+    service holds its own lines there until the session ends: set aside meanwhile.)"""
+    logger, lines = logging.getLogger(ACCESS_LOGGER), Lines()
+    parent, level = logger.parent, logger.parent.level
+    handlers, propagate = logger.handlers[:], logger.propagate
+    for handler in handlers:
+        logger.removeHandler(handler)
+    logger.propagate = True
     parent.addHandler(lines)
     parent.setLevel(logging.INFO)
     yield lines
     parent.removeHandler(lines)
     parent.setLevel(level)
+    for handler in handlers:
+        logger.addHandler(handler)
+    logger.propagate = propagate
 
 
 def test_a_line_is_held_then_written_with_the_time_it_was_made(written):
@@ -112,3 +121,10 @@ def test_a_line_made_while_a_batch_is_written_does_not_wait_for_it(written, monk
         release.set()
         access.close()
     assert written.messages() == ["in the batch", "meanwhile"]
+
+
+def test_close_leaves_a_logger_that_did_not_propagate_as_it_was(written):
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.propagate = False  # as a service's own held log leaves it
+    BufferedAccessLog(flush_seconds=60).close()
+    assert not logger.propagate and not logger.handlers

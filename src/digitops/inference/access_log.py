@@ -63,11 +63,11 @@ class BufferedAccessLog:
         # A warning or worse is written at once, with everything held before it.
         self.held = _Held(capacity, logging.WARNING, _Propagate(self.logger))
         self.logger.addHandler(self.held)
-        self.logger.propagate = False
+        self._propagate, self.logger.propagate = self.logger.propagate, False
         self._flusher = Periodic(self.held.flush, flush_seconds, name="access-log")
 
     def close(self) -> None:
         self._flusher.stop()  # writes what is held
         self.logger.removeHandler(self.held)
-        self.logger.propagate = True
+        self.logger.propagate = self._propagate
         self.held.close()
