@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
@@ -74,6 +75,21 @@ def test_a_store_from_an_earlier_release_is_migrated(tmp_path):
     store.log_prediction("new", b"png", PROBS, False, "2", noise=0.5)
     assert [i["prediction_id"] for i in store.review_queue(10, "entropy")] == ["old"]
     assert store.stats()["predictions"] == 2
+
+
+def test_a_row_is_the_same_from_floats_or_from_an_array(tmp_path):
+    store = PredictionStore(tmp_path / "p.db")
+    try:
+        floats = [0.02] * 9 + [0.82]
+        rows = [
+            store.record("p", b"png", probabilities, False, "1")
+            for probabilities in (floats, np.asarray(floats))
+        ]
+    finally:
+        store.close()
+    keys = ("probabilities", "digit", "confidence", "entropy", "margin")
+    assert [rows[0][k] for k in keys] == [rows[1][k] for k in keys]
+    assert rows[0]["digit"] == 9 and json.loads(rows[0]["probabilities"])[9] == 0.82
 
 
 def test_many_threads_share_one_store(store_location):

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -266,15 +267,16 @@ class PredictionStore:
         self,
         prediction_id: str,
         input_png: bytes,
-        probabilities: Sequence[float],
+        probabilities: Sequence[float] | np.ndarray,
         inverted: bool,
         model_version: str | None,
         original: bytes | None = None,
         noise: float = 0.0,
     ) -> dict:
-        """A prediction as a row of the log (see `insert`). `probabilities` are Python floats
-        (`ndarray.tolist()`): on ten numbers, numpy scalars cost more than they save."""
-        p = probabilities
+        """A prediction as a row of the log (see `insert`). The service passes `probabilities`
+        as the Python floats its reply was made from: on ten numbers, numpy's scalars cost
+        more than they save, and an array is converted here."""
+        p = probabilities.tolist() if isinstance(probabilities, np.ndarray) else probabilities
         entropy, margin = uncertainty(p)
         digit = max(range(len(p)), key=p.__getitem__)
         if original is not None and len(original) > self.max_original_bytes:
