@@ -51,42 +51,12 @@ def test_predict_multipart_returns_full_breakdown(client, digits):
     assert len(body["prediction_id"]) == 32
 
 
-@pytest.mark.parametrize("path", ["/predict", "/explain"])
-def test_a_route_gets_its_service_without_fastapis_thread_pool(client, digits, monkeypatch, path):
-    """BentoML resolves a route's `self` through a plain-function dependency, which FastAPI
-    runs in its thread pool (a hop each way per request); the service resolves it on the
-    event loop instead, and not through a dependency override, with which FastAPI rebuilds
-    the route's dependencies on every request."""
-    import fastapi.dependencies.utils as dependencies
-
-    pooled, rebuilt = [], []
-    run_in_threadpool, get_dependant = dependencies.run_in_threadpool, dependencies.get_dependant
-
-    async def counted(call, *args, **kwargs):
-        pooled.append(call)
-        return await run_in_threadpool(call, *args, **kwargs)
-
-    def built(**kwargs):
-        rebuilt.append(kwargs.get("call"))
-        return get_dependant(**kwargs)
-
-    image = png_bytes(digits[0][0])
-    client.post(path, files={"image": ("d.png", image, "image/png")})  # FastAPI builds its routes
-    monkeypatch.setattr(dependencies, "run_in_threadpool", counted)
-    monkeypatch.setattr(dependencies, "get_dependant", built)
-    r = client.post(path, files={"image": ("d.png", image, "image/png")})
-    assert r.status_code == 200, r.text
-    assert pooled == [] and rebuilt == []
-
-
-def test_predict_raw_body_and_forced_inversion(client, digits):
+def test_dark_ink_on_light_is_inverted_unless_the_form_says_not_to(client, digits):
     images, _ = digits
-    dark_on_light = png_bytes(255 - images[1])
-    r = client.post("/predict", content=dark_on_light, headers={"content-type": "image/png"})
+    files = {"image": ("d.png", png_bytes(255 - images[1]), "image/png")}
+    r = client.post("/predict", files=files)
     assert r.status_code == 200 and r.json()["inverted"] is True
-    r = client.post(
-        "/predict?invert=false", content=dark_on_light, headers={"content-type": "image/png"}
-    )
+    r = client.post("/predict", files=files, data={"invert": "false"})
     assert r.status_code == 200 and r.json()["inverted"] is False
 
 
@@ -157,6 +127,27 @@ def test_predict_batch_keeps_order_and_isolates_bad_items(client, digits):
         ("wrong field", {"files": {"file": ("x.png", b"x", "image/png")}}, 400),
         ("no body", {}, 400),
         ("json body", {"json": {"image": "abc"}}, 415),
+        ("raw image body", {"content": b"x", "headers": {"content-type": "image/png"}}, 415),
+        (
+            "option in the URL",
+            {"files": {"image": ("x.png", b"x", "image/png")}, "params": {"noise": "0.1"}},
+            400,
+        ),
+        (
+            "misspelt option",
+            {"files": {"image": ("x.png", b"x", "image/png")}, "data": {"nosie": "0.1"}},
+            400,
+        ),
+        (
+            "two images",
+            {
+                "files": [
+                    ("image", ("a.png", b"x", "image/png")),
+                    ("image", ("b.png", b"x", "image/png")),
+                ]
+            },
+            400,
+        ),
         (
             "bad invert",
             {"files": {"image": ("x.png", b"x", "image/png")}, "data": {"invert": "sideways"}},

@@ -1,32 +1,33 @@
-"""The service's published contract: the shape of every reply, every request body and option,
-and every error, as the OpenAPI document at /docs.json that clients generate code from and
-tests fuzz.
-
-The routes read their bodies themselves (multipart or a raw image, streamed with a size cap),
-so FastAPI cannot infer them; each route's `openapi_extra` here says what it really takes.
+"""The service's published contract: what every route takes and answers, and the limits a
+client must keep. FastAPI derives the OpenAPI document (/docs.json) from these models, which
+clients generate code from and the tests fuzz.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import hmac
+import time
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI
-from pydantic import BaseModel, Field
+import numpy as np
+from fastapi import Depends, FastAPI, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from digitops import __version__
-from digitops.inference.http import (
-    BATCH_FIELD,
-    EXPLAIN_OPTIONS,
-    FEATURE_MAP_OPTIONS,
-    FEEDBACK_IMAGE_FIELDS,
-    IMAGE_FIELD,
-    MAX_BATCH_IMAGES,
-    MAX_CLASSIFY_IMAGES,
-    PREDICT_OPTIONS,
-)
-from digitops.inference.preprocess import INVERT_WORDS
+from digitops.inference.errors import RequestError, error_reply
+from digitops.inference.preprocess import INVERT_WORDS, Options, parse_invert
 from digitops.inference.store import STRATEGIES
 from digitops.model import DigitCNN
+
+MAX_BATCH_IMAGES = 256  # per /predict_batch call
+MAX_CLASSIFY_IMAGES = 64  # per `classify` call: one batch of the model
+MAX_FIELD_BYTES = 64 * 1024  # a text field holds an option or a comment: far below this
+# Room for multipart boundaries and text fields on top of the files themselves.
+MULTIPART_OVERHEAD = 65536
+# Where the service's own OpenAPI document is served; /docs.json is routed there.
+OPENAPI_PATH = "/openapi.json"
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 DESCRIPTION = """\
@@ -35,10 +36,72 @@ Reads a handwritten digit from a drawing or a photo and says which digit it is, 
 Corrections sent to `/feedback` become training data; `/review_queue` lists the predictions the
 model is least sure of.
 
-Images go in as multipart form field `image` (PNG, JPEG, WebP, BMP, GIF or TIFF) or as the raw
-request body with an `image/*` Content-Type. Every error is JSON `{"error": ..., "status": ...}`
-that says what was wrong and what to send instead.
+Images go in as multipart form field `image` (PNG, JPEG, WebP, BMP, GIF or TIFF), and options
+as form fields beside it. Every error is JSON `{"error": ..., "status": ...}` that says what was
+wrong and what to send instead.
 """
+
+
+def _not_a_bool(value: object) -> object:
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ValueError("must be a digit 0-9, not a boolean")
+    return value
+
+
+Label = Annotated[
+    int, BeforeValidator(_not_a_bool), Field(ge=0, le=9, description="the digit it really is")
+]
+
+
+# Requests: one form per kind of route. An unknown field is refused: a misspelt option,
+# silently ignored, would be a wrong answer the client cannot see.
+class ImageForm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    invert: Literal[tuple(INVERT_WORDS)] = Field(  # type: ignore[valid-type]
+        "auto", description="auto: decide from the image; true/false: force"
+    )
+    noise: float = Field(0.0, ge=0, le=1, description="stress test: Gaussian noise")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="noise seed")
+
+    def options(self) -> Options:
+        return Options(parse_invert(self.invert), self.noise, self.seed)
+
+
+class PredictForm(ImageForm):
+    image: UploadFile = Field(description="PNG, JPEG, WebP, BMP, GIF or TIFF")
+    log: bool = Field(True, description="false: do not store for feedback (previews)")
+
+
+class BatchForm(ImageForm):
+    images: list[UploadFile] = Field(min_length=1, max_length=MAX_BATCH_IMAGES)
+    log: bool = Field(True, description="false: do not store for feedback")
+
+
+class ExplainForm(ImageForm):
+    image: UploadFile
+    target: int | None = Field(None, ge=0, le=9, description="class to explain")
+
+
+class FeatureMapsForm(ImageForm):
+    image: UploadFile
+    layer: Literal[DigitCNN.conv_layers] = Field("conv1", description="conv block")  # type: ignore[valid-type]
+    arrays: bool = Field(False, description="also return the raw activations")
+
+
+class FeedbackRequest(BaseModel):
+    prediction_id: str = Field(min_length=1, description="from a /predict reply")
+    label: Label
+    comment: str | None = Field(None, max_length=1000)
+
+
+class LabelledImage(ImageForm):
+    """Feedback on an image that never went through /predict: it is predicted and logged
+    first, so it is stored and validated like every other correction."""
+
+    image: UploadFile
+    label: Label
+    comment: str | None = Field(None, max_length=1000)
 
 
 # Replies.
@@ -66,26 +129,23 @@ class ModelIdentity(BaseModel):
 Probabilities = list[float]
 
 
-class Prediction(BaseModel):
+class Answer(BaseModel):
     digit: int = Field(ge=0, le=9)
     confidence: float = Field(ge=0, le=1)
     probabilities: Probabilities = Field(min_length=10, max_length=10)
     inverted: bool = Field(description="whether dark ink on a light background was inverted")
     input_png: str = Field(description="base64 PNG of the 28x28 input the model saw")
-    prediction_id: str = Field(description="send it back to /feedback to correct the answer")
     model: ModelIdentity
+
+
+class Prediction(Answer):
+    prediction_id: str = Field(description="send it back to /feedback to correct the answer")
     logged: Literal[False] | None = Field(
         None, description="present (false) when the prediction was not stored for feedback"
     )
 
 
-class Explanation(BaseModel):
-    digit: int = Field(ge=0, le=9)
-    confidence: float = Field(ge=0, le=1)
-    probabilities: Probabilities = Field(min_length=10, max_length=10)
-    inverted: bool
-    input_png: str
-    model: ModelIdentity
+class Explanation(Answer):
     target: int = Field(ge=0, le=9, description="the class the heatmap explains")
     layer: Literal["conv3"]
     cam: list[list[float]] = Field(description="28x28 Grad-CAM heatmap in [0, 1]")
@@ -107,12 +167,6 @@ class FeatureMaps(BaseModel):
 class BatchPredictions(BaseModel):
     results: list[Prediction | Error] = Field(description="one per image, in order")
     count: int
-
-
-class FeedbackRequest(BaseModel):
-    prediction_id: str = Field(min_length=1, description="from a /predict reply")
-    label: int = Field(ge=0, le=9, description="the digit it really is")
-    comment: str | None = Field(None, max_length=1000)
 
 
 class FeedbackAccepted(BaseModel):
@@ -193,46 +247,6 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": Error, "description": ERROR_MEANINGS[s]} for s in (*statuses, 503)}
 
 
-def _option(name: str, schema: dict, description: str) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}  # fmt: skip
-
-
-INVERT = {"type": "string", "enum": list(INVERT_WORDS)}
-OPTIONS = {
-    "invert": (INVERT, "auto: decide from the image; true/false: force"),
-    "noise": ({"type": "number", "minimum": 0, "maximum": 1}, "stress test: Gaussian noise"),
-    "seed": ({"type": "integer", "minimum": 0, "maximum": 2**32 - 1}, "noise seed"),
-    "log": ({"type": "boolean"}, "false: do not store for feedback (previews)"),
-    "target": ({"type": "integer", "minimum": 0, "maximum": 9}, "class to explain"),
-    "layer": ({"type": "string", "enum": list(DigitCNN.conv_layers)}, "conv block"),
-    "arrays": ({"type": "boolean"}, "also return the raw activations"),
-    "label": ({"type": "integer", "minimum": 0, "maximum": 9}, "the digit it really is"),
-    "comment": ({"type": "string", "maxLength": 1000}, "anything else to say"),
-}
-RAW_IMAGE = {"schema": {"type": "string", "format": "binary"}}
-
-
-def image_body(names: tuple[str, ...], field: str = IMAGE_FIELD, many: bool = False) -> dict:
-    """OpenAPI for a route that takes an upload (multipart or raw) and options `names`, which
-    may come as query parameters or as form fields."""
-    upload = {"type": "string", "format": "binary"}
-    if many:
-        upload = {"type": "array", "items": upload, "minItems": 1, "maxItems": MAX_BATCH_IMAGES}
-    form = {
-        "type": "object",
-        "required": [field],
-        "properties": {field: upload, **{n: OPTIONS[n][0] for n in names}},
-    }
-    content = {"multipart/form-data": {"schema": form}}
-    if not many:
-        content |= {"image/*": RAW_IMAGE}  # any image type, as the raw body
-    return {
-        "parameters": [_option(n, *OPTIONS[n]) for n in names],
-        "requestBody": {"required": True, "content": content},
-    }
-
-
 # A prediction's id is what /feedback needs: the link lets clients (and the fuzzer) follow it.
 CORRECT_IT = {
     "operationId": "feedback",
@@ -245,26 +259,20 @@ PREDICT = {
         200: {"model": Prediction, "links": {"CorrectIt": CORRECT_IT}},
         **errors(400, 413, 415, 422),
     },
-    "openapi_extra": image_body(PREDICT_OPTIONS),
 }
 PREDICT_BATCH = {
     "operation_id": "predict_batch",
     "responses": {200: {"model": BatchPredictions}, **errors(400, 413, 415)},
-    "openapi_extra": image_body(PREDICT_OPTIONS, field=BATCH_FIELD, many=True),
 }
 EXPLAIN = {
     "operation_id": "explain",
     "responses": {200: {"model": Explanation}, **errors(400, 413, 415, 422)},
-    "openapi_extra": image_body(EXPLAIN_OPTIONS),
 }
 FEATURE_MAPS = {
     "operation_id": "feature_maps",
     "responses": {200: {"model": FeatureMaps}, **errors(400, 413, 415, 422)},
-    "openapi_extra": image_body(FEATURE_MAP_OPTIONS),
 }
-# A labelled image needs its label; its options go in the form (a JSON body has no query).
-_labelled_image = image_body(FEEDBACK_IMAGE_FIELDS)["requestBody"]["content"]["multipart/form-data"]
-_labelled_image["schema"]["required"].append("label")
+# /feedback takes JSON or a labelled image, so its route reads the body itself, and says so here.
 FEEDBACK = {
     "operation_id": "feedback",
     "responses": {200: {"model": FeedbackAccepted}, **errors(400, 404, 413, 415, 422, 429)},
@@ -273,7 +281,7 @@ FEEDBACK = {
             "required": True,
             "content": {
                 **json_content(ref("FeedbackRequest")),
-                "multipart/form-data": _labelled_image,
+                "multipart/form-data": {"schema": ref("LabelledImage")},
             },
         }
     },
@@ -356,8 +364,9 @@ def document(app: FastAPI, model: dict[str, Any]) -> dict[str, Any]:
         spec = app.openapi()
         spec["paths"] = {**BENTOML_PATHS, **spec["paths"]}
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-        for extra in (FeedbackRequest, ClassifyError, Error):
-            schemas[extra.__name__] = extra.model_json_schema(ref_template=REF_TEMPLATE)
+        for extra in (FeedbackRequest, LabelledImage, ClassifyError, Error):
+            schema = extra.model_json_schema(ref_template=REF_TEMPLATE, mode="validation")
+            schemas[extra.__name__] = schema
         spec["components"]["securitySchemes"] = {
             "adminToken": {
                 "type": "http",
@@ -375,3 +384,160 @@ def document(app: FastAPI, model: dict[str, Any]) -> dict[str, Any]:
         "x-model": model,
     }
     return spec
+
+
+# Limits.
+SEND_AN_IMAGE = "send the image as multipart form field 'image' (curl -F image=@digit.png)"
+
+
+async def multipart_only(request: Request) -> None:
+    """A dependency of the upload routes: the body is a multipart form and the options are in
+    it. (FastAPI reads any other body as an empty form, and would only say the image is
+    missing; it ignores a query string, and an option sent there would be silently lost.)"""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type and request.headers.get("content-length", "0").strip("0") == "":
+        raise RequestError(f"empty request; {SEND_AN_IMAGE}")
+    if content_type != "multipart/form-data":
+        raise RequestError(
+            f"unsupported Content-Type {content_type or '(none)'!r}; {SEND_AN_IMAGE}", 415
+        )
+    if request.url.query:
+        raise RequestError("options go in the form, beside the image, not in the URL")
+
+
+def upload_route(operation: dict, files: int = 1) -> dict:
+    """The route arguments of an upload route taking up to `files` images."""
+    return {
+        **operation,
+        "dependencies": [Depends(multipart_only)],
+        "form_limits": {"max_files": files, "max_fields": 16, "max_part_size": MAX_FIELD_BYTES},
+    }
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over its path's limit (`limits`) is refused with 413 as
+    it streams in, before it is parsed or spooled to disk. (Starlette's own body limit answers a
+    declared oversize body in plain text, and every error here is JSON.)"""
+
+    def __init__(self, app, limits: dict[str, int]):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        limit = self.limits.get(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            message = f"upload of {int(declared)} bytes is over the {limit}-byte limit"
+            return await error_reply(413, message)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:  # FastAPI passes an HTTPException on to the error handlers
+                raise HTTPException(413, f"upload is over the {limit}-byte limit")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def feedback_body(request: Request) -> FeedbackRequest | LabelledImage:
+    """/feedback's body: a JSON label for a prediction, or a labelled image (a form)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if content_type == "multipart/form-data":
+            limits = {"max_files": 1, "max_fields": 16, "max_part_size": MAX_FIELD_BYTES}
+            return LabelledImage.model_validate(dict(await request.form(**limits)))
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RequestError(
+                'malformed JSON; send {"prediction_id": "...", "label": 0-9}'
+            ) from None
+        return FeedbackRequest.model_validate(body)
+    except ValidationError as err:
+        raise RequestValidationError(err.errors()) from None
+
+
+def check_admin_token(authorization: str, token: str | None) -> None:
+    """Refuse an admin request without the server's token (401), or on a server without one."""
+    if not authorization:
+        raise RequestError("send the admin token: Authorization: Bearer <token>", 401)
+    if not token:
+        raise RequestError("reload is disabled: set DIGITOPS_ADMIN_TOKEN on the server", 403)
+    if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+        raise RequestError("missing or wrong admin token (Authorization: Bearer <token>)", 401)
+
+
+class JSONOnly:
+    """ASGI middleware: POSTs to `paths` (BentoML's own APIs, which parse their bodies before
+    our code runs) must be JSON; anything else gets a 415 instead of a parser's 500."""
+
+    def __init__(self, app, paths: tuple[str, ...]):
+        self.app, self.paths = app, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            headers = dict(scope["headers"])
+            content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if content_type != b"application/json":
+                reply = error_reply(415, 'send a JSON body: {"pixels": [[[0-255, ...]]]}')
+                return await reply(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class OwnOpenAPI:
+    """ASGI middleware: GET /docs.json gets the service's own contract, not BentoML's."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/docs.json":
+            scope = {**scope, "path": OPENAPI_PATH, "raw_path": OPENAPI_PATH.encode()}
+        await self.app(scope, receive, send)
+
+
+class RateLimiter:
+    """At most `limit` events per `window` seconds per client (sliding window, in memory)."""
+
+    def __init__(self, limit: int, window: float = 60.0):
+        self.limit, self.window = limit, window
+        self._events: dict[str, list[float]] = {}
+
+    def allow(self, client: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._events.get(client, []) if now - t < self.window]
+        allowed = len(recent) < self.limit
+        if allowed:
+            recent.append(now)
+        self._events[client] = recent
+        if len(self._events) > 10_000:  # forget idle clients so memory stays bounded
+            self._events = {
+                c: ts for c, ts in self._events.items() if ts and now - ts[-1] < self.window
+            }
+        return allowed
+
+
+def pixel_array(value: object) -> np.ndarray:
+    """Pixels of the `classify` API: nested lists of numbers 0-255 shaped [N, 28, 28].
+
+    Checked per request, before BentoML batches requests together, so a bad call gets a 400 of
+    its own (numpy alone would turn an object into a 0-d array, and fail the whole batch)."""
+    if not isinstance(value, list | np.ndarray):
+        raise ValueError(f"pixels must be a list of 28x28 lists, got {type(value).__name__}")
+    try:
+        pixels = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"pixels must be nested lists of numbers: {err}") from None
+    if pixels.shape == (0,):
+        pixels = pixels.reshape(0, 28, 28)  # no images is a batch of none
+    if pixels.ndim != 3 or pixels.shape[1:] != (28, 28):
+        raise ValueError(f"pixels must be [N, 28, 28], got {list(pixels.shape)}")
+    if len(pixels) > MAX_CLASSIFY_IMAGES:
+        raise ValueError(f"at most {MAX_CLASSIFY_IMAGES} images per call, got {len(pixels)}")
+    if pixels.size and not (np.isfinite(pixels).all() and 0 <= pixels.min() <= pixels.max() <= 255):
+        raise ValueError("pixels must be numbers from 0 (background) to 255 (ink)")
+    return pixels

@@ -6,32 +6,19 @@ predictions, which is how drift in what users send first shows.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING
-
-from digitops.inference.periodic import Periodic
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
-# How long a prediction may wait before the metrics count it. Counting it as it is answered cost
-# the request 9 us in a loop (Prometheus's multiprocess files take a lock and an mmap write per
-# update) and more on the request path, where its caches are cold; held, it costs an append.
-# Prometheus scrapes every 15 s or so: half a second late is never seen.
-UPDATE_SECONDS = 0.5
 
 
 class ServiceMetrics:
-    """Create once per worker process, in the service's constructor; `close` at shutdown.
+    """Create once per worker process, in the service's constructor. `registry` is
+    Prometheus's default one unless given (tests give their own)."""
 
-    Predictions are counted in batches, by a thread, every `update_seconds` (UPDATE_SECONDS);
-    the rarer events (feedback, failures) as they happen. `registry` is Prometheus's default
-    one unless given (tests give their own)."""
-
-    def __init__(
-        self, update_seconds: float = UPDATE_SECONDS, registry: CollectorRegistry | None = None
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         # Imported here, not at module import: BentoML sets PROMETHEUS_MULTIPROC_DIR in each
         # worker after the service module is imported, and prometheus_client picks its
         # (multiprocess) storage when it is first imported.
@@ -81,25 +68,12 @@ class ServiceMetrics:
         )
         self._model_labels: tuple[str, str, str] | None = None
         self._by_digit = [self.predictions.labels(digit=str(d)) for d in range(10)]
-        # Appended to by the request path, drained by the thread: deque's ends are thread-safe.
-        self._held: deque[tuple[int, float, bool]] = deque()
-        self._updater = Periodic(self._count_held, update_seconds, name="metrics")
 
     def prediction(self, digit: int, confidence: float, inverted: bool) -> None:
-        """Count a prediction (within `update_seconds`)."""
-        self._held.append((digit, confidence, inverted))
-
-    def _count_held(self) -> None:
-        while self._held:
-            digit, confidence, inverted = self._held.popleft()
-            self._by_digit[digit].inc()
-            self.confidence.observe(confidence)
-            if inverted:
-                self.inverted.inc()
-
-    def close(self) -> None:
-        """Count what is held, and stop the thread."""
-        self._updater.stop()
+        self._by_digit[digit].inc()
+        self.confidence.observe(confidence)
+        if inverted:
+            self.inverted.inc()
 
     def serving(self, name: str, version: str | None, source: str) -> None:
         if self._model_labels is not None:

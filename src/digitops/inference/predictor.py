@@ -1,214 +1,213 @@
-"""The thread that does the prediction routes' work, off the event loop.
+"""Predictions, off the event loop: preprocess -> forward pass -> log -> reply.
 
-A request crosses threads once each way: its job is queued here, and its reply is handed
-back to the event loop; a lone drawing, which finds the thread idle, is done on the loop and
-crosses no thread. Everything that queued while the thread was busy is done in one round,
-step by step: every job's images prepared, one forward pass per model for all of them, every
-job's replies, their rows of the prediction log in one append to its journal (which a thread
-of its own commits to the store in groups: journal.py), and the replies back to the loop in
-one wake-up. A lone request waits for nothing but its own work and its row's append.
+One thread per worker does the prediction routes' work in rounds: everything queued while it
+was busy is prepared, then answered by one forward pass per model, then logged in one commit
+to the prediction store, and the replies go back to the event loop together. A step repeated
+for several images runs with its code and data still in the CPU's caches, one forward pass
+serves them all, and one commit logs them all; a lone request waits only for its own work.
 
-Why steps, not jobs one after the other: a step repeated for several images runs with its code
-and data still in the CPU's caches, and one forward pass serves them all. A request's work done
-in a round of 16 cost 1.10 ms against 1.38 ms job by job (README.md, "Serving"). (With a
-thread pool per step - work, then a log writer - each request crossed threads four times, and
-under load the hand-offs cost more CPU than the work.)
+A reply says `logged: false` exactly when its row did not reach the store, so no acknowledged
+write is ever lost silently, and a broken store never fails a prediction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import queue
+import secrets
 import threading
-from collections.abc import Callable
-from typing import Protocol
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from digitops.inference.journal import PredictionLog
-from digitops.inference.store import StoreError
+from digitops.files import png
+from digitops.inference.errors import EmptyImageError, RequestError
+from digitops.inference.metrics import ServiceMetrics
+from digitops.inference.preprocess import DEFAULT_MAX_BYTES, Options, Preprocessed, prepare
+from digitops.inference.served import ServedModel
+from digitops.inference.store import PredictionStore, StoreError
 
 log = logging.getLogger("bentoml.digitops")
 
-# A reply's JSON and the row that logs it (None: the caller asked for no logging).
-Reply = tuple[dict, dict | None]
 
+@dataclass
+class Job:
+    """One request's images, options and the model it started with: a request finishes on
+    that model even if a reload swaps it meanwhile."""
 
-class Model(Protocol):
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities [N, 10] for uint8 pixels [N, 28, 28]."""
-
-
-class Job(Protocol):
-    """One request's work, in two steps around the forward pass that it shares with the
-    other requests of its round."""
-
-    model: Model  # the model the request started with
-
-    def prepare(self) -> np.ndarray:
-        """The model's inputs [N, 28, 28] (N may be 0); raises the request's error."""
-
-    def answer(self, probabilities: np.ndarray) -> list[Reply]:
-        """The replies, given the probabilities [N, 10] of what `prepare` gave."""
+    images: list[bytes]
+    options: Options
+    model: ServedModel
+    log: bool = True  # False: a preview, not stored for feedback
+    # A lone image's error is its request's (/predict); in a batch each image answers for
+    # itself, and one bad image does not fail its neighbours.
+    alone: bool = True
+    done: asyncio.Future | None = field(default=None, repr=False)
 
 
 class PredictionThread:
-    """Runs jobs for the event loop and logs what they predicted before answering.
-
-    A reply says `logged: false` exactly when its row did not reach the prediction log (its
-    journal cannot be written, or the store is too far behind), so no acknowledged write is
-    ever lost silently; a broken log never fails a prediction. `on_unlogged` hears each such
-    row's error.
-    """
+    """Runs jobs for the event loop, one round at a time (see the module's docstring)."""
 
     def __init__(
         self,
-        log: PredictionLog | None,
-        on_unlogged: Callable[[StoreError], None],
+        store: PredictionStore | None,
+        metrics: ServiceMetrics,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         max_round: int = 64,
     ):
-        self.log = log
-        self.on_unlogged = on_unlogged
-        self.max_round = max_round
-        self._queue: queue.SimpleQueue[tuple[Job, asyncio.Future]] = queue.SimpleQueue()
-        self._working = False  # whether the thread is in a round
-        self._running = 0  # calls of run() not yet answered (all on one event loop)
+        self.store, self.metrics = store, metrics
+        self.max_bytes, self.max_round = max_bytes, max_round
+        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="predictions", daemon=True).start()
 
-    async def run(self, job: Job, light: bool = False) -> list[dict]:
-        """The replies of `job`, once their rows are journaled; or what it raised.
-
-        A `light` job (a millisecond or two of work, as a drawing's) that finds the thread idle
-        is done right here, on the event loop: a lone request then skips the two hand-offs,
-        0.1-0.5 ms of its 1.9-3 ms (README.md, "Serving"). Every other job goes to the
-        thread's next round, so a big photo never holds up the loop."""
-        self._running += 1
-        try:
-            if light and self._idle():
-                # Requests that arrived meanwhile start first, and count themselves: under load
-                # the thread's rounds take them all, and the loop goes on parsing requests.
-                await asyncio.sleep(0)
-                if self._running == 1 and self._idle():
-                    return _replies(self._round([job])[0])
-            done = asyncio.get_running_loop().create_future()
-            self._queue.put((job, done))
-            return await done
-        finally:
-            self._running -= 1
-
-    def _idle(self) -> bool:
-        return not self._working and self._queue.empty()
+    async def run(self, job: Job) -> list[dict]:
+        """The replies of `job` (error replies for a batch's bad images), once logged; or the
+        error of a lone image, raised."""
+        job.done = asyncio.get_running_loop().create_future()
+        self._queue.put(job)
+        return await job.done
 
     def _serve(self) -> None:
         while True:
             jobs = [self._queue.get()]
-            self._working = True
             while len(jobs) < self.max_round:
                 try:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            outcomes = self._round([job for job, _ in jobs])
-            _deliver([(done, outcome) for (_, done), outcome in zip(jobs, outcomes, strict=True)])
-            self._working = False
+            try:
+                outcomes = self.round(jobs)
+            except Exception as err:  # a bug must still answer every request, not end the thread
+                log.exception("prediction round failed")
+                outcomes = [err] * len(jobs)
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                job.done.get_loop().call_soon_threadsafe(_settle, job.done, outcome)
 
-    def _round(self, jobs: list[Job]) -> list[list[Reply] | BaseException]:
-        """Each job's replies, their rows journaled; or the error it raised."""
-        try:
-            outcomes = _work(jobs)
-            self._log([r for outcome in outcomes if isinstance(outcome, list) for r in outcome])
-        except Exception as err:  # a bug must still answer every request, not end the thread
-            log.exception("prediction round failed")
-            outcomes = [err] * len(jobs)
+    def round(self, jobs: list[Job]) -> list[list[dict] | Exception]:
+        """Each job's replies, or the error that fails it: every job prepared, one forward
+        pass per model, every job answered, and their rows logged in one commit."""
+        prepared = [[self._prepare(data, job) for data in job.images] for job in jobs]
+        outcomes, logged = [], []
+        for job, inputs, probabilities in zip(
+            jobs, prepared, _forward(jobs, prepared), strict=True
+        ):
+            if isinstance(probabilities, Exception):
+                outcomes.append(probabilities)
+            elif job.alone and isinstance(inputs[0], RequestError):
+                outcomes.append(inputs[0])
+            else:
+                outcomes.append(self._answer(job, inputs, iter(probabilities), logged))
+        if logged and self.store is not None:
+            errors = self.store.insert_each([row for _, row in logged])
+            for (reply, _), error in zip(logged, errors, strict=True):
+                if error is not None:
+                    self._unlogged(reply, error)
         return outcomes
 
-    def _log(self, replies: list[Reply]) -> None:
-        """Journal the rows of `replies` in one write; if that fails, mark every reply that had
-        a row."""
-        logged = [(payload, row) for payload, row in replies if row is not None]
-        if not logged or self.log is None:  # without a log (no store) there are no rows
-            return
-        try:
-            error = self.log.append([row for _, row in logged])
-        except Exception as err:  # a bug here must still answer every waiting request
-            error = StoreError(f"prediction log failed: {err}")
-        if error is None:
-            return
-        for payload, _ in logged:
-            payload["logged"] = False
-            self.on_unlogged(error)
-
-
-def _work(jobs: list[Job]) -> list[list[Reply] | BaseException]:
-    """Each job's replies, or the error it raised: every job prepared, one forward pass per
-    model, every job answered."""
-    inputs = [_attempt(job.prepare) for job in jobs]
-    probabilities = _forward(jobs, inputs)
-    return [
-        found if isinstance(found, BaseException) else _attempt(job.answer, found)
-        for job, found in zip(jobs, probabilities, strict=True)
-    ]
-
-
-def _forward(jobs: list[Job], inputs: list) -> list[np.ndarray | BaseException]:
-    """The probabilities for each job's inputs: one forward pass per model for all of them.
-    A job whose inputs are an error keeps it; a failed pass is the error of all its jobs."""
-    results: list = list(inputs)
-    by_model: dict[int, list[int]] = {}
-    for i, (job, pixels) in enumerate(zip(jobs, inputs, strict=True)):
-        if not isinstance(pixels, BaseException):
-            by_model.setdefault(id(job.model), []).append(i)
-    for members in by_model.values():
-        batch = [inputs[i] for i in members]
-        try:
-            pixels = batch[0] if len(batch) == 1 else np.concatenate(batch)
-            if len(pixels) == 0:  # every image of these jobs failed: nothing to predict
-                probabilities = np.empty((0, 10), dtype=np.float32)
+    def _answer(self, job: Job, inputs: list, probabilities, logged: list) -> list[dict]:
+        """A job's replies; the (reply, row) of each one to log is added to `logged`."""
+        replies = []
+        for data, item in zip(job.images, inputs, strict=True):
+            if isinstance(item, RequestError):
+                replies.append({"error": str(item), "status": item.status})
+                continue
+            p = next(probabilities).tolist()
+            input_png = png(item.pixels)
+            prediction_id = new_prediction_id()
+            reply = prediction_payload(p, input_png, item.inverted, job.model, prediction_id)
+            self.metrics.prediction(reply["digit"], reply["confidence"], item.inverted)
+            replies.append(reply)
+            if not job.log:
+                reply["logged"] = False
+            elif self.store is None:
+                self._unlogged(reply, "no prediction store")
             else:
-                probabilities = jobs[members[0]].model.probabilities(pixels)
+                version = job.model.identity()["version"]
+                row = (prediction_id, input_png, p, item.inverted, version, data, job.options.noise)
+                logged.append((reply, self.store.record(*row)))
+        return replies
+
+    def _prepare(self, data: bytes, job: Job) -> Preprocessed | RequestError:
+        try:
+            return prepare(data, job.options, self.max_bytes)
+        except RequestError as err:  # the request's own error (400, 413, 422...)
+            if isinstance(err, EmptyImageError):
+                self.metrics.no_digit.inc()
+            return err
+
+    def _unlogged(self, reply: dict, error: StoreError | str) -> None:
+        reply["logged"] = False
+        self.metrics.store_failures.inc()
+        log.warning("prediction not logged: %s", error)
+
+
+def _forward(jobs: list[Job], prepared: list[list]) -> list[np.ndarray | Exception]:
+    """The probabilities of each job's usable images: one forward pass per model for all of
+    them. A failed pass is the error of every job it was for."""
+    results: list = [np.empty((0, 10), dtype=np.float32)] * len(jobs)
+    by_model: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_model.setdefault(id(job.model), []).append(i)
+    for members in by_model.values():
+        pixels = [[p.pixels for p in prepared[i] if isinstance(p, Preprocessed)] for i in members]
+        batch = [image for images in pixels for image in images]
+        if not batch:
+            continue
+        try:
+            probabilities = jobs[members[0]].model.probabilities(np.stack(batch))
         except Exception as err:
+            log.exception("forward pass failed")
             for i in members:
                 results[i] = err
             continue
         start = 0
-        for i in members:  # each job's rows, in the order they went in
-            end = start + len(inputs[i])
-            results[i], start = probabilities[start:end], end
+        for i, images in zip(members, pixels, strict=True):  # each job's rows, in order
+            results[i], start = probabilities[start : start + len(images)], start + len(images)
     return results
 
 
-def _attempt(step: Callable, *args) -> object:
-    try:
-        return step(*args)
-    except Exception as err:  # the request's own error (400, 422...), raised where it waits
-        return err
+def _settle(done: asyncio.Future, outcome: list[dict] | Exception) -> None:
+    if done.cancelled():  # the client went away; its rows are logged all the same
+        return
+    if isinstance(outcome, Exception):
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
 
 
-def _deliver(outcomes: list[tuple[asyncio.Future, list[Reply] | BaseException]]) -> None:
-    """Hand every outcome of a round back to its event loop: one wake-up per loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for done, outcome in outcomes:
-        by_loop.setdefault(done.get_loop(), []).append((done, outcome))
-    for loop, settled in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_settle, settled)
-        except RuntimeError:  # that loop has closed: nobody is waiting any more
-            log.debug("dropped %d replies for a closed event loop", len(settled))
+def new_prediction_id() -> str:
+    """32 hex digits: the time in milliseconds, then 80 random bits (time-ordered, as a
+    UUIDv7, so that ids sort by age)."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
-def _settle(settled: list[tuple[asyncio.Future, list[Reply] | BaseException]]) -> None:
-    for done, outcome in settled:
-        if done.cancelled():  # the client went away; its row is logged all the same
-            continue
-        if isinstance(outcome, BaseException):
-            done.set_exception(outcome)
-        else:
-            done.set_result(_replies(outcome))
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
-def _replies(outcome: list[Reply] | BaseException) -> list[dict]:
-    """A job's reply payloads, or the error it raised, raised."""
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return [payload for payload, _ in outcome]
+def prediction_payload(
+    probabilities: Sequence[float],
+    input_png: bytes,
+    inverted: bool,
+    model: ServedModel,
+    prediction_id: str | None,
+) -> dict:
+    """The JSON of a prediction; without `prediction_id` when it is not logged for feedback."""
+    p = probabilities
+    digit = max(range(len(p)), key=p.__getitem__)
+    payload = {
+        "digit": digit,
+        "confidence": round(p[digit], 6),
+        "probabilities": [round(x, 6) for x in p],
+        "inverted": bool(inverted),
+        "input_png": b64(input_png),
+        "prediction_id": prediction_id,
+        "model": model.identity(),
+    }
+    if prediction_id is None:
+        del payload["prediction_id"]
+    return payload

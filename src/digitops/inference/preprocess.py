@@ -89,6 +89,24 @@ def add_noise(pixels: np.ndarray, level: float, seed: int | None = None) -> np.n
     return np.clip(np.rint(pixels + noise), 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class Options:
+    """A request's say in how its image becomes the model's input."""
+
+    invert: bool | None = None  # None: decide from the image
+    noise: float = 0.0  # stress test: Gaussian noise of this share of full scale
+    seed: int | None = None  # the noise's seed; None: new noise every time
+
+
+def prepare(data: bytes, options: Options, max_bytes: int = DEFAULT_MAX_BYTES) -> Preprocessed:
+    """An upload as the model's input, with the noise the request asked for."""
+    prepared = preprocess(data, options.invert, max_bytes=max_bytes)
+    if options.noise == 0:
+        return prepared
+    noisy = add_noise(prepared.pixels, options.noise, options.seed)
+    return Preprocessed(pixels=noisy, inverted=prepared.inverted)
+
+
 def decode(
     data: bytes,
     *,
@@ -194,8 +212,7 @@ def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | Non
     right - or None for anything else.
 
     That is what canvases export (the web page's drawings: opaque RGBA), and libspng decodes
-    it straight into an array: a 280x280 RGBA drawing in 0.73-0.76 ms, against 1.02-1.07 with
-    OpenCV's libpng and 1.17 with Pillow; a grey one in 0.31 ms either way (bench_preprocess).
+    it straight into an array, faster than libpng or Pillow (benchmarks/bench_preprocess.py).
     Everything else, including every file this cannot read, takes decode()'s way, with its
     errors."""
     size = _small_png_size(data)
@@ -226,12 +243,6 @@ def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | Non
     elif color == PNG_RGB:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
     return np.divide(pixels, 255, dtype=np.float32)  # one pass: no float copy to divide
-
-
-def is_small_png(data: bytes) -> bool:
-    """Whether `data` says it is a PNG no bigger than WORK_SIDE, as a drawing is: its whole
-    preprocessing takes a millisecond or two, whatever else the file holds."""
-    return _small_png_size(data) is not None
 
 
 def _small_png_size(data: bytes) -> tuple[int, int] | None:
@@ -369,7 +380,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         if rgba.getextrema()[3][0] < 255:
             return _flattened(np.asarray(rgba))
         # Opaque, as most canvas exports are: nothing to flatten, and Pillow's luminance
-        # takes 0.24 against 1.35 ms for the float arithmetic on a 280x280 drawing.
+        # is far cheaper than the float arithmetic.
         image = rgba.convert("L")
     else:
         try:
@@ -526,9 +537,8 @@ def _otsu(values: np.ndarray) -> float:
 def _center(ink: np.ndarray) -> np.ndarray:
     """Crop to the ink, scale its longest side to 20 px, centre its mass at (14, 14) in 28x28.
 
-    In as few calls as it takes: in request order, where caches are cold, each numpy call costs
-    tens of microseconds, and OpenCV's bounding box and moments replace a dozen (393 -> 312
-    us in request order; the same pixels on every fixture)."""
+    In as few calls as it takes: in request order, where caches are cold, each numpy call is
+    dear, and OpenCV's bounding box and moments replace a dozen."""
     x, y, width, height = cv2.boundingRect(_as_uint8(ink > 0))
     if width == 0:
         raise EmptyImageError()

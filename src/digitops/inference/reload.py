@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from digitops.files import write_bytes_atomic
-from digitops.inference.served import ModelUnavailable, ServedModel, load_registry_version
+from digitops.inference.served import (
+    ModelUnavailable,
+    ServedModel,
+    load_registry_version,
+    load_served_model,
+)
 
 if TYPE_CHECKING:
     from digitops.inference.settings import Settings
@@ -147,3 +152,26 @@ class RegistryFollower:
                 "cannot follow %s (%s); serving %s until it can be", self.name, err, serving.source
             )
         self._failing = True
+
+
+def registry_follower(settings: Settings) -> RegistryFollower | None:
+    """A worker's follower of the registry alias, when DIGITOPS_REGISTRY_POLL_SECONDS is set."""
+    return RegistryFollower.from_settings(settings) if settings.registry_poll_seconds else None
+
+
+def starting_model(settings: Settings, registry: RegistryFollower | None) -> ServedModel:
+    """The alias's version when following the registry; else, or while the registry cannot
+    give it, the newest BentoML store entry or the shipped model."""
+
+    def unfollowed() -> ServedModel:
+        return load_served_model(settings.model_tag, settings.shipped_model)
+
+    return unfollowed() if registry is None else registry.first(unfollowed)
+
+
+def newest_model(settings: Settings, registry: RegistryFollower | None) -> ServedModel:
+    """What /admin/reload switches to. No fallback: a failed look-up must never swap the
+    champion for the shipped model."""
+    if registry is not None:
+        return registry.load()
+    return load_served_model(settings.model_tag, settings.shipped_model, fallback=False)

@@ -6,7 +6,6 @@ in step.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -37,15 +36,11 @@ class Settings:
     # `make serve`, the Bento's src/ when packaged).
     shipped_model: Path = Path("models/default/model.pt")
     # Worker processes, one per core by default: one process's threads share one GIL, so one
-    # worker uses about one core however many the machine has (README.md, "Serving").
+    # worker uses about one core however many the machine has.
     workers: int = field(default_factory=usable_cores)
     max_upload_bytes: int = DEFAULT_MAX_BYTES  # the decoder's own limit
     # Prediction log + feedback queue: a SQLite file, or a postgresql:// URL for many replicas.
     predictions_db: str = "var/predictions.db"
-    # A local directory where each worker journals its predictions before replying; a thread
-    # commits them to the store in groups (src/digitops/inference/journal.py). Unset: beside a
-    # SQLite file (`<file>.journal`), else var/journal/<a hash of the database URL>.
-    prediction_journal: str | None = None
     # Unlabelled predictions kept; the oldest beyond this are dropped.
     max_predictions: int = 100_000
     # Feedback requests per client per minute, per worker.
@@ -61,11 +56,11 @@ class Settings:
     registry_alias: str = "champion"
     registered_model: str = "digit-cnn"
     # BentoML's access log, a line per request. Off where a proxy keeps one (the cluster's
-    # nginx): it costs a worker ~0.27 ms of CPU per request, ~5% of its throughput.
+    # nginx): writing it costs a worker CPU on every request.
     access_log: bool = True
     # Requests traced as BentoML's `tracing` config says (exporter, sample rate). Off, its
     # OpenTelemetry middleware skips every route: it makes six spans per request even when none
-    # is sampled (the default), ~1 ms of a worker's CPU per request (README.md, "Serving").
+    # is sampled (the default).
     tracing: bool = False
 
     @staticmethod
@@ -100,12 +95,16 @@ class Settings:
         return cls(**values)
 
 
-def journal_directory(settings: Settings) -> Path:
-    """Where this server's workers journal their predictions (Settings.prediction_journal).
-    One per store, so that a journal left by a stopped worker goes into its own store."""
-    if settings.prediction_journal:
-        return Path(settings.prediction_journal)
-    location = settings.predictions_db
-    if "://" in location or location.startswith("file:"):
-        return Path("var/journal") / hashlib.sha256(location.encode()).hexdigest()[:16]
-    return Path(f"{location}.journal")
+# How long an idle kept-alive connection stays open (`bentoml serve --timeout-keep-alive`;
+# BentoML takes it only on the command line). It must outlast the idle timeout of whatever
+# keeps connections to us: with BentoML's 5 s, equal to httpx's pool expiry, a client's next
+# request could meet the server closing that connection and fail with a reset. nginx keeps
+# upstream connections 60 s (deploy/nginx.conf), so we keep them longer.
+KEEP_ALIVE_SECONDS = 75
+
+
+def sampled_share() -> float:
+    """BentoML's tracing.sample_rate, as configured for this server."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return BentoMLContainer.tracing.sample_rate.get() or 0.0

@@ -12,6 +12,7 @@ backend. PostgreSQL is reached through psycopg 3.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -107,9 +107,9 @@ def uncertainty(probabilities: Sequence[float]) -> tuple[float, float]:
 
 
 # Under steady writes a PASSIVE checkpoint never finds the write-ahead log without a commit in
-# flight, so SQLite never rewinds the log and it grows for as long as the load lasts (10 MB a
-# second at 400 predictions a second). Past this size (1.5 s of that) the upkeep waits for a gap
-# between two commits to rewind it (RESTART), and SQLite truncates the file back to this size.
+# flight, so SQLite never rewinds the log and it grows for as long as the load lasts. Past this
+# size the upkeep waits for a gap between two commits to rewind it (RESTART), and SQLite
+# truncates the file back to this size.
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 
 
@@ -175,6 +175,13 @@ class FeedbackResult:
     replaced: bool
     previous_label: int | None
 
+    def reply(self) -> dict:
+        """What /feedback answers; the earlier label only when this one replaced it."""
+        reply = dataclasses.asdict(self)
+        if not self.replaced:
+            del reply["previous_label"]
+        return reply
+
 
 class PredictionStore:
     """Thread-safe, and safe for many processes and replicas writing at once.
@@ -182,7 +189,7 @@ class PredictionStore:
     With `upkeep_seconds`, a thread of the store's own does its upkeep at that interval:
     SQLite's checkpoints (copying the write-ahead log into the database file, with an fsync)
     and retention. Otherwise the commit that comes due pays for them: a server passes it, so
-    no request waits for a checkpoint (one took 6-9 ms, once a second under load).
+    no request waits for a checkpoint.
     """
 
     def __init__(
@@ -203,15 +210,8 @@ class PredictionStore:
                 self.engine.dialect.name
             ]
             _create_schema(self.engine)
-            # The prediction log's INSERT in the engine's own SQL, compiled once: every
-            # prediction is written through it (see `insert`). A row already there is left
-            # as it is, so a journal replayed after a crash (journal.py) adds nothing twice.
-            compiled = (
-                self._insert(predictions)
-                .on_conflict_do_nothing(index_elements=["id"])
-                .compile(dialect=self.engine.dialect)
-            )
-            self._log_sql, self._log_columns = compiled.string, compiled.positiontup
+            # A row already there is left as it is: a retried insert adds nothing twice.
+            self._log = self._insert(predictions).on_conflict_do_nothing(index_elements=["id"])
         except (OSError, sa.exc.SQLAlchemyError, KeyError) as err:
             raise StoreError(
                 f"prediction store {self.path} cannot be opened for writing: {_cause(err)}"
@@ -259,8 +259,7 @@ class PredictionStore:
             raise self._unusable(err) from err
 
     def log_prediction(self, *args, **kwargs) -> None:
-        """Log one prediction at once (the arguments of `record`); a server commits its rows
-        in groups instead (`insert_each`)."""
+        """Log one prediction (the arguments of `record`)."""
         self.insert([self.record(*args, **kwargs)])
 
     def record(
@@ -273,9 +272,8 @@ class PredictionStore:
         original: bytes | None = None,
         noise: float = 0.0,
     ) -> dict:
-        """A prediction as a row of the log (see `insert`). The service passes `probabilities`
-        as the Python floats its reply was made from: on ten numbers, numpy's scalars cost
-        more than they save, and an array is converted here."""
+        """A prediction as a row of the log (see `insert`); `probabilities` as Python floats
+        (an array is converted here)."""
         p = probabilities.tolist() if isinstance(probabilities, np.ndarray) else probabilities
         entropy, margin = uncertainty(p)
         digit = max(range(len(p)), key=p.__getitem__)
@@ -286,7 +284,7 @@ class PredictionStore:
             "created_at": time.time(),
             "input_png": input_png,
             "original": original,
-            "probabilities": orjson.dumps([round(x, 6) for x in p]).decode(),
+            "probabilities": json.dumps([round(x, 6) for x in p]),
             "digit": digit,
             "confidence": p[digit],
             "entropy": entropy,
@@ -297,29 +295,14 @@ class PredictionStore:
         }
 
     def insert(self, records: list[dict]) -> None:
-        """Log predictions (rows from `record`) in one transaction: all of them, or none.
-
-        Every prediction passes here, so this one statement goes straight to the database
-        driver on a pooled connection, compiled in advance: a third of the cost of executing
-        it through SQLAlchemy (README.md, "Serving")."""
-        values = records  # named parameters (psycopg), or positional ones (sqlite3)
-        if self._log_columns is not None:
-            values = [tuple(record[c] for c in self._log_columns) for record in records]
+        """Log predictions (rows from `record`) in one transaction: all of them, or none."""
         try:
-            conn = self.engine.raw_connection()
-        except (sa.exc.SQLAlchemyError, self.engine.dialect.dbapi.Error) as err:  # it is down
+            with self.engine.begin() as conn:
+                conn.execute(self._log, records)
+        except (sa.exc.IntegrityError, sa.exc.DataError) as err:  # a bad row
+            raise RowRefused(f"prediction store {self.path} refused: {_cause(err)}") from err
+        except sa.exc.SQLAlchemyError as err:  # disk full, read-only, I/O, locked, down
             raise self._unusable(err) from err
-        try:
-            conn.cursor().executemany(self._log_sql, values)
-            conn.commit()
-        except self.engine.dialect.dbapi.Error as err:  # disk full, read-only, a bad row
-            conn.invalidate()  # whatever state it is in, it is not handed out again
-            dbapi = self.engine.dialect.dbapi
-            if isinstance(err, (dbapi.IntegrityError, dbapi.DataError)):
-                raise RowRefused(f"prediction store {self.path} refused: {_cause(err)}") from err
-            raise self._unusable(err) from err
-        finally:
-            conn.close()  # back to the pool
         with self._count_lock:
             self._inserts += len(records)
         if not self.upkeep_seconds and self._retention_due():
