@@ -38,34 +38,38 @@ ingest: $(STAMP) ## move validated user feedback into data/feedback, version it 
 	$(PY) -m pipelines.ingest_feedback
 
 # Idle connections stay open 75 s, longer than clients and nginx keep theirs
-# (KEEP_ALIVE_SECONDS in src/digitops/inference/http.py says why).
+# (KEEP_ALIVE_SECONDS in src/digitops/inference/settings.py says why).
 serve: $(STAMP) ## serve the model on http://127.0.0.1:3000 (web page + API; docs at /docs)
 	$(VENV)/bin/bentoml serve serving.service:DigitService --timeout-keep-alive 75
 
-test: $(STAMP) ## all tests: unit, slow (pipeline) and e2e (servers, browser)
-	$(PY) -m pytest
+test: $(STAMP) ## every tier: unit, slow (pipeline on small data) and e2e (servers, browser)
+	$(PY) -m pytest --durations=15
 
-test-fast: $(STAMP) ## unit tests only
+test-fast: $(STAMP) ## unit tests only: no server, database or training (about a minute)
 	$(PY) -m pytest -m "not slow and not e2e"
 
 bench: $(STAMP) ## training speed, accuracy via the API, forward pass, serving latency/throughput, load, replicas -> artifacts/bench/
 	@command -v wrk >/dev/null || { echo "bench needs wrk (apt-get install wrk)"; exit 1; }
-	$(PY) -m tests.benchmarks.bench_training
-	$(PY) -m tests.benchmarks.bench_accuracy
-	$(PY) -m tests.benchmarks.bench_forward
-	$(PY) -m tests.benchmarks.bench_serving
-	$(PY) -m tests.benchmarks.bench_load
-	$(PY) -m tests.benchmarks.bench_cluster
+	$(PY) -m benchmarks.bench_training
+	$(PY) -m benchmarks.bench_accuracy
+	$(PY) -m benchmarks.bench_forward
+	$(PY) -m benchmarks.bench_serving
+	$(PY) -m benchmarks.bench_load
+	$(PY) -m benchmarks.bench_cluster
+
+soak: $(STAMP) ## long runs: 20,000 requests + a 10-minute soak (RSS), active learning on all of MNIST -> artifacts/bench/
+	$(PY) -m benchmarks.bench_load --soak-minutes 10
+	$(PY) -m benchmarks.active_learning
 
 cluster-up: $(STAMP) ## PostgreSQL, MLflow server, REPLICAS=2 replicas, nginx on 127.0.0.1:PORT=8080; in var/cluster/
-	$(PY) -m digitops.deploy.cluster up --replicas $(REPLICAS) --port $(PORT)
+	$(PY) -m deploy.cluster up --replicas $(REPLICAS) --port $(PORT)
 
 cluster-down: $(STAMP) ## stop what cluster-up started (safe to repeat)
-	$(PY) -m digitops.deploy.cluster down
+	$(PY) -m deploy.cluster down
 
 lint: $(STAMP) ## ruff lint + format check
-	$(VENV)/bin/ruff check src pipelines serving tests
-	$(VENV)/bin/ruff format --check src pipelines serving tests
+	$(VENV)/bin/ruff check src pipelines serving tests benchmarks deploy
+	$(VENV)/bin/ruff format --check src pipelines serving tests benchmarks deploy
 
 mlflow-ui: $(STAMP) ## browse and compare runs on http://127.0.0.1:5000 (same store as training)
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
@@ -73,4 +77,4 @@ mlflow-ui: $(STAMP) ## browse and compare runs on http://127.0.0.1:5000 (same st
 clean: ## remove logs, benchmark reports and caches (keeps .venv/, data/, DVC outputs, MLflow)
 	rm -rf logs artifacts/bench artifacts/screenshots .pytest_cache
 
-.PHONY: help setup data train repro ingest serve test test-fast bench cluster-up cluster-down lint mlflow-ui clean
+.PHONY: help setup data train repro ingest serve test test-fast bench soak cluster-up cluster-down lint mlflow-ui clean

@@ -1,7 +1,7 @@
 """End-to-end accuracy through POST /predict: the held-out real-world set, and the MNIST test
 set sent as PNGs (train/serve parity on the data the model was scored on).
 
-    python -m tests.benchmarks.bench_accuracy [--set DIR] [--mnist N] [--out artifacts/bench]
+    python -m benchmarks.bench_accuracy [--set DIR] [--mnist N] [--out artifacts/bench]
 
 Writes realworld.json and realworld.md: accuracy overall and per kind, and every miss.
 """
@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 REALWORLD = ROOT / "tests" / "fixtures" / "realworld"
 
 

@@ -2,9 +2,9 @@
 replicas behind nginx, under bench_serving's wrk load (/predict with a canvas PNG, c=32, kept-alive
 connections). Writes cluster.json and cluster.md.
 
-    python -m tests.benchmarks.bench_cluster [--seconds 10] [--out artifacts/bench]
+    python -m benchmarks.bench_cluster [--seconds 10] [--out artifacts/bench]
 
-Every setup is a real `digitops.deploy.cluster` (PostgreSQL store, MLflow server), so a direct row
+Every setup is a real `deploy.cluster` (PostgreSQL store, MLflow server), so a direct row
 and its nginx row differ only in the path a request takes. How the load spreads is each worker
 process's share of the workers' CPU time during the measurement.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import psutil
 
-from digitops.deploy.cluster import Process, down, load, up
-from tests.benchmarks import save_report
-from tests.benchmarks.bench_serving import canvas_png, wrk
+from benchmarks import save_report
+from benchmarks.bench_serving import canvas_png, wrk
+from deploy.cluster import Process, down, load, up
 from tests.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CONNECTIONS = 32
 # (replicas, workers per replica): one cluster each, measured direct (one replica only) and
 # through nginx.

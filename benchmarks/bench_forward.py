@@ -2,7 +2,7 @@
 (frozen), torch.compile and ONNX Runtime, at batch 1 and 32, with the largest difference of
 each one's probabilities from eager's.
 
-    python -m tests.benchmarks.bench_forward [--model PATH] [--threads N] [--out DIR]
+    python -m benchmarks.bench_forward [--model PATH] [--threads N] [--out DIR]
 
 Writes forward.json and forward.md.
 """
@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import save_report
 from digitops import checkpoint
 from digitops.data import mnist
 from digitops.inference.runtime import OnnxModel
 from digitops.model import fold_batchnorm, normalize
-from tests.benchmarks import save_report
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 32)
 
 

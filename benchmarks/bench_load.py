@@ -1,8 +1,8 @@
 """Load, models swapped under load, and a soak: does the service stay correct and its memory
 flat? Writes load.json and load.md.
 
-    python -m tests.benchmarks.bench_load                       # 20,000 /predict at c=32 + mixed
-    python -m tests.benchmarks.bench_load --soak-minutes 10     # and a 10-minute soak (RSS)
+    python -m benchmarks.bench_load                       # 20,000 /predict at c=32 + mixed
+    python -m benchmarks.bench_load --soak-minutes 10     # and a 10-minute soak (RSS)
 
 tests/test_load.py runs the same functions, bounded, and asserts zero failed requests.
 """
@@ -25,10 +25,10 @@ import numpy as np
 import psutil
 
 from digitops.data import mnist
+from tests.conftest import canvas_png
 from tests.servers import PROCESSES, bentoml_serve, store_model
-from tests.test_service import png_bytes
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "load-test-token"
 SHIPPED = ROOT / "models" / "default" / "model.pt"
 
@@ -68,17 +68,22 @@ Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
 
 async def drive(
-    base: str, request: Request, total: int, concurrency: int, until: float = float("inf")
+    base: str,
+    request: Request,
+    total: int,
+    concurrency: int,
+    until: float = float("inf"),
+    stop: asyncio.Event | None = None,
 ) -> Load:
-    """Send `total` requests (or as many as fit before time.monotonic() reaches `until`),
-    `concurrency` at a time, over kept-alive connections."""
+    """Send `total` requests (or as many as fit before time.monotonic() reaches `until`, or
+    `stop` is set), `concurrency` at a time, over kept-alive connections."""
     load, next_index = Load(), iter(range(total))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
 
         async def worker() -> None:
             for i in next_index:
-                if time.monotonic() > until:
+                if time.monotonic() > until or (stop is not None and stop.is_set()):
                     return
                 started = time.perf_counter()
                 try:
@@ -96,21 +101,24 @@ async def drive(
 
 
 def digits(count: int = 64) -> list[bytes]:
-    """Canvas-sized PNGs of real MNIST test digits (the committed fixture subset)."""
+    """Canvas-sized (280x280) PNGs of real MNIST test digits (the committed fixture subset)."""
     with tempfile.TemporaryDirectory() as tmp:
         mnist._from_directory(ROOT / "tests" / "fixtures" / "mnist", Path(tmp))
         images, _ = mnist.load(Path(tmp), "t10k")
-    return [png_bytes(images[i]) for i in range(count)]
+    return [canvas_png(pixels) for pixels in images[:count]]
+
+
+def upload(png: bytes) -> dict:
+    """httpx arguments that send `png` as the service takes an image: multipart field `image`."""
+    return {"files": {"image": ("d.png", png, "image/png")}}
 
 
 def predictions(base: str, total: int, concurrency: int = 32) -> Load:
-    """`total` POST /predict of canvas PNGs (raw image bodies)."""
+    """`total` POST /predict of canvas PNGs."""
     pngs = digits()
 
     def predict(client: httpx.AsyncClient, i: int):
-        return client.post(
-            "/predict", content=pngs[i % len(pngs)], headers={"content-type": "image/png"}
-        )
+        return client.post("/predict", **upload(pngs[i % len(pngs)]))
 
     return asyncio.run(drive(base, predict, total, concurrency))
 
@@ -119,20 +127,20 @@ def mixed_with_reloads(
     base: str, bentoml_home: Path, total: int, reloads: int, concurrency: int = 16
 ) -> tuple[Load, list[int]]:
     """Predict, explain, feedback and review-queue calls at once while the model is reloaded
-    `reloads` times (a new store entry each time). Returns the load and the reload statuses."""
+    `reloads` times (a new store entry each time): at least `total` calls, and calls until the
+    last reload is over. Returns the load and the reload statuses."""
     pngs = digits()
     with httpx.Client(base_url=base, timeout=60) as c:
-        ids = [
-            c.post("/predict", content=p, headers={"content-type": "image/png"}).json()[
-                "prediction_id"
-            ]
-            for p in pngs
-        ]
+        ids = [c.post("/predict", **upload(p)).json()["prediction_id"] for p in pngs]
     rng = random.Random(0)
     kinds = rng.choices(["predict", "explain", "feedback", "review"], [5, 2, 2, 1], k=total)
+    sent = 0
 
     def request(client: httpx.AsyncClient, i: int):
-        png = {"content": pngs[i % len(pngs)], "headers": {"content-type": "image/png"}}
+        nonlocal sent
+        sent += 1
+        i %= total
+        png = upload(pngs[i % len(pngs)])
         if kinds[i] == "predict":
             return client.post("/predict", **png)
         if kinds[i] == "explain":
@@ -155,8 +163,16 @@ def mixed_with_reloads(
                 reload_statuses.append(reply.status_code)
 
     async def both() -> Load:
+        stop = asyncio.Event()
+
+        async def reload_then_stop() -> None:
+            await reload_repeatedly()
+            while sent < total:
+                await asyncio.sleep(0.05)
+            stop.set()
+
         load, _ = await asyncio.gather(
-            drive(base, request, total, concurrency), reload_repeatedly()
+            drive(base, request, 10**9, concurrency, stop=stop), reload_then_stop()
         )
         return load
 
@@ -188,9 +204,7 @@ def soak(base: str, minutes: float, concurrency: int = 8) -> dict:
                 await asyncio.sleep(5)
 
         def predict(client: httpx.AsyncClient, i: int):
-            return client.post(
-                "/predict", content=pngs[i % len(pngs)], headers={"content-type": "image/png"}
-            )
+            return client.post("/predict", **upload(pngs[i % len(pngs)]))
 
         sampler = asyncio.create_task(sample())
         load = await drive(base, predict, 10**9, concurrency, until=deadline)

@@ -1,7 +1,7 @@
 """Preprocessing, step by step: what a canvas drawing and a 12-megapixel phone photo cost on
 top of their decode, and the decoders side by side (libspng, OpenCV, Pillow).
 
-    python -m tests.benchmarks.bench_preprocess [--out DIR]
+    python -m benchmarks.bench_preprocess [--out DIR]
 
 Writes preprocess.json and preprocess.md. Most figures are the best of several rounds of many
 calls, in microseconds: on a busy machine the best round is the one the others disturbed least.
@@ -23,15 +23,15 @@ import numpy as np
 import pyspng
 from PIL import Image
 
+from benchmarks import save_report
 from digitops.data import mnist
 from digitops.files import png
 from digitops.inference import preprocess as pp
 from digitops.inference.served import load_served_model
 from digitops.inference.settings import Settings
 from tests import realworld
-from tests.benchmarks import save_report
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DRAWING_TARGET_US = 400  # on top of the decode
 PHOTO_TARGET_MS = 25
 PREPROCESSING = ("decode + luminance", "shrink", "flat background", "ink", "centre")

@@ -2,7 +2,7 @@
 FastAPI and BentoML floors (upload read, fixed reply, no work), ours, and ours doing only the
 baseline's work (no access line, no prediction log).
 
-    python -m tests.benchmarks.bench_serving [--seconds 5] [--rounds 3] [--out artifacts/bench]
+    python -m benchmarks.bench_serving [--seconds 5] [--rounds 3] [--out artifacts/bench]
 
 All servers start together and take turns, round after round; only the one under load uses
 the cores. wrk, a C load generator, drives it so the client steals little CPU. Writes
@@ -30,17 +30,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.bench_load import server_rss_mb
+from benchmarks.profile_predict import profile
 from digitops.data import mnist
-from digitops.inference.http import KEEP_ALIVE_SECONDS
 from digitops.inference.served import load_served_model
-from digitops.inference.settings import Settings
-from tests.benchmarks.bench_load import server_rss_mb
-from tests.benchmarks.profile_predict import profile
+from digitops.inference.settings import KEEP_ALIVE_SECONDS, Settings
 from tests.servers import PROCESSES, free_port, running, serve_command
 
 SETTINGS = Settings.from_env()
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # Worker processes per system: the baseline and the naive service as their defaults (one); ours
 # as configured (DIGITOPS_WORKERS, default one per core), and the floor alike; and ours with one
 # worker, to show what one process does.
@@ -55,8 +54,9 @@ WORKERS = {
     "digitops_baseline_work": OURS,
 }
 # Ours doing only the baseline's work: no access line (uvicorn's is off at the baseline's log
-# level) and no prediction log (`?log=false`). Beside `digitops`, it prices those two.
-BASELINE_WORK = "/predict?log=false"
+# level) and no prediction log (form field `log=false`). Beside `digitops`, it prices those two.
+# An endpoint is a path, then any form fields sent beside the image: "/predict log=false".
+BASELINE_WORK = "/predict log=false"
 ENV = {"digitops_baseline_work": {"DIGITOPS_ACCESS_LOG": "false"}}
 SYSTEMS = tuple(WORKERS)
 LUA = Path(__file__).with_name("post_image.lua")
@@ -106,18 +106,31 @@ def bare_model(seconds: float) -> dict:
     }
 
 
+def form_fields(endpoint: str) -> tuple[str, dict[str, str]]:
+    """An endpoint's path and the form fields it sends beside the image."""
+    path, *fields = endpoint.split()
+    return path, dict(field.split("=", 1) for field in fields)
+
+
 def wrk(
     port: int,
-    path: str,
+    endpoint: str,
     image: Path,
     connections: int,
     seconds: float,
     warm_up: bool = True,
     new_connections: bool = False,
 ) -> dict:
-    """wrk's figures; `new_connections` opens a connection per request (Connection: close)
-    instead of keeping each one open."""
-    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": path}
+    """wrk's figures for `endpoint` (a path and form fields, as BASELINE_WORK);
+    `new_connections` opens a connection per request (Connection: close) instead of keeping
+    each one open."""
+    path, fields = form_fields(endpoint)
+    env = {
+        **os.environ,
+        "BENCH_IMAGE": str(image),
+        "BENCH_PATH": path,
+        "BENCH_FIELDS": "&".join(f"{k}={v}" for k, v in fields.items()),
+    }
     url = f"http://127.0.0.1:{port}{path}"
     close = ["-H", "Connection: close"] if new_connections else []
     if warm_up:  # first requests load lazily-initialised code paths
@@ -418,25 +431,25 @@ def main() -> None:
         # name, command on a port, endpoints, the path that answers 200 once it is up
         (
             "fastapi_floor",
-            partial(uvicorn_command, "tests.benchmarks.fastapi_floor:app"),
+            partial(uvicorn_command, "benchmarks.fastapi_floor:app"),
             ["/predict"],
             "/docs",
         ),
         (
             "fastapi_baseline",
-            partial(uvicorn_command, "tests.benchmarks.fastapi_baseline:app"),
+            partial(uvicorn_command, "benchmarks.fastapi_baseline:app"),
             ["/predict"],
             "/docs",
         ),
         (
             "naive_bentoml",
-            partial(serve_command, "tests.benchmarks.naive_service:NaiveDigitService"),
+            partial(serve_command, "benchmarks.naive_service:NaiveDigitService"),
             ["/predict"],
             "/readyz",
         ),
         (
             "bentoml_floor",
-            partial(serve_command, "tests.benchmarks.floor_service:FloorService"),
+            partial(serve_command, "benchmarks.floor_service:FloorService"),
             ["/predict"],
             "/readyz",
         ),

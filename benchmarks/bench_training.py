@@ -1,7 +1,7 @@
 """Training benchmark: images per second of the default recipe and of the seed's, each through
 Lightning and through a bare torch loop doing the same steps, and the wall time they imply.
 
-    python -m tests.benchmarks.bench_training [--steps 100] [--rounds 3] [--out artifacts/bench]
+    python -m benchmarks.bench_training [--steps 100] [--rounds 3] [--out artifacts/bench]
 
 Both loops run the same model, data, augmentation, precision and optimiser; the gap between
 them is what Lightning's own per-step work costs. They alternate for a few rounds and each
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from benchmarks import save_report
 from digitops.training.train import build_datamodule, build_system, supported_precision
-from tests.benchmarks import save_report
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # name -> Hydra overrides on conf/config.yaml. The seed's recipe: its network, fp32, 15 epochs.
 RECIPES = {
     "default": [],

@@ -1,6 +1,6 @@
 """The limit for any Python HTTP wrapper: one FastAPI route, same preprocessing + model, no extras.
 
-uvicorn tests.benchmarks.fastapi_baseline:app --port 3001
+uvicorn benchmarks.fastapi_baseline:app --port 3001
 """
 
 from typing import Annotated

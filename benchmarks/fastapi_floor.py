@@ -4,13 +4,13 @@ multipart upload, reply with a fixed JSON as big as a /predict reply), without B
 Beside the BentoML floor it says what BentoML's stack costs per request; beside the FastAPI
 baseline, what the work itself costs there.
 
-uvicorn tests.benchmarks.fastapi_floor:app --port 3004
+uvicorn benchmarks.fastapi_floor:app --port 3004
 """
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from tests.benchmarks.floor_service import REPLY
+from benchmarks.floor_service import REPLY
 
 app = FastAPI()
 

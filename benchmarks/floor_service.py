@@ -1,7 +1,7 @@
 """The floor under any BentoML service on this machine: read the multipart upload, reply with a
 fixed JSON as big as a /predict reply. No preprocessing, no model.
 
-bentoml serve tests.benchmarks.floor_service:FloorService --port 3003
+bentoml serve benchmarks.floor_service:FloorService --port 3003
 """
 
 import bentoml

@@ -1,6 +1,6 @@
 """The naive BentoML service: the same work, one forward pass per request, no batching.
 
-bentoml serve tests.benchmarks.naive_service:NaiveDigitService --port 3002
+bentoml serve benchmarks.naive_service:NaiveDigitService --port 3002
 """
 
 from pathlib import Path

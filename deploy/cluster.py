@@ -1,9 +1,9 @@
 """A team deployment on one machine: PostgreSQL, an MLflow server, N replicas of the service and
 nginx in front of them, all on 127.0.0.1 (README.md, "Running on many machines").
 
-    python -m digitops.deploy.cluster up [--replicas 2] [--workers 1] [--port 8080] [--dir DIR]
-    python -m digitops.deploy.cluster status [--dir DIR]     # DIR: var/cluster by default
-    python -m digitops.deploy.cluster down [--dir DIR]
+    python -m deploy.cluster up [--replicas 2] [--workers 1] [--port 8080] [--dir DIR]
+    python -m deploy.cluster status [--dir DIR]     # DIR: var/cluster by default
+    python -m deploy.cluster down [--dir DIR]
 
 Run it from the checkout's root: the replicas serve `serving.service:DigitService` from there and
 nginx's config is rendered from deploy/nginx.conf. `up` leaves every process running on its own
@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from digitops.deploy.ports import free_port
-from digitops.deploy.postgres import LocalPostgres, PostgresUnavailable
+from deploy.ports import free_port
+from deploy.postgres import LocalPostgres, PostgresUnavailable
 
 SERVICE = "serving.service:DigitService"
 NGINX_TEMPLATE = Path("deploy/nginx.conf")
@@ -154,7 +154,7 @@ def render(template: str, **fields: object) -> str:
 
 def nginx_config(port: int, replica_ports: list[int], run_dir: Path, log_dir: Path) -> str:
     # Imported here: they pull in torch, which only `up` needs.
-    from digitops.inference.http import MULTIPART_OVERHEAD
+    from digitops.inference.contract import MULTIPART_OVERHEAD
     from digitops.inference.preprocess import DEFAULT_MAX_BYTES
 
     servers = "\n".join(f"        server 127.0.0.1:{p};" for p in replica_ports)
@@ -203,7 +203,7 @@ def start_replica(
     number: int, workers: int, pg: LocalPostgres, mlflow: Process, logs: Path
 ) -> Process:
     """`bentoml serve` on a port of its own, sharing the store and following the registry."""
-    from digitops.inference.http import KEEP_ALIVE_SECONDS  # pulls in torch: `up` only
+    from digitops.inference.settings import KEEP_ALIVE_SECONDS
 
     port = free_port()
     cmd = [

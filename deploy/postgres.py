@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from digitops.deploy.ports import free_port
+from deploy.ports import free_port
 
 SUPERUSER = "digitops"
 

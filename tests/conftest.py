@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -9,8 +10,10 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from digitops.data import mnist
 from tests.servers import postgres_server
@@ -25,6 +28,13 @@ def mnist_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("mnist")
     mnist._from_directory(FIXTURES / "mnist", directory)
     return directory
+
+
+def canvas_png(pixels: np.ndarray, size: int = 280) -> bytes:
+    """A digit as the web page uploads it: a PNG scaled (bicubic) to the canvas's size."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def compose_cfg(root: Path, mnist_dir: Path, *overrides: str):
@@ -59,7 +69,8 @@ def postgres():
         yield server
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The PostgreSQL case starts a server: not for the fast tier (`make test-fast`).
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def store_location(request, tmp_path) -> str:
     """Where a prediction store lives, once per backend: a SQLite file, or a fresh database on
     the session's PostgreSQL server."""

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from digitops.deploy.ports import free_port
-from digitops.deploy.postgres import LocalPostgres
-from digitops.inference.http import KEEP_ALIVE_SECONDS
+from deploy.ports import free_port
+from deploy.postgres import LocalPostgres
+from digitops.inference.settings import KEEP_ALIVE_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The process group behind each running server's base URL, for tests that kill it.

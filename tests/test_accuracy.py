@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.benchmarks.bench_accuracy import score_through_api
+from benchmarks.bench_accuracy import score_through_api
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_mnist_digits_keep_their_class_through_preprocessing(client, mnist_dir):
     from digitops import checkpoint
     from digitops.data import mnist
     from digitops.release.evaluate import predict_proba
-    from tests.test_service import png_bytes
+    from tests.conftest import canvas_png
 
     model, _ = checkpoint.load("models/default/model.pt")
     images, _ = mnist.load(mnist_dir, "t10k")
@@ -30,7 +30,7 @@ def test_mnist_digits_keep_their_class_through_preprocessing(client, mnist_dir):
     served = [
         client.post(
             "/predict",
-            files={"image": ("d.png", png_bytes(x, 28), "image/png")},
+            files={"image": ("d.png", canvas_png(x, 28), "image/png")},
             data={"log": "false"},
         ).json()["digit"]
         for x in images[:100]

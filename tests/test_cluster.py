@@ -1,4 +1,4 @@
-"""The many-machine deployment on loopback (`python -m digitops.deploy.cluster`): two replicas
+"""The many-machine deployment on loopback (`python -m deploy.cluster`): two replicas
 behind nginx share the work and one PostgreSQL store, survive one replica dying, and `down`
 leaves nothing running."""
 
@@ -15,13 +15,13 @@ import httpx
 import psutil
 import pytest
 
+from deploy.cluster import Process, alive, port_in_use
 from digitops.data import mnist
-from digitops.deploy.cluster import Process, alive, port_in_use
+from tests.conftest import canvas_png
 from tests.servers import free_port
-from tests.test_service import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = [sys.executable, "-m", "digitops.deploy.cluster"]
+CLUSTER = [sys.executable, "-m", "deploy.cluster"]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
@@ -40,7 +40,7 @@ def test_two_replicas_behind_nginx_share_one_store_and_stop_cleanly(mnist_dir):
     # An empty BentoML home: every replica serves the shipped model.
     env = {**os.environ, "BENTOML_HOME": str(directory / "bentoml_home")}
     images, _ = mnist.load(mnist_dir, "t10k")
-    digits = [png_bytes(images[i]) for i in range(16)]
+    digits = [canvas_png(images[i]) for i in range(16)]
     try:
         up = cluster("up", "--replicas", "2", "--port", str(port), "--dir", str(directory), env=env)
         assert up.returncode == 0, up.stderr
@@ -101,7 +101,7 @@ def test_two_replicas_behind_nginx_share_one_store_and_stop_cleanly(mnist_dir):
 # As README.md ("Running on many machines") shows them, run from the checkout as written.
 README_COMMANDS = (
     "make cluster-up",
-    "python -m digitops.deploy.cluster status",
+    "python -m deploy.cluster status",
     "make cluster-down",
 )
 
@@ -125,7 +125,7 @@ def test_the_readme_commands_start_query_and_stop_the_default_cluster(mnist_dir)
         assert started.returncode == 0, started.stdout + started.stderr
         listed = sh(status)
         assert listed.returncode == 0 and "nginx" in listed.stdout, listed.stdout
-        files = {"image": ("d.png", png_bytes(images[0]), "image/png")}
+        files = {"image": ("d.png", canvas_png(images[0]), "image/png")}
         reply = httpx.post("http://127.0.0.1:8080/predict", files=files, timeout=30)
         assert reply.status_code == 200 and reply.json()["digit"] in range(10)
     finally:

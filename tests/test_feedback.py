@@ -12,7 +12,8 @@ from tests.test_service import png_bytes
 
 
 @pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)]
+    scope="module",
+    params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.slow, pytest.mark.e2e])],
 )
 def client(request, tmp_path_factory):
     """The service on each store engine: in process on SQLite (the session's client), and a

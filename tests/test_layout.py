@@ -23,8 +23,6 @@ LAYERS = {
     "training": {"base", "data"},
     "release": {"base", "data"},
     "inference": {"base", "data"},
-    # The deployment launcher starts servers: it may read their settings, nothing imports it.
-    "deploy": {"base", "inference"},
 }
 # The Bento packages the whole library and the service, not only the code its stage runs.
 PACKAGING_STAGES = {"bento"}
@@ -176,6 +174,22 @@ def test_settings_come_from_the_environment_and_bad_values_say_which():
     assert not Settings.from_env({"DIGITOPS_ACCESS_LOG": "False"}).access_log
     with pytest.raises(SettingsError, match="DIGITOPS_ACCESS_LOG must be true or false, got 'n'"):
         Settings.from_env({"DIGITOPS_ACCESS_LOG": "n"})
+
+
+def test_the_deployment_launcher_and_the_benchmarks_are_not_shipped_nor_imported():
+    """deploy/ (`python -m deploy.cluster`) and benchmarks/ (`make bench`) sit beside the
+    library, outside the wheel (which packages src/ only); nothing shipped imports them."""
+    assert not (LIBRARY / "deploy").exists() and not (ROOT / "tests" / "benchmarks").exists()
+    assert (ROOT / "deploy" / "cluster.py").is_file() and (ROOT / "benchmarks").is_dir()
+    for folder in ("src", "pipelines", "serving"):
+        for path in (ROOT / folder).rglob("*.py"):
+            roots = {name.split(".")[0] for name in imported_modules(path)}
+            assert not roots & {"deploy", "benchmarks", "tests"}, path
+    # The launcher reads the service's settings, and nothing of training or release.
+    for path in (ROOT / "deploy").glob("*.py"):
+        for name in imported_modules(path):
+            if name.startswith("digitops."):
+                assert name.split(".")[1] == "inference", f"{path.name} imports {name}"
 
 
 def test_the_real_world_set_generator_is_not_shipped():

@@ -1,7 +1,6 @@
-"""The service's own metrics: predictions are counted by a thread, in batches, and at close."""
+"""The service's own metrics, counted as each prediction is answered."""
 
-import time
-
+import pytest
 from prometheus_client import CollectorRegistry
 
 from digitops.inference.metrics import ServiceMetrics
@@ -11,30 +10,14 @@ def value(registry: CollectorRegistry, name: str, **labels) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-def test_predictions_are_counted_by_the_thread_within_its_interval():
+def test_predictions_are_counted_by_digit_confidence_and_inversion():
     registry = CollectorRegistry()
-    metrics = ServiceMetrics(update_seconds=0.05, registry=registry)
-    try:
-        metrics.prediction(7, 0.93, inverted=True)
-        deadline = time.monotonic() + 5
-        while value(registry, "digitops_predictions_total", digit="7") == 0:
-            assert time.monotonic() < deadline, "never counted"
-            time.sleep(0.01)
-        assert value(registry, "digitops_inverted_inputs_total") == 1
-        assert value(registry, "digitops_prediction_confidence_bucket", le="0.95") == 1
-        assert value(registry, "digitops_prediction_confidence_bucket", le="0.9") == 0
-    finally:
-        metrics.close()
-
-
-def test_close_counts_what_is_held():
-    registry = CollectorRegistry()
-    metrics = ServiceMetrics(update_seconds=3600, registry=registry)
-    for digit in (1, 1, 4):
-        metrics.prediction(digit, 0.5, inverted=False)
-    assert value(registry, "digitops_predictions_total", digit="1") == 0  # held, not yet counted
-    metrics.close()
+    metrics = ServiceMetrics(registry=registry)
+    for digit, confidence, inverted in ((1, 0.5, False), (1, 0.5, False), (7, 0.93, True)):
+        metrics.prediction(digit, confidence, inverted)
     assert value(registry, "digitops_predictions_total", digit="1") == 2
-    assert value(registry, "digitops_predictions_total", digit="4") == 1
-    assert value(registry, "digitops_prediction_confidence_sum") == 1.5
-    assert value(registry, "digitops_inverted_inputs_total") == 0
+    assert value(registry, "digitops_predictions_total", digit="7") == 1
+    assert value(registry, "digitops_inverted_inputs_total") == 1
+    assert value(registry, "digitops_prediction_confidence_bucket", le="0.95") == 3
+    assert value(registry, "digitops_prediction_confidence_bucket", le="0.9") == 2
+    assert value(registry, "digitops_prediction_confidence_sum") == pytest.approx(1.93)

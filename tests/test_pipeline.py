@@ -53,22 +53,30 @@ def test_ddp_two_cpu_processes_both_train(tmp_path, mnist_dir):
     assert a == pytest.approx(b, rel=1e-9)
 
 
-@pytest.fixture
-def project(tmp_path, mnist_dir) -> Path:
-    """A scratch repo on the fixture MNIST with the smoke trainer."""
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
+    """A scratch repo on the fixture MNIST with the smoke trainer, after one `dvc repro`, and
+    what that run printed. Run once per module: each test works on a copy (`project`)."""
     edits = {
         "conf/config.yaml": [
             ("trainer: default", "trainer: smoke"),
             ("val_size: 5000", "val_size: 200"),
         ]
     }
-    return scratch_repo(tmp_path / "repo", mnist_dir, edits)
+    project = scratch_repo(tmp_path_factory.mktemp("pipeline") / "repo", mnist_dir, edits)
+    return project, run(["dvc", "repro"], cwd=project).stdout
 
 
-def test_dvc_repro_runs_stages_then_is_a_no_op(project):
-    first = run(["dvc", "repro"], cwd=project)
+@pytest.fixture
+def project(reproduced, tmp_path) -> Path:
+    """A copy of the reproduced repo (git, DVC cache, BentoML store and all) of its own; DVC's
+    paths are relative, so the copy is a repo in the same state."""
+    return Path(shutil.copytree(reproduced[0], tmp_path / "repo", symlinks=True))
+
+
+def test_dvc_repro_runs_stages_then_is_a_no_op(reproduced, project):
     for stage in ("train", "evaluate", "promote", "bento"):
-        assert f"Running stage '{stage}'" in first.stdout, stage
+        assert f"Running stage '{stage}'" in reproduced[1], stage
     metrics = json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())
     assert metrics["test"]["count"] == 300
     second = run(["dvc", "repro"], cwd=project)

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from digitops.deploy import ports
+from deploy import ports
 
 
 def kernel_choice() -> int:

@@ -14,10 +14,10 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.bench_load import Load, digits, drive, upload
 from digitops import checkpoint
 from digitops.release.promote import promote
 from digitops.tracking import Tracking
-from tests.benchmarks.bench_load import Load, digits, drive
 from tests.conftest import compose_cfg, run, scratch_repo
 from tests.servers import PROCESSES, bentoml_serve, mlflow_server, stop
 
@@ -122,9 +122,7 @@ def predict_under_load(bases: list[str], seconds: float, during) -> tuple[list[L
     pngs = digits()
 
     def predict(client: httpx.AsyncClient, i: int):
-        return client.post(
-            "/predict", content=pngs[i % len(pngs)], headers={"content-type": "image/png"}
-        )
+        return client.post("/predict", **upload(pngs[i % len(pngs)]))
 
     async def both():
         until = time.monotonic() + seconds

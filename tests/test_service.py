@@ -88,7 +88,7 @@ def test_feature_maps_every_layer(client, digits):
     widths = client.get("/model").json()["model_args"]["channels"]  # the served network's
     for layer, channels, size in zip(DigitCNN.conv_layers, widths, (14, 7, 7), strict=True):
         body = client.post(
-            "/feature_maps", files=files, data={"layer": layer, "arrays": "1"}
+            "/feature_maps", files=files, data={"layer": layer, "arrays": "true"}
         ).json()
         assert body["channels"] == channels and body["size"] == [size, size]
         assert np.array(body["maps"]).shape == (channels, size, size)

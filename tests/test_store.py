@@ -45,6 +45,7 @@ def test_read_only_sqlite_store_raises_store_error(tmp_path):
         store.log_prediction("id", b"png", PROBS, False, "1")
 
 
+@pytest.mark.slow  # starts PostgreSQL
 def test_a_database_that_is_down_raises_store_error_naming_it(postgres):
     with pytest.raises(StoreError, match="cannot be opened") as err:
         PredictionStore(f"postgresql://digitops:secret@127.0.0.1:{postgres.port + 1}/nowhere")

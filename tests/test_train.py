@@ -16,6 +16,8 @@ from digitops.tracking import Tracking
 from digitops.training.train import HISTORY_FIELDS, run_name, train
 from tests.conftest import compose_cfg
 
+pytestmark = pytest.mark.slow  # trains (the smoke trainer, two epochs)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_dir):

@@ -48,6 +48,13 @@ def _not_a_bool(value: object) -> object:
     return value
 
 
+def _true_or_false(value: object) -> object:
+    if isinstance(value, str) and value.lower() not in ("true", "false"):
+        raise ValueError("must be true or false")  # as the document says: a boolean
+    return value
+
+
+Flag = Annotated[bool, BeforeValidator(_true_or_false)]
 Label = Annotated[
     int, BeforeValidator(_not_a_bool), Field(ge=0, le=9, description="the digit it really is")
 ]
@@ -70,12 +77,12 @@ class ImageForm(BaseModel):
 
 class PredictForm(ImageForm):
     image: UploadFile = Field(description="PNG, JPEG, WebP, BMP, GIF or TIFF")
-    log: bool = Field(True, description="false: do not store for feedback (previews)")
+    log: Flag = Field(True, description="false: do not store for feedback (previews)")
 
 
 class BatchForm(ImageForm):
     images: list[UploadFile] = Field(min_length=1, max_length=MAX_BATCH_IMAGES)
-    log: bool = Field(True, description="false: do not store for feedback")
+    log: Flag = Field(True, description="false: do not store for feedback")
 
 
 class ExplainForm(ImageForm):
@@ -86,7 +93,7 @@ class ExplainForm(ImageForm):
 class FeatureMapsForm(ImageForm):
     image: UploadFile
     layer: Literal[DigitCNN.conv_layers] = Field("conv1", description="conv block")  # type: ignore[valid-type]
-    arrays: bool = Field(False, description="also return the raw activations")
+    arrays: Flag = Field(False, description="also return the raw activations")
 
 
 class FeedbackRequest(BaseModel):

@@ -1,5 +1,5 @@
 """The network the service runs: exported to ONNX and run by ONNX Runtime
-(tests/benchmarks/bench_forward.py compares it with torch eager, TorchScript and
+(benchmarks/bench_forward.py compares it with torch eager, TorchScript and
 torch.compile; docs/benchmarks.md has the figures). Predictions, Grad-CAM's activations and
 feature maps all come from it; Grad-CAM's gradient, through the small classifier only, is a
 few products with its weights (explain.grad_cam)."""
