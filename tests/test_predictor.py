@@ -87,17 +87,32 @@ def test_requests_that_queue_up_share_one_forward_pass_per_model(tmp_path, image
     thread, _ = thread_for(PredictionStore(tmp_path / "p.db"))
 
     async def main():
-        busy = asyncio.ensure_future(thread.run(Job([image], Options(), first)))
-        await asyncio.sleep(0.2)  # the thread is held in `busy`'s forward pass
+        # Two at once: neither is alone, so both go to the thread, which the gate holds.
+        busy = [asyncio.ensure_future(thread.run(Job([image], Options(), first))) for _ in "ab"]
+        await asyncio.sleep(0.2)
         queued = [thread.run(Job([image] * 2, Options(), m)) for m in (first, second, first)]
         waiting = asyncio.gather(*queued)
         await asyncio.sleep(0.1)
         gate.set()
-        return await busy, await waiting
+        return await asyncio.gather(*busy), await waiting
 
-    lone, (a, b, c) = asyncio.run(main())
-    assert first.passes == [1, 4] and second.passes == [2]  # one pass per model for the round
+    _, (a, b, c) = asyncio.run(main())
+    # Two rounds: the busy one, then one forward pass per model for all that queued meanwhile.
+    assert len(first.passes) == 2 and sum(first.passes) == 6 and second.passes == [2]
     assert [r["digit"] for r in a + c] == [3] * 4 and [r["digit"] for r in b] == [5, 5]
+
+
+def test_a_request_alone_is_done_on_the_event_loop(tmp_path, image):
+    thread, _ = thread_for(PredictionStore(tmp_path / "p.db"))
+    seen = []
+
+    class Watched(Model):
+        def probabilities(self, pixels):
+            seen.append(threading.current_thread().name)
+            return super().probabilities(pixels)
+
+    run(thread, Job([image], Options(), Watched()))
+    assert seen == [threading.main_thread().name]
 
 
 def test_a_bad_image_fails_its_request_alone_or_only_itself_in_a_batch(tmp_path, image):

@@ -4,7 +4,8 @@ One thread per worker does the prediction routes' work in rounds: everything que
 was busy is prepared, then answered by one forward pass per model, then logged in one commit
 to the prediction store, and the replies go back to the event loop together. A step repeated
 for several images runs with its code and data still in the CPU's caches, one forward pass
-serves them all, and one commit logs them all; a lone request waits only for its own work.
+serves them all, and one commit logs them all. A request alone in its worker is done on the
+event loop, in a round of its own.
 
 A reply says `logged: false` exactly when its row did not reach the store, so no acknowledged
 write is ever lost silently, and a broken store never fails a prediction.
@@ -62,18 +63,36 @@ class PredictionThread:
         self.store, self.metrics = store, metrics
         self.max_bytes, self.max_round = max_bytes, max_round
         self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._running = 0  # calls of run() not yet answered (all on one event loop)
+        self._working = False  # whether the thread is in a round
         threading.Thread(target=self._serve, name="predictions", daemon=True).start()
 
     async def run(self, job: Job) -> list[dict]:
         """The replies of `job` (error replies for a batch's bad images), once logged; or the
-        error of a lone image, raised."""
-        job.done = asyncio.get_running_loop().create_future()
-        self._queue.put(job)
-        return await job.done
+        error of a lone image, raised.
+
+        A request alone in this worker, finding the thread idle, is done right here on the
+        event loop: it would only wait for two thread hand-offs. Under load every job goes to
+        the thread's rounds, and the loop goes on reading requests."""
+        self._running += 1
+        try:
+            if self._alone():
+                await asyncio.sleep(0)  # requests that arrived meanwhile count themselves first
+                if self._alone():
+                    return _outcome(self.round([job])[0])
+            job.done = asyncio.get_running_loop().create_future()
+            self._queue.put(job)
+            return await job.done
+        finally:
+            self._running -= 1
+
+    def _alone(self) -> bool:
+        return self._running == 1 and not self._working and self._queue.empty()
 
     def _serve(self) -> None:
         while True:
             jobs = [self._queue.get()]
+            self._working = True
             while len(jobs) < self.max_round:
                 try:
                     jobs.append(self._queue.get_nowait())
@@ -86,6 +105,7 @@ class PredictionThread:
                 outcomes = [err] * len(jobs)
             for job, outcome in zip(jobs, outcomes, strict=True):
                 job.done.get_loop().call_soon_threadsafe(_settle, job.done, outcome)
+            self._working = False
 
     def round(self, jobs: list[Job]) -> list[list[dict] | Exception]:
         """Each job's replies, or the error that fails it: every job prepared, one forward
@@ -168,6 +188,12 @@ def _forward(jobs: list[Job], prepared: list[list]) -> list[np.ndarray | Excepti
         for i, images in zip(members, pixels, strict=True):  # each job's rows, in order
             results[i], start = probabilities[start : start + len(images)], start + len(images)
     return results
+
+
+def _outcome(outcome: list[dict] | Exception) -> list[dict]:
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def _settle(done: asyncio.Future, outcome: list[dict] | Exception) -> None:
