@@ -102,7 +102,9 @@ class DigitService:
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = contract.RateLimiter(SETTINGS.feedback_per_minute)
         if self.registry is not None:  # each worker follows on its own: no notices needed
-            self.registry.follow(lambda: self.served, self._serve)
+            self.registry.follow(
+                lambda: self.served, lambda m: self._serve(m, "followed the registry")
+            )
         elif SETTINGS.workers > 1:
             self.reloads.follow(lambda: self.served.store_tag, self._switch_to)
         # The first call into each library (Pillow's plugins, ONNX Runtime's buffers) is slow:
@@ -135,17 +137,17 @@ class DigitService:
         except ModelUnavailable as err:
             sys.exit(f"digitops: cannot start: {err}")
 
-    def _serve(self, served: ServedModel) -> None:
+    def _serve(self, served: ServedModel, why: str = "started") -> None:
         """Switch to `served`: one reference swap, so requests in flight finish on the old one."""
-        if getattr(self, "served", None) is not None:
-            log.info("now serving %s (was %s)", served.source, self.served.source)
+        if why != "started":
+            log.info("%s: now serving %s (was %s)", why, served.source, self.served.source)
         self.served = served
         identity = served.identity()
         self.metrics.serving(identity["name"], identity["version"], served.source)
 
     def _switch_to(self, store_tag: str) -> None:
         """Serve the store entry another worker of this server reloaded."""
-        self._serve(load_served_model(store_tag, None, fallback=False))
+        self._serve(load_served_model(store_tag, None, fallback=False), "followed a reload")
 
     @bentoml.api(batchable=True, max_batch_size=contract.MAX_CLASSIFY_IMAGES, max_latency_ms=1000)
     def classify(
@@ -262,7 +264,7 @@ class DigitService:
                 f"reload failed, still serving {self.served.source}: {err}", 503
             ) from None
         previous = self.served.card()
-        self._serve(served)
+        self._serve(served, "reloaded")
         if SETTINGS.workers > 1 and self.registry is None:
             self.reloads.announce(served.store_tag)  # the others switch within a second
         return {"previous": previous, "current": served.card(), "workers": SETTINGS.workers}
