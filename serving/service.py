@@ -107,11 +107,11 @@ class DigitService:
             )
         elif SETTINGS.workers > 1:
             self.reloads.follow(lambda: self.served.store_tag, self._switch_to)
-        # The first call into each library (Pillow's plugins, ONNX Runtime's buffers) is slow:
-        # made here, it lands on no client's request.
-        stroke = np.zeros((28, 28), dtype=np.uint8)
-        stroke[6:22, 13:15] = 255
-        explain.explanation(self.served, prepare(png(stroke, scale=10), Options()), None)
+        # First calls into each library are slow: made here, they land on no client's request.
+        stroke = np.pad(np.full((16, 2), 255, np.uint8), ((6, 6), (13, 13)))  # a "1"
+        prepared = prepare(png(stroke, scale=10), Options())
+        self.served.probabilities(prepared.pixels[None])
+        explain.explanation(self.served, prepared, None)
         if not SETTINGS.tracing and sampled_share() > 0:
             log.warning("tracing.sample_rate is set, but DIGITOPS_TRACING is off: nothing traced")
         accuracy = self.served.card()["test_accuracy"]

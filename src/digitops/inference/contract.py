@@ -397,11 +397,16 @@ def document(app: FastAPI, model: dict[str, Any]) -> dict[str, Any]:
 SEND_AN_IMAGE = "send the image as multipart form field 'image' (curl -F image=@digit.png)"
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without its parameters, lower-cased ("" when none)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def multipart_only(request: Request) -> None:
     """A dependency of the upload routes: the body is a multipart form and the options are in
     it. (FastAPI reads any other body as an empty form, and would only say the image is
     missing; it ignores a query string, and an option sent there would be silently lost.)"""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if not content_type and request.headers.get("content-length", "0").strip("0") == "":
         raise RequestError(f"empty request; {SEND_AN_IMAGE}")
     if content_type != "multipart/form-data":
@@ -452,9 +457,8 @@ class BodyLimit:
 
 async def feedback_body(request: Request) -> FeedbackRequest | LabelledImage:
     """/feedback's body: a JSON label for a prediction, or a labelled image (a form)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
-        if content_type == "multipart/form-data":
+        if media_type(request) == "multipart/form-data":
             limits = {"max_files": 1, "max_fields": 16, "max_part_size": MAX_FIELD_BYTES}
             return LabelledImage.model_validate(dict(await request.form(**limits)))
         try:

@@ -146,7 +146,7 @@ class PredictionThread:
             elif self.store is None:
                 self._unlogged(reply, "no prediction store")
             else:
-                version = job.model.identity()["version"]
+                version = reply["model"]["version"]
                 row = (prediction_id, input_png, p, item.inverted, version, data, job.options.noise)
                 logged.append((reply, self.store.record(*row)))
         return replies
