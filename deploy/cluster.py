@@ -214,7 +214,6 @@ def start_replica(
     env = {
         "DIGITOPS_PREDICTIONS_DB": pg.url("digitops"),
         # Each worker's predictions are journaled here before its reply (a local disk).
-        "DIGITOPS_PREDICTION_JOURNAL": str(logs.parent / "journal"),
         "MLFLOW_TRACKING_URI": mlflow.url,
         "DIGITOPS_REGISTRY_POLL_SECONDS": os.environ.get("DIGITOPS_REGISTRY_POLL_SECONDS", "10"),
         "DIGITOPS_WORKERS": str(workers),

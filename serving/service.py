@@ -20,7 +20,7 @@ import anyio
 import bentoml
 import numpy as np
 from fastapi import FastAPI, File, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BeforeValidator
 
@@ -36,6 +36,7 @@ from digitops.inference.contract import (
     PredictForm,
 )
 from digitops.inference.errors import RequestError, install_error_handlers
+from digitops.inference.journal import PredictionJournal, journal_directory
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.predictor import Job, PredictionThread, b64
 from digitops.inference.preprocess import Options, prepare
@@ -69,12 +70,22 @@ app.mount("/static", StaticFiles(directory=STATIC), name="static")
 install_error_handlers(app)
 
 
-def open_store() -> PredictionStore | None:
+async def current_service():
+    """BentoML hands routes their `self` through a dependency on a plain function, which FastAPI
+    calls in its thread pool: a thread hand-off per request. Declared async, it runs on the loop."""
+    return bentoml.get_current_service()
+
+
+app.dependency_overrides[bentoml.get_current_service] = current_service
+
+
+def open_log(metrics: ServiceMetrics) -> PredictionJournal | None:
+    """The prediction log: a journal in front of the store. Predictions go on without it."""
+    location = SETTINGS.predictions_db
     try:
-        return PredictionStore(
-            SETTINGS.predictions_db, max_predictions=SETTINGS.max_predictions, upkeep_seconds=1.0
-        )
-    except StoreError as err:  # predictions must go on without their log
+        store = PredictionStore(location, SETTINGS.max_predictions, external_upkeep=True)
+        return PredictionJournal(store, journal_directory(location), metrics.store_failures.inc)
+    except StoreError as err:
         log.warning("%s; predictions will not be logged and feedback is disabled", err)
         return None
 
@@ -96,8 +107,9 @@ class DigitService:
         self.metrics = ServiceMetrics()
         self.registry = registry_follower(SETTINGS)
         self._serve(starting_model(SETTINGS, self.registry))
-        self.store = open_store()
-        self.predictions = PredictionThread(self.store, self.metrics, MAX_BYTES)
+        self.journal = open_log(self.metrics)
+        self.store = self.journal.store if self.journal else None
+        self.predictions = PredictionThread(self.journal, self.metrics, MAX_BYTES)
         # Grad-CAM and feature maps get a thread per core: more would only contend for them.
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = contract.RateLimiter(SETTINGS.feedback_per_minute)
@@ -124,7 +136,8 @@ class DigitService:
 
     @bentoml.on_shutdown
     def close_store(self) -> None:
-        if self.store is not None:
+        if self.journal is not None:
+            self.journal.close()
             self.store.close()
 
     @bentoml.on_deployment
@@ -165,7 +178,7 @@ class DigitService:
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
         job = Job([await form.image.read()], form.options(), self.served, log=form.log)
         (reply,) = await self.predictions.run(job)
-        return reply
+        return JSONResponse(reply)  # plain JSON types already: nothing for FastAPI to encode
 
     @app.post(
         "/predict_batch",
@@ -176,7 +189,7 @@ class DigitService:
         images = [await image.read() for image in form.images]
         job = Job(images, form.options(), self.served, log=form.log, alone=False)
         results = await self.predictions.run(job)
-        return {"results": results, "count": len(results)}
+        return JSONResponse({"results": results, "count": len(results)})
 
     @app.post("/explain", **contract.upload_route(contract.EXPLAIN))
     async def explain(self, form: Annotated[ExplainForm, File()]):
@@ -217,7 +230,7 @@ class DigitService:
             )
         try:
             result = await anyio.to_thread.run_sync(
-                self.store.add_feedback, body.prediction_id, body.label, body.comment, client
+                self.journal.add_feedback, body.prediction_id, body.label, body.comment, client
             )
         except UnknownPrediction:
             raise RequestError(
@@ -240,6 +253,7 @@ class DigitService:
         """The unlabelled predictions the model is least sure of: label these first."""
         if self.store is None:
             raise RequestError("the review queue is unavailable: no prediction store", 503)
+        await anyio.to_thread.run_sync(self.journal.flush)  # the client's own predictions too
         items = await anyio.to_thread.run_sync(self.store.review_queue, k, strategy)
         for item in items:
             item["input_png"] = b64(item["input_png"])
@@ -250,6 +264,7 @@ class DigitService:
         """Counts of feedback by state (pending / ingested / rejected) and logged predictions."""
         if self.store is None:
             raise RequestError("feedback stats are unavailable: no prediction store", 503)
+        await anyio.to_thread.run_sync(self.journal.flush)
         return await anyio.to_thread.run_sync(self.store.stats)
 
     @app.post("/admin/reload", **contract.RELOAD)

@@ -72,8 +72,8 @@ def test_sigkill_during_feedback_loses_no_acknowledged_correction(tmp_path, mnis
 
 @pytest.mark.e2e
 def test_sigkill_mid_load_loses_no_prediction_answered_as_logged(tmp_path, mnist_dir):
-    """A reply that does not say `logged: false` was committed before it went out: killed
-    mid-load, the server has every such prediction in its store when it starts again."""
+    """A reply that does not say `logged: false` was journaled before it went out: killed
+    mid-load, the server has every such prediction in its store once it starts again."""
     images, _ = mnist.load(mnist_dir, "t10k")
     pngs = [png_bytes(images[i]) for i in range(8)]
     answered: list[dict] = []
@@ -95,11 +95,11 @@ def test_sigkill_mid_load_loses_no_prediction_answered_as_logged(tmp_path, mnist
             concurrent.futures.wait(pending)
     logged = {r["prediction_id"] for r in answered if "logged" not in r}
     assert len(logged) >= 30
-    with contextlib.closing(sqlite3.connect(tmp_path / "predictions.db")) as db:
-        assert logged <= {i for (i,) in db.execute("SELECT id FROM predictions")}
     with bentoml_serve(tmp_path) as (base, _), httpx.Client(base_url=base, timeout=30) as c:
         reply = c.post("/feedback", json={"prediction_id": sorted(logged)[-1], "label": 7})
         assert reply.status_code == 200
+    with contextlib.closing(sqlite3.connect(tmp_path / "predictions.db")) as db:
+        assert logged <= {i for (i,) in db.execute("SELECT id FROM predictions")}
 
 
 @pytest.fixture

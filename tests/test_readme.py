@@ -44,15 +44,16 @@ RUN_HERE = {*CHEAP, *SCRATCH, PREDICT, RELOAD}
 PIPELINE = "tests/test_pipeline.py::test_"
 SERVE = PIPELINE + "a_worse_first_candidate_loses_to_the_shipped_model_which_make_serve_keeps"
 EXPERIMENTS = PIPELINE + "every_dvc_exp_run_in_the_readme_runs"
-CLUSTER = "tests/test_cluster.py::test_the_readme_commands_start_query_and_stop_the_default_cluster"
+CLUSTER = (
+    "tests/test_cluster.py::"
+    "test_the_readme_cluster_shares_the_work_and_one_store_survives_a_replica_and_stops"
+)
 COVERED = {
     "make serve": SERVE,  # with VENV= naming this venv: the scratch repo it serves has none
     "dvc repro": PIPELINE + "dvc_repro_runs_stages_then_is_a_no_op",
     "dvc push": PIPELINE + "dvc_remote_push_pull_offline",  # to the default, local remote
     "dvc exp run -S 'conf/model/cnn.yaml:dropout=0.3' "
     "-S 'conf/trainer/default.yaml:max_epochs=5'": EXPERIMENTS,
-    "dvc exp run -S 'conf/config.yaml:init_from=champion' "
-    "-S 'conf/trainer/default.yaml:max_epochs=1'": EXPERIMENTS,
     "dvc exp run -S 'conf/config.yaml:init_from=champion' "
     "-S 'conf/config.yaml:optimizer.lr=0.0005' "
     "-S 'conf/trainer/default.yaml:max_epochs=1'": EXPERIMENTS,

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from digitops.inference import journal as journal_module
 from digitops.inference import store as store_module
+from digitops.inference.journal import PredictionJournal
 from digitops.inference.store import PredictionStore, RowRefused, StoreError, predictions
 from tests.servers import postgres_server
 
@@ -223,36 +225,33 @@ def test_two_replicas_writing_at_once_lose_nothing_and_duplicate_nothing(store_l
 
 def test_upkeep_checkpoints_and_enforces_retention_off_the_commit_path(tmp_path):
     path = tmp_path / "p.db"
-    store = PredictionStore(path, max_predictions=100, upkeep_seconds=1.0)
+    store = PredictionStore(path, max_predictions=100, external_upkeep=True)
     original = bytes(range(256)) * 64  # 16 KiB per row: the log grows by megabytes
     try:
         store.insert(
             [store.record(f"p{i}", b"png", PROBS, False, "1", original) for i in range(400)]
         )
-        # No commit checkpointed (the first upkeep is a second away): the rows are in the
-        # write-ahead log, not the database file.
+        # No commit checkpointed: the rows are in the write-ahead log, not the database file.
         assert path.stat().st_size < 1_000_000 < (tmp_path / "p.db-wal").stat().st_size
         store.insert([store.record(f"q{i}", b"png", PROBS, False, "1") for i in range(700)])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (
-            path.stat().st_size < 6_000_000 or store.stats()["predictions"] > 100
-        ):
-            time.sleep(0.1)
-        assert path.stat().st_size > 6_000_000, "the upkeep thread never checkpointed"
-        assert store.stats()["predictions"] == 100, "the upkeep thread never enforced retention"
+        assert store.stats()["predictions"] == 1100
+        store.upkeep()
+        assert path.stat().st_size > 6_000_000 and store.stats()["predictions"] == 100
     finally:
         store.close()
 
 
 def test_the_write_ahead_log_stays_bounded_while_commits_never_stop(tmp_path, monkeypatch):
-    # A commit every millisecond, as from a busy server: no PASSIVE checkpoint finds the log
-    # idle, and without a RESTART past the limit this loop left a 48 MB log for 2,200 rows.
-    # With it the log peaks at the limit plus one upkeep interval's commits (1.9 MB; a row
-    # writes 20 KB of log). The bound leaves room for the upkeep thread to run 0.3 s late on a
-    # loaded machine: 4.2 MB once in a full CI run, where the bound was 4 MB.
+    # A commit every millisecond, as from a busy server, and the journal writer's upkeep beside
+    # them: no PASSIVE checkpoint finds the log idle, and without a RESTART past the limit this
+    # loop left a 48 MB log for 2,200 rows. With it the log peaks at the limit plus one upkeep
+    # interval's commits (1.9 MB; a row writes 20 KB of log). The bound leaves room for the
+    # upkeep to run 0.3 s late on a loaded machine.
     path, wal, limit = tmp_path / "p.db", tmp_path / "p.db-wal", 1_000_000
     monkeypatch.setattr(store_module, "WAL_LIMIT_BYTES", limit)
-    store = PredictionStore(path, upkeep_seconds=0.05)
+    monkeypatch.setattr(journal_module, "UPKEEP_SECONDS", 0.05)
+    store = PredictionStore(path, external_upkeep=True)
+    journal = PredictionJournal(store, tmp_path / "journal", lambda: None)
     original = bytes(range(256)) * 16  # 4 KiB per row
     largest, rows, stop = 0, 0, time.monotonic() + 3
     try:
@@ -262,5 +261,6 @@ def test_the_write_ahead_log_stays_bounded_while_commits_never_stop(tmp_path, mo
             largest = max(largest, wal.stat().st_size)
             time.sleep(0.001)
     finally:
+        journal.close()
         store.close()
     assert largest < 8 * limit, f"{rows} rows, a {largest}-byte log"

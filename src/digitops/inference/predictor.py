@@ -1,14 +1,14 @@
 """Predictions, off the event loop: preprocess -> forward pass -> log -> reply.
 
 One thread per worker does the prediction routes' work in rounds: everything queued while it
-was busy is prepared, then answered by one forward pass per model, then logged in one commit
-to the prediction store, and the replies go back to the event loop together. A step repeated
-for several images runs with its code and data still in the CPU's caches, one forward pass
-serves them all, and one commit logs them all. A request alone in its worker is done on the
-event loop, in a round of its own.
+was busy is prepared, then answered by one forward pass per model, then logged in one append
+to the prediction journal (which commits to the store behind the replies), and the replies go
+back to the event loop together. A step repeated for several images runs with its code and
+data still in the CPU's caches, and one forward pass serves them all. A request alone in its
+worker is done on the event loop, in a round of its own.
 
-A reply says `logged: false` exactly when its row did not reach the store, so no acknowledged
-write is ever lost silently, and a broken store never fails a prediction.
+A reply says `logged: false` exactly when its row did not reach the journal, so no
+acknowledged write is ever lost silently, and a broken store never fails a prediction.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import numpy as np
 
 from digitops.files import png
 from digitops.inference.errors import EmptyImageError, RequestError
+from digitops.inference.journal import PredictionJournal
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.preprocess import DEFAULT_MAX_BYTES, Options, Preprocessed, prepare
 from digitops.inference.served import ServedModel
-from digitops.inference.store import PredictionStore, StoreError
+from digitops.inference.store import StoreError
 
 log = logging.getLogger("bentoml.digitops")
 
@@ -55,12 +56,12 @@ class PredictionThread:
 
     def __init__(
         self,
-        store: PredictionStore | None,
+        journal: PredictionJournal | None,
         metrics: ServiceMetrics,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_round: int = 64,
     ):
-        self.store, self.metrics = store, metrics
+        self.journal, self.metrics = journal, metrics
         self.max_bytes, self.max_round = max_bytes, max_round
         self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._running = 0  # calls of run() not yet answered (all on one event loop)
@@ -109,7 +110,7 @@ class PredictionThread:
 
     def round(self, jobs: list[Job]) -> list[list[dict] | Exception]:
         """Each job's replies, or the error that fails it: every job prepared, one forward
-        pass per model, every job answered, and their rows logged in one commit."""
+        pass per model, every job answered, and their rows journaled in one append."""
         prepared = [[self._prepare(data, job) for data in job.images] for job in jobs]
         outcomes, logged = [], []
         for job, inputs, probabilities in zip(
@@ -121,11 +122,10 @@ class PredictionThread:
                 outcomes.append(inputs[0])
             else:
                 outcomes.append(self._answer(job, inputs, iter(probabilities), logged))
-        if logged and self.store is not None:
-            errors = self.store.insert_each([row for _, row in logged])
-            for (reply, _), error in zip(logged, errors, strict=True):
-                if error is not None:
-                    self._unlogged(reply, error)
+        if logged and self.journal is not None:
+            error = self.journal.append([row for _, row in logged])
+            for reply, _ in logged if error is not None else ():
+                self._unlogged(reply, error)
         return outcomes
 
     def _answer(self, job: Job, inputs: list, probabilities, logged: list) -> list[dict]:
@@ -143,12 +143,12 @@ class PredictionThread:
             replies.append(reply)
             if not job.log:
                 reply["logged"] = False
-            elif self.store is None:
+            elif self.journal is None:
                 self._unlogged(reply, "no prediction store")
             else:
                 version = reply["model"]["version"]
                 row = (prediction_id, input_png, p, item.inverted, version, data, job.options.noise)
-                logged.append((reply, self.store.record(*row)))
+                logged.append((reply, self.journal.store.record(*row)))
         return replies
 
     def _prepare(self, data: bytes, job: Job) -> Preprocessed | RequestError:

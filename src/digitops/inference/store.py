@@ -186,10 +186,9 @@ class FeedbackResult:
 class PredictionStore:
     """Thread-safe, and safe for many processes and replicas writing at once.
 
-    With `upkeep_seconds`, a thread of the store's own does its upkeep at that interval:
-    SQLite's checkpoints (copying the write-ahead log into the database file, with an fsync)
-    and retention. Otherwise the commit that comes due pays for them: a server passes it, so
-    no request waits for a checkpoint.
+    Upkeep is SQLite's checkpoints (copying the write-ahead log into the database file, with an
+    fsync) and retention. The commit that comes due pays for it; with `external_upkeep`, the
+    owner calls `upkeep()` instead (a server's journal writer, between its commits).
     """
 
     def __init__(
@@ -197,7 +196,7 @@ class PredictionStore:
         location: str | Path,
         max_predictions: int = 100_000,
         max_original_bytes: int = 256 * 1024,
-        upkeep_seconds: float | None = None,
+        external_upkeep: bool = False,
     ):
         self.max_predictions = max_predictions
         self.max_original_bytes = max_original_bytes
@@ -205,7 +204,7 @@ class PredictionStore:
         self._count_lock = threading.Lock()
         self.path = _shown(location)
         try:
-            self.engine = engine_for(location, checkpoints=not upkeep_seconds)
+            self.engine = engine_for(location, checkpoints=not external_upkeep)
             self._insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[
                 self.engine.dialect.name
             ]
@@ -216,25 +215,20 @@ class PredictionStore:
             raise StoreError(
                 f"prediction store {self.path} cannot be opened for writing: {_cause(err)}"
             ) from err
-        self._closed = threading.Event()
-        self.upkeep_seconds = upkeep_seconds
-        if upkeep_seconds:
-            threading.Thread(target=self._keep_up, name="store-upkeep", daemon=True).start()
+        self.external_upkeep = external_upkeep
 
     def close(self) -> None:
-        self._closed.set()
         self.engine.dispose()
 
-    def _keep_up(self) -> None:
-        """Checkpoint and enforce retention every `upkeep_seconds`, off the request path."""
-        while not self._closed.wait(self.upkeep_seconds):
-            try:
-                if self.engine.dialect.name == "sqlite":
-                    self._checkpoint()
-                if self._retention_due():
-                    self._enforce_retention()
-            except StoreError as err:  # the next round tries again; predictions go on
-                log.warning("prediction store upkeep failed: %s", err)
+    def upkeep(self) -> None:
+        """Checkpoint, and enforce retention when it is due."""
+        try:
+            if self.engine.dialect.name == "sqlite":
+                self._checkpoint()
+            if self._retention_due():
+                self._enforce_retention()
+        except StoreError as err:  # the next upkeep tries again; predictions go on
+            log.warning("prediction store upkeep failed: %s", err)
 
     def _checkpoint(self) -> None:
         """Copy the write-ahead log into the database file, and rewind the log once it has
@@ -305,7 +299,7 @@ class PredictionStore:
             raise self._unusable(err) from err
         with self._count_lock:
             self._inserts += len(records)
-        if not self.upkeep_seconds and self._retention_due():
+        if not self.external_upkeep and self._retention_due():
             self._enforce_retention()
 
     def _retention_due(self) -> bool:

@@ -1,0 +1,267 @@
+"""The prediction log, written behind the replies.
+
+A reply waits for its rows to reach a local journal file (one append), not for the store's
+commit; a thread commits them to the store in groups. A row in the journal survives the
+process (it is in the operating system's page cache), as a SQLite commit in WAL mode with
+synchronous=NORMAL does, so a reply that says its row is logged is never wrong.
+
+Each worker appends to a journal of its own, locked (flock) for as long as it lives. A
+journal whose lock is free belongs to a worker that died: the next one to start moves its
+rows into the store (a row inserted twice is kept once) and deletes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from digitops.inference.store import (
+    FeedbackResult,
+    PredictionStore,
+    RowRefused,
+    StoreError,
+    UnknownPrediction,
+)
+
+log = logging.getLogger("bentoml.digitops")
+
+# Rows journaled within this long of each other share one commit: a commit per row would take
+# the GIL from the requests beside it.
+GROUP_SECONDS = 0.02
+# While the store refuses every write (down, disk full), the writer tries again this often.
+RETRY_SECONDS = 1.0
+# Between commits the writer does the store's upkeep (checkpoints, retention) this often.
+UPKEEP_SECONDS = 1.0
+# Past this size the writer empties the journal at its next commit, holding appends back for
+# that commit (under steady load the journal would otherwise never be all committed at once).
+FILE_LIMIT_BYTES = 16 * 1024 * 1024
+# Journaled rows not yet in the store, at most: past this a reply says `logged: false` rather
+# than hold more in memory while the store is down.
+MAX_BACKLOG_ROWS = 10_000
+# A read of the store waits this long for this worker's journaled rows to reach it, and
+# feedback on a prediction it does not find yet waits this long for one made this recently
+# (another worker or replica journaled it and is committing it).
+CATCH_UP_SECONDS = 2.0
+BYTES_FIELDS = ("input_png", "original")
+SIZES = struct.Struct("<IIi")
+
+
+def journal_directory(store_location: str) -> Path:
+    """One directory of journals per store, so that a dead worker's rows go to its own store."""
+    if "://" in store_location or store_location.startswith("file:"):
+        return Path("var/journal") / hashlib.sha256(store_location.encode()).hexdigest()[:16]
+    return Path(f"{store_location}.journal")
+
+
+class PredictionJournal:
+    def __init__(self, store: PredictionStore, directory: Path, on_lost: Callable[[], None]):
+        self.store, self.on_lost = store, on_lost
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            recover(store, directory)
+            self._file, self.path = _own_journal(directory)
+        except OSError as err:
+            raise StoreError(f"prediction journal in {directory}: {err.strerror}") from err
+        self._size = 0
+        self._pending: list[dict] = []  # journaled, not yet taken by the writer
+        self._appended = self._settled = 0  # rows journaled; rows committed or reported lost
+        self._hurry = self._closing = False
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._writer = threading.Thread(target=self._write_behind, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def append(self, rows: list[dict]) -> StoreError | None:
+        """Journal `rows` in one write (all of them or none); the error that kept them out."""
+        data = b"".join(_encode(row) for row in rows)
+        with self._lock:
+            if self._appended - self._settled + len(rows) > MAX_BACKLOG_ROWS:
+                return StoreError(f"prediction store {self.store.path} is behind; not logged")
+            written, reason = 0, "disk full"
+            try:
+                written = self._file.write(data)
+            except OSError as err:
+                reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror
+            if written != len(data):
+                if written:  # the disk filled up mid-write: take the partial record back out
+                    self._file.truncate(self._size)
+                return StoreError(f"prediction journal {self.path}: {reason}")
+            self._size += written
+            self._pending += rows
+            self._appended += len(rows)
+            self._changed.notify_all()
+        return None
+
+    def flush(self, timeout: float = CATCH_UP_SECONDS) -> bool:
+        """Whether every row journaled before this call is in the store, after waiting up to
+        `timeout` for it."""
+        with self._lock:
+            target, self._hurry = self._appended, True
+            self._changed.notify_all()
+            return self._changed.wait_for(lambda: self._settled >= target, timeout)
+
+    def add_feedback(self, prediction_id: str, *args) -> FeedbackResult:
+        """`store.add_feedback`, once the store can have the prediction: after this worker's
+        journaled rows, and for a prediction made less than CATCH_UP_SECONDS ago, after the
+        other workers' and replicas' too."""
+        caught_up = self.flush()
+        while True:
+            try:
+                return self.store.add_feedback(prediction_id, *args)
+            except UnknownPrediction:
+                if not caught_up:
+                    raise StoreError("journaled predictions are waiting for the store") from None
+                if time.time() - _made_at(prediction_id) > CATCH_UP_SECONDS:
+                    raise
+                time.sleep(GROUP_SECONDS)
+
+    def close(self) -> None:
+        """Commit what is journaled, and delete the journal if all of it went in."""
+        with self._lock:
+            self._closing = True
+            self._changed.notify_all()
+        self._writer.join(CATCH_UP_SECONDS * 5)
+        with self._lock:
+            if self._settled == self._appended:
+                self.path.unlink(missing_ok=True)
+            self._file.close()  # and its lock: a row still in it goes in at the next start
+
+    def _write_behind(self) -> None:
+        next_upkeep = time.monotonic() + UPKEEP_SECONDS
+        while True:
+            with self._lock:
+                self._changed.wait_for(lambda: self._pending or self._closing, UPKEEP_SECONDS)
+                if self._pending:
+                    self._changed.wait_for(lambda: self._hurry or self._closing, GROUP_SECONDS)
+                rows, self._pending, self._hurry = self._pending, [], False
+                closing = self._closing
+            if rows and not self._settle(rows):
+                return  # closing while the store is down: the rows stay journaled
+            if closing and not rows:
+                return
+            if time.monotonic() >= next_upkeep:
+                self.store.upkeep()
+                next_upkeep = time.monotonic() + UPKEEP_SECONDS
+
+    def _settle(self, rows: list[dict]) -> bool:
+        """Commit `rows`, trying again while the store is down; False if closed meanwhile."""
+        while not self._commit(rows):
+            with self._lock:
+                if self._closing:
+                    return False
+                self._changed.wait(RETRY_SECONDS)
+        with self._lock:
+            self._settled += len(rows)
+            if self._size > FILE_LIMIT_BYTES and self._pending:  # appends wait for this
+                rows, self._pending = self._pending, []
+                if self._commit(rows):
+                    self._settled += len(rows)
+                else:
+                    self._pending = rows + self._pending
+            if not self._pending:
+                self._file.truncate(0)
+                self._size = 0
+            self._changed.notify_all()
+        return True
+
+    def _commit(self, rows: list[dict]) -> bool:
+        """Commit `rows`; False if the store cannot take them now. A row it refuses for good
+        is reported as lost, never dropped quietly."""
+        errors = self.store.insert_each(rows)
+        if any(error is not None and not isinstance(error, RowRefused) for error in errors):
+            log.warning("journaled predictions wait for the store: %s", errors[0])
+            return False
+        for row, error in zip(rows, errors, strict=True):
+            if error is not None:
+                log.error("prediction %s journaled but refused by the store: %s", row["id"], error)
+                self.on_lost()
+        return True
+
+
+def _own_journal(directory: Path):
+    """A new journal file, opened for appending and locked. (Another worker's recover() may
+    delete a file between its creation and its lock: then it is made again.)"""
+    while True:
+        path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.journal"
+        file = open(path, "ab", buffering=0)  # noqa: SIM115 - open for the worker's life
+        fcntl.flock(file, fcntl.LOCK_EX)
+        if path.exists() and os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+            return file, path
+        file.close()
+
+
+def recover(store: PredictionStore, directory: Path) -> int:
+    """Move the rows of dead workers' journals in `directory` into the store; how many."""
+    moved = 0
+    for path in sorted(directory.glob("*.journal")):
+        try:
+            file = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:  # another worker recovered it meanwhile
+            continue
+        with file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its worker is alive
+                continue
+            rows = _decode(file.read(), path)
+            errors = store.insert_each(rows) if rows else []
+            if any(error is not None and not isinstance(error, RowRefused) for error in errors):
+                log.warning("journal %s stays for the next start: %s", path, errors[0])
+                continue
+            for row, error in zip(rows, errors, strict=True):
+                if error is not None:
+                    log.error(
+                        "prediction %s in %s refused by the store: %s", row["id"], path, error
+                    )
+            path.unlink(missing_ok=True)
+            moved += len(rows)
+    if moved:
+        log.info("moved %d journaled predictions of stopped workers into the store", moved)
+    return moved
+
+
+def _encode(row: dict) -> bytes:
+    """A record: the sizes of its JSON header and of its bytes fields, then all three (the
+    images as they are: as JSON text they would cost more than the rest of the append)."""
+    header = json.dumps({k: v for k, v in row.items() if k not in BYTES_FIELDS}).encode()
+    png, original = row["input_png"], row["original"] or b""
+    sizes = SIZES.pack(len(header), len(png), len(original) if row["original"] else -1)
+    return b"".join((sizes, header, png, original))
+
+
+def _decode(data: bytes, path: Path) -> list[dict]:
+    rows, at = [], 0
+    while at < len(data):
+        if at + SIZES.size > len(data):
+            break
+        header, png, original = SIZES.unpack_from(data, at)
+        at += SIZES.size
+        end = at + header + png + max(original, 0)
+        if end > len(data):
+            break
+        row = json.loads(data[at : at + header])
+        row["input_png"] = data[at + header : at + header + png]
+        row["original"] = data[at + header + png : end] if original >= 0 else None
+        rows.append(row)
+        at = end
+    if at < len(data):  # a record cut off by a power cut: no reply acknowledged it
+        log.warning("skipped a torn record at the end of %s", path)
+    return rows
+
+
+def _made_at(prediction_id: str) -> float:
+    """When a prediction was made, from its id (time-ordered: milliseconds, then randomness)."""
+    try:
+        return int(prediction_id[:12], 16) / 1000
+    except ValueError:
+        return 0.0
