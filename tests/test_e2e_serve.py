@@ -15,9 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 
+# Every request sampled by BentoML's own config (the service's section, which BentoML lets
+# override the top-level `tracing`): only DIGITOPS_TRACING decides whether any is traced.
+SAMPLE_ALL = {"BENTOML_CONFIG_OPTIONS": "services.digitops.tracing.sample_rate=1.0"}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with bentoml_serve(tmp_path_factory.mktemp("serve")) as running:
+    """One server for the module: two workers, an admin token, tracing off, and feedback
+    limited to 5 a minute per client (only the flood test sends any)."""
+    settings = {
+        **SAMPLE_ALL,
+        "DIGITOPS_ADMIN_TOKEN": "s3cret",
+        "DIGITOPS_WORKERS": "2",
+        "DIGITOPS_FEEDBACK_PER_MINUTE": "5",
+    }
+    with bentoml_serve(tmp_path_factory.mktemp("serve"), **settings) as running:
         yield running
 
 
@@ -57,28 +70,26 @@ def test_every_endpoint_and_bad_inputs_on_a_real_server(server, mnist_dir):
     assert "serving model from" in log.read_text()
 
 
-@pytest.mark.parametrize("tracing", [False, True])
-def test_requests_are_traced_only_when_digitops_tracing_is_on(tmp_path, mnist_dir, tracing):
-    """With every request sampled by BentoML's config, the access log names each request's
-    trace only when DIGITOPS_TRACING is on; off, the OpenTelemetry middleware never ran for it
-    (no trace at all), and the worker says why none is traced."""
+def test_requests_are_traced_only_when_digitops_tracing_is_on(server, tmp_path, mnist_dir):
+    """With every request sampled, the access log names each request's trace only when
+    DIGITOPS_TRACING is on; off (the module's server), the OpenTelemetry middleware never ran
+    for it (no trace at all), and the workers say why none is traced."""
     images, _ = mnist.load(mnist_dir, "t10k")
-    settings = {
-        # The service's own section: BentoML lets it override the top-level `tracing`.
-        "BENTOML_CONFIG_OPTIONS": "services.digitops.tracing.sample_rate=1.0",
-        "DIGITOPS_TRACING": str(tracing).lower(),
-        "DIGITOPS_WORKERS": "1",
-    }
-    with bentoml_serve(tmp_path, **settings) as (base, log):
-        good = {"image": ("d.png", png_bytes(images[0]), "image/png")}
-        assert httpx.post(f"{base}/predict", files=good, timeout=30).status_code == 200
-        deadline = time.monotonic() + 10  # a line reaches the log a moment after its reply
-        while "path=/predict" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-    lines = log.read_text().splitlines()
-    (request,) = [line for line in lines if "path=/predict" in line]
-    assert ("sampled=1" in request) == tracing and ("trace=" in request) == tracing
-    assert any("DIGITOPS_TRACING is off" in line for line in lines) != tracing
+    good = {"image": ("d.png", png_bytes(images[0]), "image/png")}
+    settings = {**SAMPLE_ALL, "DIGITOPS_TRACING": "true", "DIGITOPS_WORKERS": "1"}
+    with bentoml_serve(tmp_path, **settings) as traced:
+        for tracing, (base, log) in ((True, traced), (False, server)):
+            assert httpx.post(f"{base}/predict", files=good, timeout=30).status_code == 200
+            deadline = time.monotonic() + 10  # a line reaches the log a moment after its reply
+            while "path=/predict" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            lines = log.read_text().splitlines()
+            requests = [line for line in lines if "path=/predict" in line]
+            assert requests
+            assert all(
+                ("sampled=1" in r) == tracing and ("trace=" in r) == tracing for r in requests
+            )
+            assert any("DIGITOPS_TRACING is off" in line for line in lines) != tracing
 
 
 def test_an_idle_kept_alive_connection_outlives_bentomls_default_timeout(server, mnist_dir):
@@ -130,13 +141,10 @@ def test_concurrent_requests_get_their_own_answers(server, mnist_dir):
                 assert probs == pytest.approx(expected[i], abs=1e-4)
 
 
-def test_feedback_flood_is_rate_limited(tmp_path, mnist_dir):
+def test_feedback_flood_is_rate_limited(server, mnist_dir):
     images, _ = mnist.load(mnist_dir, "t10k")
     files = {"image": ("d.png", png_bytes(images[0]), "image/png")}
-    with (
-        bentoml_serve(tmp_path, DIGITOPS_FEEDBACK_PER_MINUTE="5") as (base, _),
-        httpx.Client(base_url=base, timeout=30) as c,
-    ):
+    with httpx.Client(base_url=server[0], timeout=30) as c:
         pid = c.post("/predict", files=files).json()["prediction_id"]
         feedback = {"prediction_id": pid, "label": 1}
         codes = [c.post("/feedback", json=feedback).status_code for _ in range(8)]
@@ -159,40 +167,39 @@ def test_unwritable_store_keeps_predicting_and_says_why(tmp_path, mnist_dir):
         assert "cannot be opened" in log.read_text()
 
 
-def test_admin_reload_switches_every_worker_with_no_failed_requests(tmp_path, mnist_dir):
+def test_admin_reload_switches_every_worker_with_no_failed_requests(server, mnist_dir):
+    """Last in the module: the module's server serves another model afterwards."""
     import concurrent.futures
 
     images, _ = mnist.load(mnist_dir, "t10k")
-    serving = bentoml_serve(tmp_path, DIGITOPS_ADMIN_TOKEN="s3cret", DIGITOPS_WORKERS="2")
-    with serving as (base, _):
-        # Put a model in the server's BentoML store, then ask the running server to switch.
-        shipped = (ROOT / "models" / "default" / "model.pt").read_bytes()
-        store_model(tmp_path / "bentoml_home", shipped, {"mlflow_version": "test"})
+    base, log = server
+    # Put a model in the server's BentoML store, then ask the running server to switch.
+    shipped = (ROOT / "models" / "default" / "model.pt").read_bytes()
+    store_model(log.parent / "bentoml_home", shipped, {"mlflow_version": "test"})
 
-        def sources() -> set[str]:
-            # A new connection per request, so that both workers answer.
-            return {
-                httpx.get(f"{base}/model", timeout=30).json()["source"].split()[0]
-                for _ in range(20)
-            }
+    def sources() -> set[str]:
+        # A new connection per request, so that both workers answer.
+        return {
+            httpx.get(f"{base}/model", timeout=30).json()["source"].split()[0] for _ in range(20)
+        }
 
-        with httpx.Client(base_url=base, timeout=30) as c:
-            assert c.post("/admin/reload").status_code == 401
-            assert sources() == {"shipped"}
-            files = {"image": ("d.png", png_bytes(images[0]), "image/png")}
+    with httpx.Client(base_url=base, timeout=30) as c:
+        assert c.post("/admin/reload").status_code == 401
+        assert sources() == {"shipped"}
+        files = {"image": ("d.png", png_bytes(images[0]), "image/png")}
 
-            def hammer(_):
-                return httpx.post(f"{base}/predict", files=files, timeout=30).status_code
+        def hammer(_):
+            return httpx.post(f"{base}/predict", files=files, timeout=30).status_code
 
-            with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                codes = pool.map(hammer, range(60))
-                reload = c.post("/admin/reload", headers={"authorization": "Bearer s3cret"})
-                codes = list(codes)
-            assert reload.status_code == 200, reload.text
-            assert reload.json()["current"]["source"].startswith("bentoml model store")
-            assert codes == [200] * 60
-        # The worker that took the reload announces it; the other follows within a second.
-        deadline = time.monotonic() + 10
-        while (seen := sources()) != {"bentoml"} and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert seen == {"bentoml"}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            codes = pool.map(hammer, range(60))
+            reload = c.post("/admin/reload", headers={"authorization": "Bearer s3cret"})
+            codes = list(codes)
+        assert reload.status_code == 200, reload.text
+        assert reload.json()["current"]["source"].startswith("bentoml model store")
+        assert codes == [200] * 60
+    # The worker that took the reload announces it; the other follows within a second.
+    deadline = time.monotonic() + 10
+    while (seen := sources()) != {"bentoml"} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert seen == {"bentoml"}
