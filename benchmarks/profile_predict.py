@@ -19,10 +19,10 @@ import psutil
 # stack names the step the sample was spent in (so Pillow encoding the reply's PNG counts as
 # reply encoding, and decoding inside `preprocess` as decoding).
 STEPS = (
-    ("reply encoding", ("files.py", "http.py:prediction_payload", "http.py:json_reply")),
+    ("reply encoding", ("files.py", "predictor.py:prediction_payload", "JSONResponse.render")),
     ("decode", ("preprocess.py:decode", "preprocess.py:_plain_png")),
     ("forward pass", ("runtime.py", "served.py:probabilities")),
-    ("prediction log", ("store.py", "journal.py", "predictor.py:_log")),
+    ("prediction log", ("store.py", "journal.py")),
     ("metrics", ("metrics.py", "prometheus_client")),
     ("preprocessing", ("preprocess.py",)),
     ("multipart parsing", ("multipart", "formparsers")),

@@ -4,7 +4,7 @@
     bentoml serve serving.service:DigitService       # http://127.0.0.1:3000
 
 A prediction's way: route (the form, parsed and checked by FastAPI) -> the prediction thread
-(preprocess, forward pass, store) -> reply.
+(preprocess, forward pass, journal) -> reply.
 """
 
 from __future__ import annotations
@@ -36,19 +36,14 @@ from digitops.inference.contract import (
     PredictForm,
 )
 from digitops.inference.errors import RequestError, install_error_handlers
-from digitops.inference.journal import PredictionJournal, journal_directory
+from digitops.inference.journal import open_log
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.predictor import Job, PredictionThread, b64
 from digitops.inference.preprocess import Options, prepare
-from digitops.inference.reload import (
-    ReloadNotices,
-    newest_model,
-    registry_follower,
-    starting_model,
-)
+from digitops.inference.reload import ReloadNotices, newest_model, registry_follower, starting_model
 from digitops.inference.served import ModelUnavailable, ServedModel, load_served_model
 from digitops.inference.settings import Settings, SettingsError, sampled_share
-from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
+from digitops.inference.store import StoreError, UnknownPrediction
 
 # BentoML configures handlers for its own logger tree only; a child of it reaches the server log.
 log = logging.getLogger("bentoml.digitops")
@@ -79,17 +74,6 @@ async def current_service():
 app.dependency_overrides[bentoml.get_current_service] = current_service
 
 
-def open_log(metrics: ServiceMetrics) -> PredictionJournal | None:
-    """The prediction log: a journal in front of the store. Predictions go on without it."""
-    location = SETTINGS.predictions_db
-    try:
-        store = PredictionStore(location, SETTINGS.max_predictions, external_upkeep=True)
-        return PredictionJournal(store, journal_directory(location), metrics.store_failures.inc)
-    except StoreError as err:
-        log.warning("%s; predictions will not be logged and feedback is disabled", err)
-        return None
-
-
 @bentoml.service(
     name="digitops",
     http={"host": "127.0.0.1", "port": 3000},
@@ -107,7 +91,7 @@ class DigitService:
         self.metrics = ServiceMetrics()
         self.registry = registry_follower(SETTINGS)
         self._serve(starting_model(SETTINGS, self.registry))
-        self.journal = open_log(self.metrics)
+        self.journal = open_log(SETTINGS, self.metrics.store_failures.inc)
         self.store = self.journal.store if self.journal else None
         self.predictions = PredictionThread(self.journal, self.metrics, MAX_BYTES)
         # Grad-CAM and feature maps get a thread per core: more would only contend for them.
@@ -137,8 +121,7 @@ class DigitService:
     @bentoml.on_shutdown
     def close_store(self) -> None:
         if self.journal is not None:
-            self.journal.close()
-            self.store.close()
+            self.journal.close()  # and its store
 
     @bentoml.on_deployment
     def check_model() -> None:
@@ -253,8 +236,8 @@ class DigitService:
         """The unlabelled predictions the model is least sure of: label these first."""
         if self.store is None:
             raise RequestError("the review queue is unavailable: no prediction store", 503)
-        await anyio.to_thread.run_sync(self.journal.flush)  # the client's own predictions too
-        items = await anyio.to_thread.run_sync(self.store.review_queue, k, strategy)
+        ranked = self.store.review_queue
+        items = await anyio.to_thread.run_sync(self.journal.read, ranked, k, strategy)
         for item in items:
             item["input_png"] = b64(item["input_png"])
         return {"strategy": strategy, "k": k, "items": items}
@@ -264,8 +247,7 @@ class DigitService:
         """Counts of feedback by state (pending / ingested / rejected) and logged predictions."""
         if self.store is None:
             raise RequestError("feedback stats are unavailable: no prediction store", 503)
-        await anyio.to_thread.run_sync(self.journal.flush)
-        return await anyio.to_thread.run_sync(self.store.stats)
+        return await anyio.to_thread.run_sync(self.journal.read, self.store.stats)
 
     @app.post("/admin/reload", **contract.RELOAD)
     async def reload(self, request: Request):

@@ -261,6 +261,5 @@ def test_the_write_ahead_log_stays_bounded_while_commits_never_stop(tmp_path, mo
             largest = max(largest, wal.stat().st_size)
             time.sleep(0.001)
     finally:
-        journal.close()
-        store.close()
+        journal.close()  # and the store
     assert largest < 8 * limit, f"{rows} rows, a {largest}-byte log"

@@ -24,7 +24,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from digitops.inference.settings import Settings
 from digitops.inference.store import (
     FeedbackResult,
     PredictionStore,
@@ -34,6 +36,7 @@ from digitops.inference.store import (
 )
 
 log = logging.getLogger("bentoml.digitops")
+T = TypeVar("T")
 
 # Rows journaled within this long of each other share one commit: a commit per row would take
 # the GIL from the requests beside it.
@@ -61,6 +64,18 @@ def journal_directory(store_location: str) -> Path:
     if "://" in store_location or store_location.startswith("file:"):
         return Path("var/journal") / hashlib.sha256(store_location.encode()).hexdigest()[:16]
     return Path(f"{store_location}.journal")
+
+
+def open_log(settings: Settings, on_lost: Callable[[], None]) -> PredictionJournal | None:
+    """The prediction log: the store and its journal; None if either cannot be opened
+    (predictions go on without them)."""
+    location = settings.predictions_db
+    try:
+        store = PredictionStore(location, settings.max_predictions, external_upkeep=True)
+        return PredictionJournal(store, journal_directory(location), on_lost)
+    except StoreError as err:
+        log.warning("%s; predictions will not be logged and feedback is disabled", err)
+        return None
 
 
 class PredictionJournal:
@@ -110,6 +125,12 @@ class PredictionJournal:
             self._changed.notify_all()
             return self._changed.wait_for(lambda: self._settled >= target, timeout)
 
+    def read(self, query: Callable[..., T], *args) -> T:
+        """`query(*args)` on the store, once this worker's journaled rows are in it (after
+        waiting up to CATCH_UP_SECONDS), so that a client sees its own predictions."""
+        self.flush()
+        return query(*args)
+
     def add_feedback(self, prediction_id: str, *args) -> FeedbackResult:
         """`store.add_feedback`, once the store can have the prediction: after this worker's
         journaled rows, and for a prediction made less than CATCH_UP_SECONDS ago, after the
@@ -126,7 +147,7 @@ class PredictionJournal:
                 time.sleep(GROUP_SECONDS)
 
     def close(self) -> None:
-        """Commit what is journaled, and delete the journal if all of it went in."""
+        """Commit what is journaled, delete the journal if all of it went in, close the store."""
         with self._lock:
             self._closing = True
             self._changed.notify_all()
@@ -135,6 +156,7 @@ class PredictionJournal:
             if self._settled == self._appended:
                 self.path.unlink(missing_ok=True)
             self._file.close()  # and its lock: a row still in it goes in at the next start
+        self.store.close()
 
     def _write_behind(self) -> None:
         next_upkeep = time.monotonic() + UPKEEP_SECONDS
