@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from digitops.inference import journal as journal_module
 from digitops.inference.journal import PredictionJournal, recover
 from digitops.inference.predictor import new_prediction_id
 from digitops.inference.store import PredictionStore, StoreError, UnknownPrediction
@@ -118,3 +119,20 @@ def test_a_full_disk_refuses_the_append_and_keeps_the_journal_whole(tmp_path):
     error = journal.append(rows(store, 1))
     assert isinstance(error, StoreError) and "the disk is full" in str(error)
     assert journal.flush() and store.stats()["predictions"] == 0
+
+
+def test_under_steady_appends_the_journal_moves_to_a_new_file_instead_of_growing(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(journal_module, "FILE_LIMIT_BYTES", 2000)
+    store = PredictionStore(tmp_path / "p.db")
+    journal = journal_for(store, tmp_path / "j")
+    paths, made, stop = set(), 0, time.monotonic() + 1.5
+    while time.monotonic() < stop:  # never a moment with every row committed
+        assert journal.append(rows(store, 1)) is None
+        made += 1
+        paths.add(journal.path)
+        time.sleep(0.001)
+    assert journal.read(store.stats)["predictions"] == made
+    assert len(paths) > 1
+    assert list((tmp_path / "j").glob("*.journal")) == [journal.path]

@@ -45,8 +45,7 @@ GROUP_SECONDS = 0.02
 RETRY_SECONDS = 1.0
 # Between commits the writer does the store's upkeep (checkpoints, retention) this often.
 UPKEEP_SECONDS = 1.0
-# Past this size the writer empties the journal at its next commit, holding appends back for
-# that commit (under steady load the journal would otherwise never be all committed at once).
+# Past this size the writer moves the rows not yet committed to a new journal.
 FILE_LIMIT_BYTES = 16 * 1024 * 1024
 # Journaled rows not yet in the store, at most: past this a reply says `logged: false` rather
 # than hold more in memory while the store is down.
@@ -184,17 +183,32 @@ class PredictionJournal:
                 self._changed.wait(RETRY_SECONDS)
         with self._lock:
             self._settled += len(rows)
-            if self._size > FILE_LIMIT_BYTES and self._pending:  # appends wait for this
-                rows, self._pending = self._pending, []
-                if self._commit(rows):
-                    self._settled += len(rows)
-                else:
-                    self._pending = rows + self._pending
             if not self._pending:
                 self._file.truncate(0)
                 self._size = 0
+            elif self._size > FILE_LIMIT_BYTES:
+                self._start_afresh()
             self._changed.notify_all()
         return True
+
+    def _start_afresh(self) -> None:
+        """Move the rows not yet committed to a new journal, then delete the old one: under
+        steady load the journal is never all committed at once, and would only grow. (Killed
+        in between, both are recovered: a row inserted twice is kept once.)"""
+        data, file = b"".join(_encode(row) for row in self._pending), None
+        try:
+            file, path = _own_journal(self.path.parent)
+            if file.write(data) != len(data):
+                raise OSError("the disk is full")
+        except OSError as err:  # the old one stays, and is tried again after the next commit
+            if file is not None:
+                file.close()
+                path.unlink(missing_ok=True)
+            log.warning("prediction journal %s not renewed: %s", self.path, err)
+            return
+        self._file.close()
+        self.path.unlink()
+        self._file, self.path, self._size = file, path, len(data)
 
     def _commit(self, rows: list[dict]) -> bool:
         """Commit `rows`; False if the store cannot take them now. A row it refuses for good
