@@ -136,3 +136,21 @@ def test_under_steady_appends_the_journal_moves_to_a_new_file_instead_of_growing
     assert journal.read(store.stats)["predictions"] == made
     assert len(paths) > 1
     assert list((tmp_path / "j").glob("*.journal")) == [journal.path]
+
+
+def test_an_unexpected_error_in_a_commit_does_not_end_the_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "RETRY_SECONDS", 0.05)
+    store = PredictionStore(tmp_path / "p.db")
+    insert, calls = store.insert_each, []
+
+    def flaky(rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return insert(rows)
+
+    store.insert_each = flaky
+    journal = journal_for(store, tmp_path / "j")
+    assert journal.append(rows(store, 2)) is None
+    assert journal.flush(timeout=5) and store.stats()["predictions"] == 2
+    assert len(calls) >= 2

@@ -101,7 +101,7 @@ class PredictionJournal:
         with self._lock:
             if self._appended - self._settled + len(rows) > MAX_BACKLOG_ROWS:
                 return StoreError(f"prediction store {self.store.path} is behind; not logged")
-            written, reason = 0, "disk full"
+            written, reason = 0, "the disk is full"
             try:
                 written = self._file.write(data)
             except OSError as err:
@@ -171,7 +171,10 @@ class PredictionJournal:
             if closing and not rows:
                 return
             if time.monotonic() >= next_upkeep:
-                self.store.upkeep()
+                try:
+                    self.store.upkeep()
+                except Exception:  # as for commits: the writer goes on, upkeep tries again
+                    log.exception("prediction store upkeep failed")
                 next_upkeep = time.monotonic() + UPKEEP_SECONDS
 
     def _settle(self, rows: list[dict]) -> bool:
@@ -213,7 +216,11 @@ class PredictionJournal:
     def _commit(self, rows: list[dict]) -> bool:
         """Commit `rows`; False if the store cannot take them now. A row it refuses for good
         is reported as lost, never dropped quietly."""
-        errors = self.store.insert_each(rows)
+        try:
+            errors = self.store.insert_each(rows)
+        except Exception:  # a bug must not end the writer: the rows wait, and it tries again
+            log.exception("committing journaled predictions failed")
+            return False
         if any(error is not None and not isinstance(error, RowRefused) for error in errors):
             log.warning("journaled predictions wait for the store: %s", errors[0])
             return False
