@@ -72,7 +72,7 @@ def test_a_dead_workers_rows_go_into_the_store_at_the_next_start(tmp_path):
     assert store.stats()["predictions"] == 5
     assert [store.add_feedback(i, 1, None, "t").prediction_id for i in ids] == ids
     assert list(directory.glob("*.journal")) == [journal.path]
-    assert recover(store, directory) == 0  # a live worker's journal is left alone
+    assert recover(store, directory, lambda: None) == 0  # a live worker's journal is left alone
 
 
 def test_while_the_store_is_down_rows_wait_in_the_journal_then_go_in(tmp_path):

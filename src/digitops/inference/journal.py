@@ -82,7 +82,7 @@ class PredictionJournal:
         self.store, self.on_lost = store, on_lost
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            recover(store, directory)
+            recover(store, directory, on_lost)
             self._file, self.path = _own_journal(directory)
         except OSError as err:
             raise StoreError(f"prediction journal in {directory}: {err.strerror}") from err
@@ -179,7 +179,7 @@ class PredictionJournal:
 
     def _settle(self, rows: list[dict]) -> bool:
         """Commit `rows`, trying again while the store is down; False if closed meanwhile."""
-        while not self._commit(rows):
+        while not commit(self.store, rows, self.on_lost):
             with self._lock:
                 if self._closing:
                     return False
@@ -213,22 +213,23 @@ class PredictionJournal:
         self.path.unlink()
         self._file, self.path, self._size = file, path, len(data)
 
-    def _commit(self, rows: list[dict]) -> bool:
-        """Commit `rows`; False if the store cannot take them now. A row it refuses for good
-        is reported as lost, never dropped quietly."""
-        try:
-            errors = self.store.insert_each(rows)
-        except Exception:  # a bug must not end the writer: the rows wait, and it tries again
-            log.exception("committing journaled predictions failed")
-            return False
-        if any(error is not None and not isinstance(error, RowRefused) for error in errors):
-            log.warning("journaled predictions wait for the store: %s", errors[0])
-            return False
-        for row, error in zip(rows, errors, strict=True):
-            if error is not None:
-                log.error("prediction %s journaled but refused by the store: %s", row["id"], error)
-                self.on_lost()
-        return True
+
+def commit(store: PredictionStore, rows: list[dict], on_lost: Callable[[], None]) -> bool:
+    """Commit journaled `rows`; False if the store cannot take them now. A row it refuses for
+    good is reported as lost, never dropped quietly."""
+    try:
+        errors = store.insert_each(rows)
+    except Exception:  # a bug must not end the writer: the rows wait, and it tries again
+        log.exception("committing journaled predictions failed")
+        return False
+    if any(error is not None and not isinstance(error, RowRefused) for error in errors):
+        log.warning("journaled predictions wait for the store: %s", errors[0])
+        return False
+    for row, error in zip(rows, errors, strict=True):
+        if error is not None:
+            log.error("prediction %s journaled but refused by the store: %s", row["id"], error)
+            on_lost()
+    return True
 
 
 def _own_journal(directory: Path):
@@ -243,7 +244,7 @@ def _own_journal(directory: Path):
         file.close()
 
 
-def recover(store: PredictionStore, directory: Path) -> int:
+def recover(store: PredictionStore, directory: Path, on_lost: Callable[[], None]) -> int:
     """Move the rows of dead workers' journals in `directory` into the store; how many."""
     moved = 0
     for path in sorted(directory.glob("*.journal")):
@@ -257,15 +258,8 @@ def recover(store: PredictionStore, directory: Path) -> int:
             except BlockingIOError:  # its worker is alive
                 continue
             rows = _decode(file.read(), path)
-            errors = store.insert_each(rows) if rows else []
-            if any(error is not None and not isinstance(error, RowRefused) for error in errors):
-                log.warning("journal %s stays for the next start: %s", path, errors[0])
-                continue
-            for row, error in zip(rows, errors, strict=True):
-                if error is not None:
-                    log.error(
-                        "prediction %s in %s refused by the store: %s", row["id"], path, error
-                    )
+            if rows and not commit(store, rows, on_lost):
+                continue  # the journal stays for the next start
             path.unlink(missing_ok=True)
             moved += len(rows)
     if moved:
