@@ -43,7 +43,7 @@ serve: $(STAMP) ## serve the model on http://127.0.0.1:3000 (web page + API; doc
 	$(VENV)/bin/bentoml serve serving.service:DigitService --timeout-keep-alive 75
 
 test: $(STAMP) ## every tier: unit, slow (pipeline on small data) and e2e (servers, browser)
-	$(PY) -m pytest --durations=15
+	$(PY) -m pytest -n auto --dist loadfile --durations=15
 
 test-fast: $(STAMP) ## unit tests only: no server, database or training (about a minute)
 	$(PY) -m pytest -m "not slow and not e2e"

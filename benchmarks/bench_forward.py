@@ -21,7 +21,7 @@ import torch
 from benchmarks import save_report
 from digitops import checkpoint
 from digitops.data import mnist
-from digitops.inference.runtime import OnnxModel
+from digitops.inference.served import PROBABILITIES, OnnxModel
 from digitops.model import fold_batchnorm, normalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def runtimes(model: torch.nn.Module, example: torch.Tensor) -> dict:
         "torch eager": torch_runtime(model),
         "TorchScript (frozen)": torch_runtime(scripted),
         "torch.compile": torch_runtime(compiled),
-        "ONNX Runtime": onnx.probabilities,
+        "ONNX Runtime": lambda pixels: onnx.run(pixels, PROBABILITIES),
     }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from digitops.inference.ingest import IngestBusy, ingest
+from digitops.data.ingest import IngestBusy, ingest
 from digitops.inference.store import PredictionStore, StoreError
 
 

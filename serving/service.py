@@ -27,14 +27,6 @@ from pydantic import BeforeValidator
 from digitops import __version__
 from digitops.files import png
 from digitops.inference import contract, explain
-from digitops.inference.contract import (
-    BatchForm,
-    ExplainForm,
-    FeatureMapsForm,
-    FeedbackRequest,
-    LabelledImage,
-    PredictForm,
-)
 from digitops.inference.errors import RequestError, install_error_handlers
 from digitops.inference.journal import open_log
 from digitops.inference.metrics import ServiceMetrics
@@ -157,7 +149,7 @@ class DigitService:
         return self.served.probabilities(pixels.astype(np.uint8))
 
     @app.post("/predict", **contract.upload_route(contract.PREDICT))
-    async def predict(self, form: Annotated[PredictForm, File()]):
+    async def predict(self, form: Annotated[contract.PredictForm, File()]):
         """Digit, confidence, all ten probabilities and the 28x28 input the model saw."""
         job = Job([await form.image.read()], form.options(), self.served, log=form.log)
         (reply,) = await self.predictions.run(job)
@@ -167,7 +159,7 @@ class DigitService:
         "/predict_batch",
         **contract.upload_route(contract.PREDICT_BATCH, contract.MAX_BATCH_IMAGES),
     )
-    async def predict_batch(self, form: Annotated[BatchForm, File()]):
+    async def predict_batch(self, form: Annotated[contract.BatchForm, File()]):
         """Many images in one call (form field 'images', repeated): one result each, in order."""
         images = [await image.read() for image in form.images]
         job = Job(images, form.options(), self.served, log=form.log, alone=False)
@@ -175,7 +167,7 @@ class DigitService:
         return JSONResponse({"results": results, "count": len(results)})
 
     @app.post("/explain", **contract.upload_route(contract.EXPLAIN))
-    async def explain(self, form: Annotated[ExplainForm, File()]):
+    async def explain(self, form: Annotated[contract.ExplainForm, File()]):
         """Grad-CAM of the last conv block for the predicted (or `target`) class."""
         data, options, served = await form.image.read(), form.options(), self.served
 
@@ -185,7 +177,7 @@ class DigitService:
         return await anyio.to_thread.run_sync(work, limiter=self.cpu_limiter)
 
     @app.post("/feature_maps", **contract.upload_route(contract.FEATURE_MAPS))
-    async def feature_maps(self, form: Annotated[FeatureMapsForm, File()]):
+    async def feature_maps(self, form: Annotated[contract.FeatureMapsForm, File()]):
         """Every channel of one conv block (`layer`=conv1..conv3) as a PNG grid."""
         data, options, served = await form.image.read(), form.options(), self.served
 
@@ -205,10 +197,10 @@ class DigitService:
         if self.store is None:
             raise RequestError("feedback is unavailable: no prediction store (see its log)", 503)
         body = await contract.feedback_body(request)
-        if isinstance(body, LabelledImage):  # never predicted: predict (and log) it first
+        if isinstance(body, contract.LabelledImage):  # never predicted: predict (and log) it first
             job = Job([await body.image.read()], body.options(), self.served)
             (logged,) = await self.predictions.run(job)
-            body = FeedbackRequest(
+            body = contract.FeedbackRequest(
                 prediction_id=logged["prediction_id"], label=body.label, comment=body.comment
             )
         try:
@@ -224,8 +216,10 @@ class DigitService:
         except StoreError as err:
             self.metrics.store_failures.inc()
             raise RequestError(f"feedback cannot be stored now ({err}); retry later", 503) from None
-        self.metrics.feedback.labels(result="relabelled" if result.replaced else "recorded").inc()
-        return result.reply()
+        self.metrics.feedback.labels(
+            result="relabelled" if result["replaced"] else "recorded"
+        ).inc()
+        return result
 
     @app.get("/review_queue", **contract.REVIEW_QUEUE)
     async def review_queue(

@@ -22,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_in_its_test(monkeypatch):
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI for subprocesses: a test's
+    tracking server must not become the next test's `dvc repro` target."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory) -> Path:
     """The fixture subset, decompressed like the data stage leaves it."""
@@ -106,6 +113,11 @@ def asgi_client(tmp_path_factory):
 
     with TestClient(DigitService.to_asgi()) as c:
         yield c
+
+
+def log_prediction(store, *args, **kwargs) -> None:
+    """Log one prediction (`PredictionStore.record`'s arguments) straight into `store`."""
+    store.insert([store.record(*args, **kwargs)])
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -184,7 +184,8 @@ def test_a_bad_setting_stops_the_server_with_one_line_naming_it(tmp_path):
     out = serve_until_exit(tmp_path, DIGITOPS_WORKERS="two")
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
-        "digitops: DIGITOPS_WORKERS must be a positive integer, got 'two'"
+        "digitops: DIGITOPS_WORKERS: input should be a valid integer, unable to parse string as "
+        "an integer, got 'two'"
     ]
 
 

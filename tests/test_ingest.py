@@ -14,9 +14,10 @@ import sqlalchemy as sa
 from PIL import Image
 
 from digitops.data import feedback, mnist
-from digitops.inference.ingest import ingest
+from digitops.data.ingest import ingest
 from digitops.inference.store import PredictionStore
 from digitops.inference.store import feedback as feedback_table
+from tests.conftest import log_prediction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def labelled(store: PredictionStore, pid: str, pixels: np.ndarray, label: int) -> None:
-    store.log_prediction(pid, png(pixels), np.full(10, 0.1), False, "1")
+    log_prediction(store, pid, png(pixels), np.full(10, 0.1), False, "1")
     store.add_feedback(pid, label)
 
 
@@ -45,7 +46,7 @@ def test_validates_merges_and_quarantines(tmp_path, digits, store_location):
     labelled(store, "dup", images[0], int(labels[0]))  # same image, same label
     labelled(store, "conflict", images[1], (int(labels[1]) + 1) % 10)  # same image, other label
     labelled(store, "blank", np.zeros((28, 28), np.uint8), 3)
-    store.log_prediction("garbage", b"not a png", np.full(10, 0.1), False, "1")
+    log_prediction(store, "garbage", b"not a png", np.full(10, 0.1), False, "1")
     store.add_feedback("garbage", 4)
 
     summary = ingest(store, tmp_path / "feedback")
@@ -85,7 +86,7 @@ def test_changed_mind_after_ingestion_relabels_the_sample(tmp_path, digits, stor
 KILLABLE = """
 import sys
 from pathlib import Path
-from digitops.inference.ingest import ingest
+from digitops.data.ingest import ingest
 from digitops.inference.store import PredictionStore
 print(ingest(PredictionStore(sys.argv[1]), Path(sys.argv[2])), flush=True)
 """
@@ -134,7 +135,7 @@ def test_sigkill_at_any_point_neither_loses_nor_duplicates(
 def test_a_second_concurrent_run_is_refused(tmp_path, store_location):
     import fcntl
 
-    from digitops.inference.ingest import LOCK, IngestBusy
+    from digitops.data.ingest import LOCK, IngestBusy
 
     out = tmp_path / "feedback"
     out.mkdir()

@@ -25,7 +25,6 @@ from digitops.inference.preprocess import (
     _plain_png,
     add_noise,
     decode,
-    parse_invert,
     preprocess,
     to_mnist,
 )
@@ -327,25 +326,6 @@ def test_forced_invert_is_honoured(digits):
         forced = to_mnist(image, invert=wrong)
         assert forced.inverted is wrong
         assert not np.array_equal(forced.pixels, to_mnist(image).pixels)
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (None, None), ("auto", None), (" AUTO ", None), (True, True), (False, False),
-        ("true", True), ("1", True), ("yes", True), ("On", True),
-        ("false", False), ("0", False), ("no", False), ("OFF", False),
-    ],
-)  # fmt: skip
-def test_parse_invert(value, expected):
-    assert parse_invert(value) is expected
-
-
-@pytest.mark.parametrize("value", ["maybe", "", "2", "invert"])
-def test_parse_invert_refuses_other_values(value):
-    with pytest.raises(RequestError, match="auto, true, false") as caught:
-        parse_invert(value)
-    assert caught.value.status == 400
 
 
 # --- Formats and modes -------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from digitops import checkpoint
 from digitops.data import mnist
-from digitops.inference import explain, runtime
+from digitops.inference import explain
+from digitops.inference import served as runtime
 from digitops.inference.served import ServedModel
 from digitops.model import DigitCNN, fold_batchnorm, normalize
 
@@ -47,7 +48,7 @@ def test_a_new_version_of_the_same_network_swaps_its_weights_into_the_exported_g
                 parameter.data.add_(0.05 * torch.randn_like(parameter))
             with torch.inference_mode():
                 eager = torch.softmax(model(normalize(torch.from_numpy(images[:64]))), dim=1)
-            served = runtime.OnnxModel(model).probabilities(images[:64])
+            served = runtime.OnnxModel(model).run(images[:64], runtime.PROBABILITIES)
             assert np.abs(served - eager.numpy()).max() <= 1e-5
     assert len(exports) == 2  # one per network, not one per version
 
@@ -61,7 +62,7 @@ def test_activations_and_grad_cam_from_onnx_match_torch(mnist_dir):
         with torch.inference_mode():
             for name in served.model.conv_layers:
                 x = getattr(served.model, name)(x)
-                onnx = explain.feature_maps(served.onnx, image, name)
+                onnx = served.onnx.run(image[None], name)[0]
                 assert np.abs(onnx - x[0].numpy()).max() <= 1e-4 * max(1.0, float(x.abs().max()))
         from_torch, logits = explain.grad_cam(served.model, x.numpy())
         from_onnx, _ = explain.grad_cam(served.model, served.onnx.run(image[None], "conv3"))

@@ -19,6 +19,7 @@ from digitops.inference import journal as journal_module
 from digitops.inference import store as store_module
 from digitops.inference.journal import PredictionJournal
 from digitops.inference.store import PredictionStore, RowRefused, StoreError, predictions
+from tests.conftest import log_prediction
 from tests.servers import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def ids(store: PredictionStore) -> set[str]:
 def test_retention_drops_oldest_unlabelled_only(store_location):
     store = PredictionStore(store_location, max_predictions=3)
     for i in range(6):
-        store.log_prediction(f"p{i}", b"png", PROBS, False, "1")
+        log_prediction(store, f"p{i}", b"png", PROBS, False, "1")
     store.add_feedback("p0", 4)
     store._enforce_retention()
     assert ids(store) == {"p0", "p3", "p4", "p5"}
@@ -44,7 +45,7 @@ def test_read_only_sqlite_store_raises_store_error(tmp_path):
     PredictionStore(path).close()
     with pytest.raises(StoreError, match="not usable|cannot be opened"):
         store = PredictionStore(f"file:{path}?mode=ro")
-        store.log_prediction("id", b"png", PROBS, False, "1")
+        log_prediction(store, "id", b"png", PROBS, False, "1")
 
 
 @pytest.mark.slow  # starts PostgreSQL
@@ -55,10 +56,10 @@ def test_a_database_that_is_down_raises_store_error_naming_it(postgres):
 
     with postgres_server() as server:
         store = PredictionStore(server.create_database("gone"))
-        store.log_prediction("before", b"png", PROBS, False, "1")
+        log_prediction(store, "before", b"png", PROBS, False, "1")
         server.stop()
         with pytest.raises(StoreError, match="not usable"):
-            store.log_prediction("after", b"png", PROBS, False, "1")
+            log_prediction(store, "after", b"png", PROBS, False, "1")
 
 
 def test_a_store_from_an_earlier_release_is_migrated(tmp_path):
@@ -75,7 +76,7 @@ def test_a_store_from_an_earlier_release_is_migrated(tmp_path):
     )
     old.close()
     store = PredictionStore(path)
-    store.log_prediction("new", b"png", PROBS, False, "2", noise=0.5)
+    log_prediction(store, "new", b"png", PROBS, False, "2", noise=0.5)
     assert [i["prediction_id"] for i in store.review_queue(10, "entropy")] == ["old"]
     assert store.stats()["predictions"] == 2
 
@@ -101,7 +102,7 @@ def test_many_threads_share_one_store(store_location):
 
     def work(thread: int) -> int:
         for i in range(150):
-            store.log_prediction(f"t{thread}-{i}", b"png", PROBS, False, "1")
+            log_prediction(store, f"t{thread}-{i}", b"png", PROBS, False, "1")
             if i % 10 == 0:
                 store.add_feedback(f"t{thread}-{i}", thread % 10)
                 store.review_queue(20, "entropy")
@@ -115,7 +116,7 @@ def test_many_threads_share_one_store(store_location):
 
 def test_insert_each_refuses_a_bad_row_alone_and_stores_a_row_once(store_location):
     store = PredictionStore(store_location)
-    store.log_prediction("again", b"png", PROBS, False, "1")
+    log_prediction(store, "again", b"png", PROBS, False, "1")
     bad = {**store.record("bad", b"png", PROBS, False, "1"), "input_png": None}
     rows = [store.record(p, b"new", PROBS, False, "1") for p in ("a", "again")] + [bad]
     rows.append(store.record("b", b"new", PROBS, False, "1"))
@@ -177,11 +178,11 @@ shared = [f"shared{i}" for i in range(60)]
 own = [f"{name}{i}" for i in range(150)]
 
 def log(pid):
-    store.log_prediction(pid, b"png", [0.05] * 9 + [0.55], False, "1")
+    store.insert([store.record(pid, b"png", [0.05] * 9 + [0.55], False, "1")])
 
 def label_it(pid):
     r = store.add_feedback(pid, label if pid[-1] in "02468" else 3, client=name)
-    return pid, r.feedback_id
+    return pid, r["feedback_id"]
 
 def queue(_):
     return [item["prediction_id"] for item in store.review_queue(40, "margin")]
@@ -198,7 +199,7 @@ print(json.dumps({"labelled": labelled, "queues": queues}))
 def test_two_replicas_writing_at_once_lose_nothing_and_duplicate_nothing(store_location):
     store = PredictionStore(store_location)
     for i in range(60):
-        store.log_prediction(f"shared{i}", b"png", PROBS, False, "1")
+        log_prediction(store, f"shared{i}", b"png", PROBS, False, "1")
     # Both replicas label the same 60 predictions at once: the same label for the odd ones,
     # different labels (3 and 5) for the even ones.
     replicas = [
@@ -225,7 +226,7 @@ def test_two_replicas_writing_at_once_lose_nothing_and_duplicate_nothing(store_l
 
 def test_upkeep_checkpoints_and_enforces_retention_off_the_commit_path(tmp_path):
     path = tmp_path / "p.db"
-    store = PredictionStore(path, max_predictions=100, external_upkeep=True)
+    store = PredictionStore(path, max_predictions=100)
     original = bytes(range(256)) * 64  # 16 KiB per row: the log grows by megabytes
     try:
         store.insert(
@@ -250,7 +251,7 @@ def test_the_write_ahead_log_stays_bounded_while_commits_never_stop(tmp_path, mo
     path, wal, limit = tmp_path / "p.db", tmp_path / "p.db-wal", 1_000_000
     monkeypatch.setattr(store_module, "WAL_LIMIT_BYTES", limit)
     monkeypatch.setattr(journal_module, "UPKEEP_SECONDS", 0.05)
-    store = PredictionStore(path, external_upkeep=True)
+    store = PredictionStore(path)
     journal = PredictionJournal(store, tmp_path / "journal", lambda: None)
     original = bytes(range(256)) * 16  # 4 KiB per row
     largest, rows, stop = 0, 0, time.monotonic() + 3

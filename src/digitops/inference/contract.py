@@ -1,7 +1,5 @@
 """The service's published contract: what every route takes and answers, and the limits a
-client must keep. FastAPI derives the OpenAPI document (/docs.json) from these models, which
-clients generate code from and the tests fuzz.
-"""
+client must keep. FastAPI derives the OpenAPI document (/docs.json) from these models."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from digitops import __version__
 from digitops.inference.errors import RequestError, error_reply
-from digitops.inference.preprocess import INVERT_WORDS, Options, parse_invert
+from digitops.inference.preprocess import INVERT_WORDS, Options
 from digitops.inference.store import STRATEGIES
 from digitops.model import DigitCNN
 
@@ -60,8 +58,8 @@ Label = Annotated[
 ]
 
 
-# Requests: one form per kind of route. An unknown field is refused: a misspelt option,
-# silently ignored, would be a wrong answer the client cannot see.
+# Requests: one form per kind of route. An unknown field is refused: a misspelt option would
+# be silently ignored otherwise.
 class ImageForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,7 +70,7 @@ class ImageForm(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="noise seed")
 
     def options(self) -> Options:
-        return Options(parse_invert(self.invert), self.noise, self.seed)
+        return Options(INVERT_WORDS[self.invert], self.noise, self.seed)
 
 
 class PredictForm(ImageForm):
@@ -103,8 +101,7 @@ class FeedbackRequest(BaseModel):
 
 
 class LabelledImage(ImageForm):
-    """Feedback on an image that never went through /predict: it is predicted and logged
-    first, so it is stored and validated like every other correction."""
+    """Feedback on an image that never went through /predict: it is predicted and logged first."""
 
     image: UploadFile
     label: Label
@@ -250,63 +247,40 @@ ERROR_MEANINGS = {
 }
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": Error, "description": ERROR_MEANINGS[s]} for s in (*statuses, 503)}
+def route(operation_id: str, reply: type[BaseModel], *statuses: int, **more) -> dict[str, Any]:
+    """A route's operation: its success body, and its errors (503 is always possible)."""
+    responses = {s: {"model": Error, "description": ERROR_MEANINGS[s]} for s in (*statuses, 503)}
+    return {"operation_id": operation_id, "responses": {200: {"model": reply}, **responses}, **more}
 
 
+PREDICT = route("predict", Prediction, 400, 413, 415, 422)
 # A prediction's id is what /feedback needs: the link lets clients (and the fuzzer) follow it.
-CORRECT_IT = {
-    "operationId": "feedback",
-    "requestBody": {"prediction_id": "$response.body#/prediction_id", "label": 7},
-    "description": "say which digit it really was",
+PREDICT["responses"][200]["links"] = {
+    "CorrectIt": {
+        "operationId": "feedback",
+        "requestBody": {"prediction_id": "$response.body#/prediction_id", "label": 7},
+        "description": "say which digit it really was",
+    }
 }
-PREDICT = {
-    "operation_id": "predict",
-    "responses": {
-        200: {"model": Prediction, "links": {"CorrectIt": CORRECT_IT}},
-        **errors(400, 413, 415, 422),
-    },
-}
-PREDICT_BATCH = {
-    "operation_id": "predict_batch",
-    "responses": {200: {"model": BatchPredictions}, **errors(400, 413, 415)},
-}
-EXPLAIN = {
-    "operation_id": "explain",
-    "responses": {200: {"model": Explanation}, **errors(400, 413, 415, 422)},
-}
-FEATURE_MAPS = {
-    "operation_id": "feature_maps",
-    "responses": {200: {"model": FeatureMaps}, **errors(400, 413, 415, 422)},
-}
+PREDICT_BATCH = route("predict_batch", BatchPredictions, 400, 413, 415)
+EXPLAIN = route("explain", Explanation, 400, 413, 415, 422)
+FEATURE_MAPS = route("feature_maps", FeatureMaps, 400, 413, 415, 422)
 # /feedback takes JSON or a labelled image, so its route reads the body itself, and says so here.
-FEEDBACK = {
-    "operation_id": "feedback",
-    "responses": {200: {"model": FeedbackAccepted}, **errors(400, 404, 413, 415, 422, 429)},
-    "openapi_extra": {
-        "requestBody": {
-            "required": True,
-            "content": {
-                **json_content(ref("FeedbackRequest")),
-                "multipart/form-data": {"schema": ref("LabelledImage")},
-            },
-        }
+FEEDBACK_BODY = {
+    "required": True,
+    "content": {
+        **json_content(ref("FeedbackRequest")),
+        "multipart/form-data": {"schema": ref("LabelledImage")},
     },
 }
-REVIEW_QUEUE = {
-    "operation_id": "review_queue",
-    "responses": {200: {"model": ReviewQueue}, **errors(400)},
-}
-FEEDBACK_STATS = {
-    "operation_id": "feedback_stats",
-    "responses": {200: {"model": FeedbackStats}, **errors()},
-}
-MODEL = {"operation_id": "model_card", "responses": {200: {"model": ModelCard}, **errors()}}
-RELOAD = {
-    "operation_id": "reload",
-    "responses": {200: {"model": Reloaded}, **errors(401, 403)},
-    "openapi_extra": {"security": [{"adminToken": []}]},
-}
+FEEDBACK = route(
+    "feedback", FeedbackAccepted, 400, 404, 413, 415, 422, 429,
+    openapi_extra={"requestBody": FEEDBACK_BODY},
+)  # fmt: skip
+REVIEW_QUEUE = route("review_queue", ReviewQueue, 400)
+FEEDBACK_STATS = route("feedback_stats", FeedbackStats)
+MODEL = route("model_card", ModelCard)
+RELOAD = route("reload", Reloaded, 401, 403, openapi_extra={"security": [{"adminToken": []}]})
 
 
 def _rows(items: dict, length: int) -> dict:
@@ -374,13 +348,8 @@ def document(app: FastAPI, model: dict[str, Any]) -> dict[str, Any]:
         for extra in (FeedbackRequest, LabelledImage, ClassifyError, Error):
             schema = extra.model_json_schema(ref_template=REF_TEMPLATE, mode="validation")
             schemas[extra.__name__] = schema
-        spec["components"]["securitySchemes"] = {
-            "adminToken": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "DIGITOPS_ADMIN_TOKEN of the server",
-            }  # fmt: skip
-        }
+        token = {"type": "http", "scheme": "bearer", "description": "DIGITOPS_ADMIN_TOKEN"}
+        spec["components"]["securitySchemes"] = {"adminToken": token}
     spec = dict(app.openapi_schema)
     version = model.get("version") or "shipped"
     spec["info"] = {
@@ -403,9 +372,8 @@ def media_type(request: Request) -> str:
 
 
 async def multipart_only(request: Request) -> None:
-    """A dependency of the upload routes: the body is a multipart form and the options are in
-    it. (FastAPI reads any other body as an empty form, and would only say the image is
-    missing; it ignores a query string, and an option sent there would be silently lost.)"""
+    """A dependency of the upload routes: the body is a multipart form, with the options in it
+    (FastAPI would read another body as an empty form, and ignore options in the query)."""
     content_type = media_type(request)
     if not content_type and request.headers.get("content-length", "0").strip("0") == "":
         raise RequestError(f"empty request; {SEND_AN_IMAGE}")
@@ -427,9 +395,8 @@ def upload_route(operation: dict, files: int = 1) -> dict:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over its path's limit (`limits`) is refused with 413 as
-    it streams in, before it is parsed or spooled to disk. (Starlette's own body limit answers a
-    declared oversize body in plain text, and every error here is JSON.)"""
+    """ASGI middleware: a request body over its path's limit is refused with a JSON 413 as it
+    streams in, before it is parsed or spooled to disk."""
 
     def __init__(self, app, limits: dict[str, int]):
         self.app, self.limits = app, limits
@@ -483,8 +450,8 @@ def check_admin_token(authorization: str, token: str | None) -> None:
 
 
 class JSONOnly:
-    """ASGI middleware: POSTs to `paths` (BentoML's own APIs, which parse their bodies before
-    our code runs) must be JSON; anything else gets a 415 instead of a parser's 500."""
+    """ASGI middleware: POSTs to `paths` (BentoML's own APIs) must be JSON; anything else gets a
+    415 instead of BentoML's parser's 500."""
 
     def __init__(self, app, paths: tuple[str, ...]):
         self.app, self.paths = app, paths
@@ -533,10 +500,8 @@ class RateLimiter:
 
 
 def pixel_array(value: object) -> np.ndarray:
-    """Pixels of the `classify` API: nested lists of numbers 0-255 shaped [N, 28, 28].
-
-    Checked per request, before BentoML batches requests together, so a bad call gets a 400 of
-    its own (numpy alone would turn an object into a 0-d array, and fail the whole batch)."""
+    """Pixels of the `classify` API: nested lists of numbers 0-255 shaped [N, 28, 28], checked
+    per request, before BentoML batches requests, so a bad call gets a 400 of its own."""
     if not isinstance(value, list | np.ndarray):
         raise ValueError(f"pixels must be a list of 28x28 lists, got {type(value).__name__}")
     try:

@@ -28,10 +28,9 @@ class ImageError(RequestError):
 class EmptyImageError(ImageError):
     """No ink found: the image is blank or nothing in it stands out from the background."""
 
-    def __init__(self, message: str | None = None):
+    def __init__(self) -> None:
         super().__init__(
-            message
-            or "No digit found: the image is blank or nothing stands out from its background. "
+            "No digit found: the image is blank or nothing stands out from its background. "
             "Send a drawing or photo of one digit with clear contrast.",
             status=422,
         )

@@ -12,7 +12,6 @@ from torch import nn
 from digitops.files import png
 from digitops.inference.predictor import b64, prediction_payload
 from digitops.inference.preprocess import Preprocessed
-from digitops.inference.runtime import OnnxModel
 from digitops.inference.served import ServedModel
 from digitops.model import IMAGE_SIZE, DigitCNN
 
@@ -41,7 +40,7 @@ def explanation(served: ServedModel, prepared: Preprocessed, target: int | None)
 
 def feature_map_reply(served: ServedModel, prepared: Preprocessed, layer: str, arrays: bool):
     """/feature_maps's reply: every channel of conv block `layer` as a PNG grid."""
-    maps = feature_maps(served.onnx, prepared.pixels, layer)
+    maps = served.onnx.run(prepared.pixels[None], layer)[0]  # [C, H, W]
     reply = {
         "layer": layer,
         "channels": int(maps.shape[0]),
@@ -57,19 +56,14 @@ def feature_map_reply(served: ServedModel, prepared: Preprocessed, layer: str, a
 def grad_cam(
     model: DigitCNN, activations: np.ndarray, target: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM of the last conv block, from its activations [1, C, H, W] for one input (the
-    served ONNX model computes them: inference/runtime.py).
+    """Grad-CAM of the last conv block from its activations [1, C, H, W]: (heatmap float32
+    [28, 28] in [0, 1], logits [10]); `target` defaults to the predicted class.
 
-    Returns (heatmap float32 [28, 28] in [0, 1], logits [10]). `target` defaults to the
-    predicted class.
-
-    Grad-CAM weighs each channel by the mean of the class logit's gradient over it. The
-    read-out after the conv blocks is max pooling, then linear layers with ReLUs between, so
-    that gradient is a few products with the layers' weights, done here in numpy, a fraction
-    of what torch's autograd costs. Max pooling hands each
-    output's gradient to one of its inputs, so it leaves a channel's sum of gradients, all
-    that the mean needs, unchanged. tests/test_runtime.py checks the result against autograd.
-    """
+    Grad-CAM weighs each channel by the mean of the class logit's gradient over it. After the
+    conv blocks come max pooling and linear layers with ReLUs between, so that gradient is a
+    few products with the layers' weights, in numpy. Max pooling hands each output's gradient
+    to one input, leaving a channel's sum of gradients unchanged. tests/test_runtime.py checks
+    the result against autograd."""
     x = activations[0]
     channels, height, width = x.shape
     features, backward = x, []  # backward: what the gradient passes through, in forward order
@@ -113,13 +107,6 @@ def _max_pool(x: np.ndarray, pool: nn.MaxPool2d) -> np.ndarray:
     )
 
 
-def feature_maps(onnx: OnnxModel, pixels: np.ndarray, layer: str) -> np.ndarray:
-    """Activations [C, H, W] of conv block `layer` (conv1..conv3) for uint8 pixels [28, 28]."""
-    if layer not in DigitCNN.conv_layers:
-        raise ValueError(f"layer must be one of {', '.join(DigitCNN.conv_layers)}, got {layer!r}")
-    return onnx.run(pixels[None], layer)[0]
-
-
 RAMP = np.array([3, 2, 1], dtype=np.float32)  # where red, green and blue peak, in 4 * value
 
 
@@ -130,9 +117,8 @@ def _colormap(values: np.ndarray) -> np.ndarray:
 
 
 def overlay_png(pixels: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> bytes:
-    """The heatmap blended over the 28x28 input the model saw, at that size, like the input's
-    own PNG: a viewer enlarges both with nearest-neighbour scaling (the web page does), and a
-    small PNG is quick to encode."""
+    """The heatmap blended over the 28x28 input the model saw, at that size (a viewer enlarges
+    it with nearest-neighbour scaling, as the web page does)."""
     gray = pixels[..., None].astype(np.float32)
     blended = (1 - alpha) * gray + alpha * _colormap(cam).astype(np.float32)
     return png(blended.round().astype(np.uint8))

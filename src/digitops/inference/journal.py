@@ -1,13 +1,13 @@
 """The prediction log, written behind the replies.
 
 A reply waits for its rows to reach a local journal file (one append), not for the store's
-commit; a thread commits them to the store in groups. A row in the journal survives the
-process (it is in the operating system's page cache), as a SQLite commit in WAL mode with
-synchronous=NORMAL does, so a reply that says its row is logged is never wrong.
+commit; a thread commits them to the store in groups. A journaled row survives the process (it
+is in the page cache), as a SQLite commit in WAL mode with synchronous=NORMAL does.
 
-Each worker appends to a journal of its own, locked (flock) for as long as it lives. A
-journal whose lock is free belongs to a worker that died: the next one to start moves its
-rows into the store (a row inserted twice is kept once) and deletes it.
+Each worker appends to a journal file of its own, locked (flock) while it lives; when the
+writer takes the rows, later ones go to a new file, and the old one is deleted once its rows
+are committed. A journal whose lock is free belongs to a dead worker: the next one to start
+moves its rows into the store (a row inserted twice is kept once) and deletes it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from typing import TypeVar
 
 from digitops.inference.settings import Settings
 from digitops.inference.store import (
-    FeedbackResult,
     PredictionStore,
     RowRefused,
     StoreError,
@@ -38,40 +37,32 @@ from digitops.inference.store import (
 log = logging.getLogger("bentoml.digitops")
 T = TypeVar("T")
 
-# Rows journaled within this long of each other share one commit: a commit per row would take
-# the GIL from the requests beside it.
+# Rows journaled within this long of each other share one commit.
 GROUP_SECONDS = 0.02
 # While the store refuses every write (down, disk full), the writer tries again this often.
 RETRY_SECONDS = 1.0
 # Between commits the writer does the store's upkeep (checkpoints, retention) this often.
 UPKEEP_SECONDS = 1.0
-# Past this size the writer moves the rows not yet committed to a new journal.
-FILE_LIMIT_BYTES = 16 * 1024 * 1024
-# Journaled rows not yet in the store, at most: past this a reply says `logged: false` rather
-# than hold more in memory while the store is down.
+# Journaled rows not yet in the store, at most: past this (the store is down) a reply says
+# `logged: false` rather than hold more in memory.
 MAX_BACKLOG_ROWS = 10_000
-# A read of the store waits this long for this worker's journaled rows to reach it, and
-# feedback on a prediction it does not find yet waits this long for one made this recently
-# (another worker or replica journaled it and is committing it).
+# How long a read of the store waits for this worker's journaled rows, and feedback on a
+# prediction the store lacks waits for one made this recently (by another worker or replica).
 CATCH_UP_SECONDS = 2.0
 BYTES_FIELDS = ("input_png", "original")
 SIZES = struct.Struct("<IIi")
 
 
-def journal_directory(store_location: str) -> Path:
-    """One directory of journals per store, so that a dead worker's rows go to its own store."""
-    if "://" in store_location or store_location.startswith("file:"):
-        return Path("var/journal") / hashlib.sha256(store_location.encode()).hexdigest()[:16]
-    return Path(f"{store_location}.journal")
-
-
 def open_log(settings: Settings, on_lost: Callable[[], None]) -> PredictionJournal | None:
-    """The prediction log: the store and its journal; None if either cannot be opened
-    (predictions go on without them)."""
+    """The store and its journal; None if either cannot be opened (predictions go on). Each
+    store has a directory of journals, so that a dead worker's rows go to its own store."""
     location = settings.predictions_db
+    directory = Path(f"{location}.journal")
+    if "://" in location or location.startswith("file:"):
+        directory = Path("var/journal") / hashlib.sha256(location.encode()).hexdigest()[:16]
     try:
-        store = PredictionStore(location, settings.max_predictions, external_upkeep=True)
-        return PredictionJournal(store, journal_directory(location), on_lost)
+        store = PredictionStore(location, settings.max_predictions)
+        return PredictionJournal(store, directory, on_lost)
     except StoreError as err:
         log.warning("%s; predictions will not be logged and feedback is disabled", err)
         return None
@@ -125,15 +116,14 @@ class PredictionJournal:
             return self._changed.wait_for(lambda: self._settled >= target, timeout)
 
     def read(self, query: Callable[..., T], *args) -> T:
-        """`query(*args)` on the store, once this worker's journaled rows are in it (after
-        waiting up to CATCH_UP_SECONDS), so that a client sees its own predictions."""
+        """`query(*args)` on the store once this worker's journaled rows are in it, so that a
+        client sees its own predictions."""
         self.flush()
         return query(*args)
 
-    def add_feedback(self, prediction_id: str, *args) -> FeedbackResult:
-        """`store.add_feedback`, once the store can have the prediction: after this worker's
-        journaled rows, and for a prediction made less than CATCH_UP_SECONDS ago, after the
-        other workers' and replicas' too."""
+    def add_feedback(self, prediction_id: str, *args) -> dict:
+        """`store.add_feedback` once the store can have the prediction: after this worker's
+        journaled rows and, for a young prediction, the other workers' and replicas'."""
         caught_up = self.flush()
         while True:
             try:
@@ -166,7 +156,8 @@ class PredictionJournal:
                     self._changed.wait_for(lambda: self._hurry or self._closing, GROUP_SECONDS)
                 rows, self._pending, self._hurry = self._pending, [], False
                 closing = self._closing
-            if rows and not self._settle(rows):
+                taken = self._next_file() if rows else None
+            if rows and not self._settle(rows, taken):
                 return  # closing while the store is down: the rows stay journaled
             if closing and not rows:
                 return
@@ -177,46 +168,39 @@ class PredictionJournal:
                     log.exception("prediction store upkeep failed")
                 next_upkeep = time.monotonic() + UPKEEP_SECONDS
 
-    def _settle(self, rows: list[dict]) -> bool:
-        """Commit `rows`, trying again while the store is down; False if closed meanwhile."""
+    def _settle(self, rows: list[dict], taken) -> bool:
+        """Commit `rows`, trying again while the store is down, then delete `taken`, the
+        journal file that held them; False if closed meanwhile."""
         while not commit(self.store, rows, self.on_lost):
             with self._lock:
                 if self._closing:
                     return False
                 self._changed.wait(RETRY_SECONDS)
+        if taken is not None:
+            taken[1].unlink(missing_ok=True)
+            taken[0].close()
         with self._lock:
             self._settled += len(rows)
-            if not self._pending:
-                self._file.truncate(0)
-                self._size = 0
-            elif self._size > FILE_LIMIT_BYTES:
-                self._start_afresh()
             self._changed.notify_all()
         return True
 
-    def _start_afresh(self) -> None:
-        """Move the rows not yet committed to a new journal, then delete the old one: under
-        steady load the journal is never all committed at once, and would only grow. (Killed
-        in between, both are recovered: a row inserted twice is kept once.)"""
-        data, file = b"".join(_encode(row) for row in self._pending), None
+    def _next_file(self):
+        """Send later appends to a new journal file; the (file, path) that holds the rows just
+        taken, or None if no new file could be made (the rows stay in this one, which a later
+        call retires)."""
         try:
             file, path = _own_journal(self.path.parent)
-            if file.write(data) != len(data):
-                raise OSError("the disk is full")
-        except OSError as err:  # the old one stays, and is tried again after the next commit
-            if file is not None:
-                file.close()
-                path.unlink(missing_ok=True)
-            log.warning("prediction journal %s not renewed: %s", self.path, err)
-            return
-        self._file.close()
-        self.path.unlink()
-        self._file, self.path, self._size = file, path, len(data)
+        except OSError as err:
+            log.warning("prediction journal not renewed: %s", err)
+            return None
+        taken = self._file, self.path
+        self._file, self.path, self._size = file, path, 0
+        return taken
 
 
 def commit(store: PredictionStore, rows: list[dict], on_lost: Callable[[], None]) -> bool:
     """Commit journaled `rows`; False if the store cannot take them now. A row it refuses for
-    good is reported as lost, never dropped quietly."""
+    good is reported lost."""
     try:
         errors = store.insert_each(rows)
     except Exception:  # a bug must not end the writer: the rows wait, and it tries again
@@ -233,8 +217,8 @@ def commit(store: PredictionStore, rows: list[dict], on_lost: Callable[[], None]
 
 
 def _own_journal(directory: Path):
-    """A new journal file, opened for appending and locked. (Another worker's recover() may
-    delete a file between its creation and its lock: then it is made again.)"""
+    """A new journal file, open for appending and locked (made again if another worker's
+    recover() deleted it before the lock)."""
     while True:
         path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.journal"
         file = open(path, "ab", buffering=0)  # noqa: SIM115 - open for the worker's life
@@ -268,8 +252,7 @@ def recover(store: PredictionStore, directory: Path, on_lost: Callable[[], None]
 
 
 def _encode(row: dict) -> bytes:
-    """A record: the sizes of its JSON header and of its bytes fields, then all three (the
-    images as they are: as JSON text they would cost more than the rest of the append)."""
+    """A record: the sizes of its JSON header and of its images, then all three."""
     header = json.dumps({k: v for k, v in row.items() if k not in BYTES_FIELDS}).encode()
     png, original = row["input_png"], row["original"] or b""
     sizes = SIZES.pack(len(header), len(png), len(original) if row["original"] else -1)
@@ -297,7 +280,7 @@ def _decode(data: bytes, path: Path) -> list[dict]:
 
 
 def _made_at(prediction_id: str) -> float:
-    """When a prediction was made, from its id (time-ordered: milliseconds, then randomness)."""
+    """When a prediction was made, from its time-ordered id (predictor.new_prediction_id)."""
     try:
         return int(prediction_id[:12], 16) / 1000
     except ValueError:

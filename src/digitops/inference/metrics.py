@@ -19,9 +19,8 @@ class ServiceMetrics:
     Prometheus's default one unless given (tests give their own)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        # Imported here, not at module import: BentoML sets PROMETHEUS_MULTIPROC_DIR in each
-        # worker after the service module is imported, and prometheus_client picks its
-        # (multiprocess) storage when it is first imported.
+        # Imported here: BentoML sets PROMETHEUS_MULTIPROC_DIR in each worker after the service
+        # module is imported, and prometheus_client picks its storage at its first import.
         import prometheus_client as prom
 
         registry = prom.REGISTRY if registry is None else registry
@@ -67,10 +66,11 @@ class ServiceMetrics:
             registry=registry,
         )
         self._model_labels: tuple[str, str, str] | None = None
-        self._by_digit = [self.predictions.labels(digit=str(d)) for d in range(10)]
+        for digit in range(10):  # every digit's count is there from the start, at 0
+            self.predictions.labels(digit=str(digit))
 
     def prediction(self, digit: int, confidence: float, inverted: bool) -> None:
-        self._by_digit[digit].inc()
+        self.predictions.labels(digit=str(digit)).inc()
         self.confidence.observe(confidence)
         if inverted:
             self.inverted.inc()

@@ -1,14 +1,12 @@
 """Predictions, off the event loop: preprocess -> forward pass -> log -> reply.
 
 One thread per worker does the prediction routes' work in rounds: everything queued while it
-was busy is prepared, then answered by one forward pass per model, then logged in one append
-to the prediction journal (which commits to the store behind the replies), and the replies go
-back to the event loop together. A step repeated for several images runs with its code and
-data still in the CPU's caches, and one forward pass serves them all. A request alone in its
+was busy is prepared, answered by one forward pass per model, and logged in one append to the
+prediction journal; the replies go back to the event loop together. A request alone in its
 worker is done on the event loop, in a round of its own.
 
-A reply says `logged: false` exactly when its row did not reach the journal, so no
-acknowledged write is ever lost silently, and a broken store never fails a prediction.
+A reply says `logged: false` exactly when its row did not reach the journal: no acknowledged
+write is ever lost silently, and a broken store never fails a prediction.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ log = logging.getLogger("bentoml.digitops")
 
 @dataclass
 class Job:
-    """One request's images, options and the model it started with: a request finishes on
-    that model even if a reload swaps it meanwhile."""
+    """One request's images, options and the model it started with (and finishes on)."""
 
     images: list[bytes]
     options: Options
@@ -70,17 +67,17 @@ class PredictionThread:
 
     async def run(self, job: Job) -> list[dict]:
         """The replies of `job` (error replies for a batch's bad images), once logged; or the
-        error of a lone image, raised.
-
-        A request alone in this worker, finding the thread idle, is done right here on the
-        event loop: it would only wait for two thread hand-offs. Under load every job goes to
-        the thread's rounds, and the loop goes on reading requests."""
+        error of a lone image, raised. A request alone in this worker is done on the event
+        loop (no thread hand-offs); under load jobs go to the thread's rounds."""
         self._running += 1
         try:
             if self._alone():
                 await asyncio.sleep(0)  # requests that arrived meanwhile count themselves first
                 if self._alone():
-                    return _outcome(self.round([job])[0])
+                    (outcome,) = self.round([job])
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                    return outcome
             job.done = asyncio.get_running_loop().create_future()
             self._queue.put(job)
             return await job.done
@@ -109,8 +106,7 @@ class PredictionThread:
             self._working = False
 
     def round(self, jobs: list[Job]) -> list[list[dict] | Exception]:
-        """Each job's replies, or the error that fails it: every job prepared, one forward
-        pass per model, every job answered, and their rows journaled in one append."""
+        """Each job's replies, or the error that fails it."""
         prepared = [[self._prepare(data, job) for data in job.images] for job in jobs]
         outcomes, logged = [], []
         for job, inputs, probabilities in zip(
@@ -166,8 +162,8 @@ class PredictionThread:
 
 
 def _forward(jobs: list[Job], prepared: list[list]) -> list[np.ndarray | Exception]:
-    """The probabilities of each job's usable images: one forward pass per model for all of
-    them. A failed pass is the error of every job it was for."""
+    """The probabilities of each job's usable images, one forward pass per model; a failed
+    pass is the error of every job it was for."""
     results: list = [np.empty((0, 10), dtype=np.float32)] * len(jobs)
     by_model: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -188,12 +184,6 @@ def _forward(jobs: list[Job], prepared: list[list]) -> list[np.ndarray | Excepti
         for i, images in zip(members, pixels, strict=True):  # each job's rows, in order
             results[i], start = probabilities[start : start + len(images)], start + len(images)
     return results
-
-
-def _outcome(outcome: list[dict] | Exception) -> list[dict]:
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
 
 
 def _settle(done: asyncio.Future, outcome: list[dict] | Exception) -> None:

@@ -1,9 +1,7 @@
-"""Everything between an image and the model's input tensor, in one place.
-
-The service, the accuracy benchmark and the tests all prepare images through here; the
-model's input scale itself (`normalize`) lives with the model. Any image a user
-sends (a canvas export, a scan, a phone photo of ink on paper) becomes a 28x28 uint8 digit drawn
-the way MNIST's are: white ink on black, the longest side 20 px, the centre of mass at (14, 14).
+"""Everything between an image and the model's input, in one place (the input's scale,
+`normalize`, lives with the model). Any image a user sends (a canvas export, a scan, a phone
+photo of ink on paper) becomes a 28x28 uint8 digit drawn the way MNIST's are: white ink on
+black, the longest side 20 px, the centre of mass at (14, 14).
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ SEND_INSTEAD = "send a PNG, JPEG, WebP, BMP, GIF or TIFF file"
 # The ink is searched for at this size at most: plenty for a 20 px digit, and fast on big photos.
 WORK_SIDE = 512
 # A drawing's strokes are clean, so a fraction of that is enough: 8x the 20 px they become.
-# (A 280 px canvas is worked on at 140 px: a quarter of the pixels, the same 28x28 quality.)
 DRAWING_SIDE = 160
 # Ink must stand out from its background by at least this fraction of full scale.
 MIN_CONTRAST = 0.1
@@ -54,8 +51,7 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's 
 PNG_GREY, PNG_RGB, PNG_RGBA = 0, 2, 6  # the colour types of plain PNGs
 # Chunks that change what the pixels mean to decode(): a transparent colour, an orientation.
 PNG_PIXEL_CHUNKS = (b"tRNS", b"eXIf")
-# A canvas export has 3-5 chunks, and a 512 px image in libpng's 8 KB IDATs at most ~130; a
-# file of many more tiny ones is no plain PNG, and would keep the chunk walk busy.
+# A canvas export has 3-5 chunks, a 512 px image in 8 KB IDATs ~130; more is no plain PNG.
 PNG_MAX_CHUNKS = 256
 INVERT_WORDS = {
     "auto": None, "true": True, "false": False, "1": True, "0": False,
@@ -69,16 +65,6 @@ class Preprocessed:
 
     pixels: np.ndarray  # uint8 [28, 28], white ink on black, centred as MNIST
     inverted: bool  # whether the input was dark-on-light and got inverted
-
-
-def parse_invert(value: str | bool | None) -> bool | None:
-    """An `invert` request value: "auto" or None -> None (decide from the image), else a bool."""
-    if value is None or isinstance(value, bool):
-        return value
-    word = str(value).strip().lower()
-    if word not in INVERT_WORDS:
-        raise RequestError(f"invert must be one of {', '.join(INVERT_WORDS)}; got {value!r}.")
-    return INVERT_WORDS[word]
 
 
 def add_noise(pixels: np.ndarray, level: float, seed: int | None = None) -> np.ndarray:
@@ -114,12 +100,9 @@ def decode(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_side: int | None = None,
 ) -> Image.Image:
-    """Untrusted bytes -> a fully loaded, upright PIL image (the first frame of an animation).
-
-    Args:
-        draft_side: if given, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
-            scaling, far cheaper than a full decode) while its longest side stays at least this.
-    """
+    """Untrusted bytes -> a fully loaded, upright PIL image (an animation's first frame). With
+    `draft_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, far
+    cheaper) while its longest side stays at least that."""
     if not data:
         raise ImageError(f"The request body is empty; {SEND_INSTEAD}.")
     if len(data) > max_bytes:
@@ -128,8 +111,7 @@ def decode(
             "Send a smaller or more compressed image.",
             status=413,
         )
-    # Our pixel limit is checked right after the header is read; Pillow's own bomb check fires
-    # earlier (inside open) and must not leak out as a warning or an unexplained error.
+    # Pillow's own bomb check fires inside open(): no warning or unexplained error may leak.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -207,18 +189,16 @@ def preprocess(
 
 
 def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | None:
-    """Luminance in [0, 1] of a plain PNG - 8-bit grey, RGB or RGBA, not interlaced, no
-    chunk that changes what its pixels mean, no bigger than WORK_SIDE, every chunk's checksum
-    right - or None for anything else.
+    """Luminance in [0, 1] of a plain PNG (8-bit grey, RGB or RGBA, not interlaced, no chunk
+    that changes what its pixels mean, at most WORK_SIDE, every checksum right), else None.
 
-    That is what canvases export (the web page's drawings: opaque RGBA), and libspng decodes
-    it straight into an array, faster than libpng or Pillow (benchmarks/bench_preprocess.py).
-    Everything else, including every file this cannot read, takes decode()'s way, with its
-    errors."""
-    size = _small_png_size(data)
-    if size is None or len(data) > max_bytes:
+    That is what canvases export, and libspng decodes it straight into an array, faster than
+    Pillow (benchmarks/bench_preprocess.py). Anything else takes decode()'s way, errors too."""
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 29:
         return None
-    width, height = size
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if max(width, height) > WORK_SIDE or len(data) > max_bytes:
+        return None
     depth, color, interlaced = data[24], data[25], data[28]
     if (
         depth != 8
@@ -245,20 +225,10 @@ def _plain_png(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray | Non
     return np.divide(pixels, 255, dtype=np.float32)  # one pass: no float copy to divide
 
 
-def _small_png_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's header when neither is over WORK_SIDE, else None."""
-    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 29:
-        return None
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return (width, height) if max(width, height) <= WORK_SIDE else None
-
-
 def _png_chunk_types(data: bytes) -> list[bytes] | None:
-    """The types of a PNG's chunks up to IEND, or None when one is cut off or fails its CRC.
-
-    libspng, as pyspng sets it up, ignores checksums and would decode a damaged chunk that
-    still parses; Pillow and libpng refuse it, and so does this, so a damaged upload is refused
-    the same way whichever decoder it would have met. More than PNG_MAX_CHUNKS: None too."""
+    """The types of a PNG's chunks up to IEND; None when one is cut off or fails its CRC (pyspng
+    ignores checksums, Pillow refuses them: a damaged upload is refused either way), or when
+    there are more than PNG_MAX_CHUNKS."""
     kinds, at, view = [], len(PNG_SIGNATURE), memoryview(data)
     while at + 12 <= len(data) and len(kinds) < PNG_MAX_CHUNKS:
         size = int.from_bytes(data[at : at + 4], "big")
@@ -277,9 +247,7 @@ def _png_chunk_types(data: bytes) -> list[bytes] | None:
 
 def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
     """Any PIL image -> a 28x28 MNIST-style digit; invert None decides from the image itself.
-
-    Raises EmptyImageError when nothing in the image stands out as ink.
-    """
+    Raises EmptyImageError when nothing in the image stands out as ink."""
     return _from_grayscale(_grayscale(image), invert)
 
 
@@ -299,21 +267,17 @@ def _from_grayscale(gray: np.ndarray, invert: bool | None) -> Preprocessed:
 
 
 def _drawing_size(gray: np.ndarray) -> tuple[np.ndarray, int]:
-    """`gray` shrunk by a whole factor to at most DRAWING_SIDE (block means: a drawing needs far
-    fewer pixels than a photo), and the width of its anti-aliased edge there: EDGE_WIDTH px of
-    the image as sent."""
+    """`gray` shrunk by a whole factor to at most DRAWING_SIDE (block means), and the width
+    there of EDGE_WIDTH px of the image as sent."""
     factor = -(-max(gray.shape) // DRAWING_SIDE)
     small = gray if factor == 1 else _block_mean(gray, factor)
     return small, max(1, round(EDGE_WIDTH / factor))
 
 
 def _flat_background(gray: np.ndarray) -> float | None:
-    """The background level of a digital drawing (a canvas export), or None for anything else.
-
-    A drawing's background is one exact value over most of the image; a photo or scan always
-    has some noise. For drawings the lighting and noise modelling is unnecessary, and skipping
-    it makes the live-drawing path several times faster.
-    """
+    """The background level of a digital drawing (one exact value over most of the image), or
+    None for anything else (a photo or scan always has noise). A drawing needs no lighting or
+    noise model, which makes the live-drawing path several times faster."""
     levels = np.rint(gray[::2, ::2] * 255).astype(np.uint8).ravel()
     counts = np.bincount(levels, minlength=256)
     mode = int(counts.argmax())
@@ -323,11 +287,8 @@ def _flat_background(gray: np.ndarray) -> float | None:
 
 
 def _drawn_ink(gray: np.ndarray, background: float, edge: int = EDGE_WIDTH) -> np.ndarray:
-    """Ink of a drawing on a flat background: every pixel that differs from it, specks dropped.
-
-    Returns the strokes' neighbourhood only (their bounding box plus the edge margin): the rest
-    of a drawing is background, and skipping it is most of the speed of the live-drawing path.
-    """
+    """Ink of a drawing on a flat background: every pixel that differs from it, specks dropped;
+    only the strokes' bounding box plus the edge margin (the rest is background)."""
     contrast = max(background, 1 - background)
     difference = np.abs(gray - background)
     strong = difference > MIN_CONTRAST * contrast
@@ -338,7 +299,6 @@ def _drawn_ink(gray: np.ndarray, background: float, edge: int = EDGE_WIDTH) -> n
         slice(max(y - edge, 0), y + height + edge),
         slice(max(x - edge, 0), x + width + edge),
     )
-    # Only the box is scaled: the rest of a drawing is background.
     ink, strong = difference[box] / contrast, strong[box]
     kept = _without_specks(strong)
     # Strokes without stray dots, plus their anti-aliased edges; faint resampling halos farther
@@ -347,9 +307,8 @@ def _drawn_ink(gray: np.ndarray, background: float, edge: int = EDGE_WIDTH) -> n
 
 
 def _without_specks(strong: np.ndarray) -> np.ndarray:
-    """The mask without blobs under SPECK_FRACTION of the largest (strokes touching at a
-    corner are one blob). OpenCV labels a drawing's blobs 5x faster than scipy, and measures
-    their areas as it goes."""
+    """The mask without blobs under SPECK_FRACTION of the largest (strokes touching at a corner
+    are one blob)."""
     _, labels, stats, _ = cv2.connectedComponentsWithStats(_as_uint8(strong), connectivity=8)
     areas = stats[:, cv2.CC_STAT_AREA]
     areas[0] = 0  # the background
@@ -359,8 +318,7 @@ def _without_specks(strong: np.ndarray) -> np.ndarray:
 
 
 def _grow(mask: np.ndarray, width: int) -> np.ndarray:
-    """The mask dilated by `width` px in all 8 directions (a (2w+1)-square structuring element);
-    OpenCV's dilation, 5x faster than shifted numpy ORs here."""
+    """The mask dilated by `width` px in all 8 directions."""
     square = np.ones((2 * width + 1, 2 * width + 1), dtype=np.uint8)
     return cv2.dilate(_as_uint8(mask), square).view(bool)  # 0s and 1s: already booleans
 
@@ -379,8 +337,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         rgba = _shrink(image.convert("RGBA"))
         if rgba.getextrema()[3][0] < 255:
             return _flattened(np.asarray(rgba))
-        # Opaque, as most canvas exports are: nothing to flatten, and Pillow's luminance
-        # is far cheaper than the float arithmetic.
+        # Opaque, as most canvas exports are: nothing to flatten.
         image = rgba.convert("L")
     else:
         try:
@@ -429,11 +386,8 @@ def _flattened(rgba: np.ndarray) -> np.ndarray:
 
 
 def _looks_dark_on_light(gray: np.ndarray) -> bool:
-    """Whether the dominant (background) level is nearer the bright end than the dark end.
-
-    The median is the background as long as ink covers under half the image; block means keep
-    noise from setting the extremes.
-    """
+    """Whether the background (the median, while ink covers under half the image) is nearer
+    the bright end than the dark end; block means keep noise from setting the extremes."""
     small = _block_mean(gray, _block_side(gray.shape))
     return bool(np.median(small) > (small.min() + small.max()) / 2)
 
@@ -477,8 +431,7 @@ def _block_side(shape: tuple[int, ...]) -> int:
 
 
 def _blocks(image: np.ndarray, factor: int) -> list[np.ndarray]:
-    """The image's pixels at each offset within its `factor`-square blocks: one array per
-    offset, one pixel per block, edges padded."""
+    """One array per offset within the image's `factor`-square blocks, edges padded."""
     height, width = image.shape
     padded = image
     if height % factor or width % factor:  # a copy only when it is needed
@@ -489,24 +442,18 @@ def _blocks(image: np.ndarray, factor: int) -> list[np.ndarray]:
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     height, width = image.shape
     if factor > 1 and height % factor == 0 and width % factor == 0 and image.dtype == np.float32:
-        # Whole blocks: OpenCV's area resize is exactly their means, 4x faster than numpy.
+        # Whole blocks: OpenCV's area resize is exactly their means.
         size = (width // factor, height // factor)
         return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    # Summing strided views is several times faster than a reshaped mean(axis=(1, 3)).
     parts = _blocks(image, factor)
     return sum(parts[1:], parts[0]) / len(parts)
 
 
-def _block_max(image: np.ndarray, factor: int) -> np.ndarray:
-    return functools.reduce(np.maximum, _blocks(image, factor))
-
-
 def _background(ink: np.ndarray) -> np.ndarray:
     """Smooth level under the ink: a grey opening wider than any stroke, at low resolution."""
-    # Block maxima, not means: a dark gap narrower than a block (between strokes, or the inside
-    # of a stroke forced to the wrong polarity) must not drag the background down around it.
-    # They sit a little above the noise, which only hides more of it.
-    small = _block_max(ink, _block_side(ink.shape))
+    # Block maxima, not means: a dark gap narrower than a block (between strokes) must not
+    # drag the background down around it.
+    small = functools.reduce(np.maximum, _blocks(ink, _block_side(ink.shape)))
     size = max(3, min(small.shape) // 3)  # a third of the image: wider than even a thick stroke
     # Odd reflection continues lighting gradients past the edge; plain padding would flatten them
     # there and leave a band of false ink along the darker border.
@@ -535,10 +482,7 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _center(ink: np.ndarray) -> np.ndarray:
-    """Crop to the ink, scale its longest side to 20 px, centre its mass at (14, 14) in 28x28.
-
-    In as few calls as it takes: in request order, where caches are cold, each numpy call is
-    dear, and OpenCV's bounding box and moments replace a dozen."""
+    """Crop to the ink, scale its longest side to 20 px, centre its mass at (14, 14) in 28x28."""
     x, y, width, height = cv2.boundingRect(_as_uint8(ink > 0))
     if width == 0:
         raise EmptyImageError()

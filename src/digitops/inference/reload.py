@@ -1,11 +1,9 @@
 """How the workers of a server learn that the model changed.
 
 Following the MLflow registry (DIGITOPS_REGISTRY_POLL_SECONDS), every worker of every replica
-looks up the alias on its own, so moving the alias is the whole rollout.
-
-Otherwise only `/admin/reload` changes the model: the worker that reloads writes a notice file;
-the others poll it and load the same BentoML store entry. Workers of one server share a parent
-process, which names the file, so two servers on one host never hear each other.
+looks up the alias on its own, so moving the alias is the whole rollout. Otherwise
+`/admin/reload` changes the model: the worker that reloads writes a notice file (named by the
+workers' parent process) and the others follow it.
 """
 
 from __future__ import annotations
@@ -37,11 +35,33 @@ log = logging.getLogger("bentoml.digitops")
 POLL_SECONDS = 1.0
 
 
+def keep_following(look: Callable[[], None], interval: float, what: str, failing=False) -> None:
+    """Call `look()` every `interval` seconds in a daemon thread. A failure keeps the current
+    model and is logged once per run of failures (`failing`: one is under way); it goes on."""
+
+    def poll() -> None:
+        nonlocal failing
+        while True:
+            time.sleep(interval)
+            try:
+                look()
+            except Exception as err:
+                if not failing:
+                    log.warning("cannot follow %s (%s); serving the current model", what, err)
+                failing = True
+                continue
+            if failing:
+                log.info("following %s again", what)
+            failing = False
+
+    threading.Thread(target=poll, name="follower", daemon=True).start()
+
+
 class ReloadNotices:
     def __init__(self, path: Path | None = None):
         self.path = path or Path(tempfile.gettempdir()) / f"digitops-reload-{os.getppid()}.json"
         # Notices older than this worker are from an earlier server with the same parent.
-        self._started_ns = time.time_ns()
+        self._seen_ns = time.time_ns()
 
     def announce(self, store_tag: str | None) -> None:
         """Tell the other workers to serve `store_tag` (atomic: never half a notice)."""
@@ -49,35 +69,22 @@ class ReloadNotices:
         write_bytes_atomic(self.path, notice, fsync=False)
 
     def follow(self, current_tag: Callable[[], str | None], switch: Callable[[str], None]) -> None:
-        """Call `switch(tag)` for every newer notice naming another tag, in a daemon thread."""
-        threading.Thread(
-            target=self._poll, args=(current_tag, switch), name="reload", daemon=True
-        ).start()
+        """Call `switch(tag)` for every newer notice naming another tag."""
 
-    def _poll(self, current_tag: Callable[[], str | None], switch: Callable[[str], None]) -> None:
-        seen = self._started_ns
-        while True:
-            time.sleep(POLL_SECONDS)
-            try:
-                changed = self.path.stat().st_mtime_ns
-                if changed <= seen:
-                    continue
-                seen = changed
+        def look() -> None:
+            changed = self.path.stat().st_mtime_ns if self.path.exists() else 0
+            if changed > self._seen_ns:
+                self._seen_ns = changed
                 tag = json.loads(self.path.read_text())["tag"]
                 if tag != current_tag():
                     switch(tag)
-            except FileNotFoundError:
-                continue
-            except Exception as err:  # keep serving the current model, and keep following
-                log.warning("could not follow a reload: %s", err)
+
+        keep_following(look, POLL_SECONDS, f"the reloads announced in {self.path}")
 
 
 class RegistryFollower:
-    """Keeps a worker on the registry version that holds an alias.
-
-    A look-up per interval; a download only when the version changed. A registry that is down
-    or an alias that is gone never stops serving: the worker keeps its model and keeps looking.
-    """
+    """Keeps a worker on the registry version that holds an alias: a look-up per interval, a
+    download when it changed. A registry down or an alias gone: the worker keeps its model."""
 
     def __init__(self, tracking: Tracking, alias: str, interval: float):
         self.tracking = tracking
@@ -86,22 +93,10 @@ class RegistryFollower:
         self.name = f"{tracking.model_name}@{alias} in {tracking.tracking_uri}"
         # A poll and /admin/reload never download at once, and the later look-up is served last.
         self._lock = threading.Lock()
-        self._failing = False  # warn once per run of failures, not once per poll
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RegistryFollower:
-        # Here, not at the top: mlflow takes seconds to import and only a follower needs it.
-        from digitops.tracking import Tracking
-
-        tracking = Tracking.for_polling(settings.registered_model)
-        return cls(tracking, settings.registry_alias, settings.registry_poll_seconds)
+        self._failed_at_start = False
 
     def load(self) -> ServedModel:
-        """The version holding the alias now (start, /admin/reload).
-
-        Raises ModelUnavailable when none holds it or its checkpoint does not load, and
-        TrackingError when the registry cannot be asked.
-        """
+        """The version holding the alias now; ModelUnavailable or TrackingError if none."""
         with self._lock:
             return load_registry_version(self.tracking, self.alias, self._holder())
 
@@ -112,33 +107,22 @@ class RegistryFollower:
             return self.load()
         except Exception as err:  # whatever the registry does, the replica must serve
             served = fallback()
-            self._failed(err, served)
+            log.warning("cannot follow %s (%s); serving %s", self.name, err, served.source)
+            self._failed_at_start = True
             return served
 
     def follow(
         self, current: Callable[[], ServedModel], switch: Callable[[ServedModel], None]
     ) -> None:
-        """Call `switch(model)` whenever another version holds the alias, in a daemon thread."""
-        threading.Thread(
-            target=self._poll, args=(current, switch), name="registry", daemon=True
-        ).start()
+        """Call `switch(model)` whenever another version holds the alias."""
 
-    def _poll(
-        self, current: Callable[[], ServedModel], switch: Callable[[ServedModel], None]
-    ) -> None:
-        while True:
-            time.sleep(self.interval)
-            try:
-                with self._lock:
-                    holder = self._holder()
-                    if holder.version != current().registry_version:
-                        switch(load_registry_version(self.tracking, self.alias, holder))
-            except Exception as err:  # keep serving the current model, and keep following
-                self._failed(err, current())
-                continue
-            if self._failing:
-                log.info("following %s again", self.name)
-                self._failing = False
+        def look() -> None:
+            with self._lock:
+                holder = self._holder()
+                if holder.version != current().registry_version:
+                    switch(load_registry_version(self.tracking, self.alias, holder))
+
+        keep_following(look, self.interval, self.name, failing=self._failed_at_start)
 
     def _holder(self) -> ModelVersion:
         holder = self.tracking.holder(self.alias)
@@ -146,22 +130,21 @@ class RegistryFollower:
             raise ModelUnavailable(f"no version holds the alias {self.alias!r}")
         return holder
 
-    def _failed(self, err: Exception, serving: ServedModel) -> None:
-        if not self._failing:
-            log.warning(
-                "cannot follow %s (%s); serving %s until it can be", self.name, err, serving.source
-            )
-        self._failing = True
-
 
 def registry_follower(settings: Settings) -> RegistryFollower | None:
     """A worker's follower of the registry alias, when DIGITOPS_REGISTRY_POLL_SECONDS is set."""
-    return RegistryFollower.from_settings(settings) if settings.registry_poll_seconds else None
+    if not settings.registry_poll_seconds:
+        return None
+    # Here, not at the top: mlflow takes seconds to import and only a follower needs it.
+    from digitops.tracking import Tracking
+
+    tracking = Tracking.for_polling(settings.registered_model)
+    return RegistryFollower(tracking, settings.registry_alias, settings.registry_poll_seconds)
 
 
 def starting_model(settings: Settings, registry: RegistryFollower | None) -> ServedModel:
-    """The alias's version when following the registry; else, or while the registry cannot
-    give it, the newest BentoML store entry or the shipped model."""
+    """The alias's version when following the registry; else (or meanwhile) the newest BentoML
+    store entry or the shipped model."""
 
     def unfollowed() -> ServedModel:
         return load_served_model(settings.model_tag, settings.shipped_model)
@@ -170,8 +153,7 @@ def starting_model(settings: Settings, registry: RegistryFollower | None) -> Ser
 
 
 def newest_model(settings: Settings, registry: RegistryFollower | None) -> ServedModel:
-    """What /admin/reload switches to. No fallback: a failed look-up must never swap the
-    champion for the shipped model."""
+    """What /admin/reload switches to; no fallback to the shipped model."""
     if registry is not None:
         return registry.load()
     return load_served_model(settings.model_tag, settings.shipped_model, fallback=False)

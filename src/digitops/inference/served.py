@@ -1,21 +1,109 @@
-"""The model a server serves, and where it came from."""
+"""The model a server serves: where it came from (the BentoML store, the MLflow registry or the
+shipped file), exported to ONNX and run by ONNX Runtime (benchmarks/bench_forward.py compares it
+with torch eager, TorchScript and torch.compile). Predictions, Grad-CAM's activations and feature
+maps all come from ONNX Runtime; Grad-CAM's gradient is a few products with the classifier's
+weights (explain.grad_cam)."""
 
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import bentoml
 import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx import numpy_helper
 
 from digitops import checkpoint
-from digitops.inference.runtime import OnnxModel
-from digitops.model import DigitCNN, fold_batchnorm
+from digitops.model import DigitCNN, fold_batchnorm, normalize
 
 if TYPE_CHECKING:  # importing mlflow takes seconds; only a server following the registry needs it
     from digitops.tracking import ModelVersion, Tracking
+
+PROBABILITIES = "probabilities"
+
+
+class _Outputs(torch.nn.Module):
+    """Pixels to probabilities in one graph (input scaling, model, softmax), with every conv
+    block's activations as outputs too."""
+
+    def __init__(self, model: DigitCNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, blocks = normalize(pixels), []
+        for name in self.model.conv_layers:
+            x = getattr(self.model, name)(x)
+            blocks.append(x)
+        return torch.softmax(self.model.classifier(x), dim=1), *blocks
+
+
+class OnnxModel:
+    """`model` exported in eval mode: uint8 pixels [N, 28, 28] (white ink on black) in; the
+    probabilities, or a conv block's activations, out. One thread per call by default: the
+    service's other work needs the other cores."""
+
+    def __init__(self, model: DigitCNN, threads: int = 1):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = onnxruntime.InferenceSession(
+            _graph(model), options, providers=["CPUExecutionProvider"]
+        )
+        self._input = self._session.get_inputs()[0].name
+
+    def run(self, pixels: np.ndarray, output: str) -> np.ndarray:
+        """`output` (PROBABILITIES or a conv block's name) for `pixels`."""
+        feed = {self._input: np.ascontiguousarray(pixels, dtype=np.uint8)}
+        return self._session.run([output], feed)[0]
+
+
+# Exporting takes seconds of CPU, most of a rollout; a new version of the same network differs
+# only in its weights. Each architecture is exported once per process, and later versions
+# swap their weights into that graph.
+_EXPORTED: dict[str, onnx.ModelProto] = {}
+
+
+def _graph(model: DigitCNN) -> bytes:
+    """`model` (eval mode) as a serialized ONNX graph."""
+    outputs = _Outputs(model.eval())
+    weights = {name: tensor.detach().numpy() for name, tensor in outputs.state_dict().items()}
+    architecture = repr(model)  # every layer and its sizes; the forward pass is DigitCNN's
+    exported = _EXPORTED.get(architecture)
+    if exported is None:
+        exported = _export(outputs)
+        if not weights.keys() <= {tensor.name for tensor in exported.graph.initializer}:
+            return exported.SerializeToString()  # a weight was folded away: nothing to swap
+        _EXPORTED[architecture] = exported
+    graph = onnx.ModelProto()
+    graph.CopyFrom(exported)
+    for tensor in graph.graph.initializer:
+        if tensor.name in weights:
+            tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+    return graph.SerializeToString()
+
+
+def _export(outputs: _Outputs) -> onnx.ModelProto:
+    example = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():  # the exporter narrates its steps as warnings
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            outputs,
+            (example,),
+            dynamo=True,
+            dynamic_shapes={"pixels": {0: batch}},
+            output_names=[PROBABILITIES, *outputs.model.conv_layers],
+            verbose=False,
+        )
+    return program.model_proto
 
 
 @dataclass
@@ -27,8 +115,7 @@ class ServedModel:
     source: str
     store_tag: str | None = None  # the BentoML store entry, when it came from there
     registry_version: str | None = None  # the MLflow registry version, when it came from there
-    # The same network run by ONNX Runtime, input scaling and softmax included
-    # (inference/runtime.py says why).
+    # The same network run by ONNX Runtime, input scaling and softmax included.
     onnx: OnnxModel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -36,7 +123,7 @@ class ServedModel:
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities [N, 10] for uint8 pixels [N, 28, 28], white ink on black."""
-        return self.onnx.probabilities(pixels)
+        return self.onnx.run(pixels, PROBABILITIES)
 
     def identity(self) -> dict:
         m = self.metadata
@@ -65,11 +152,7 @@ def load_served_model(
     store_tag: str | None, shipped: Path | None, fallback: bool = True
 ) -> ServedModel:
     """The champion imported into the BentoML model store, else (if `fallback` and the store
-    has none) `shipped`.
-
-    An entry that exists but does not load is an error, never a reason to serve something
-    else: the operator must hear that the champion is broken.
-    """
+    has none) `shipped`. An entry that does not load is an error, never a fallback."""
     tag = store_tag or f"{checkpoint.BENTO_MODEL}:latest"
     try:
         stored = bentoml.models.get(tag)
@@ -88,8 +171,7 @@ def load_registry_version(tracking: Tracking, alias: str, version: ModelVersion)
     """Registry version `version`, which holds `alias`, from the tracking server."""
     with tempfile.TemporaryDirectory() as tmp:
         model, metadata = _load(tracking.download(version, Path(tmp)).path)
-    # The registry names the version, whatever the checkpoint recorded when it was registered
-    # (the shipped model, say, registered again elsewhere).
+    # The registry names the version, whatever the checkpoint recorded.
     metadata.update(registered_model=tracking.model_name, registered_version=version.version)
     source = f"mlflow registry {tracking.model_name}@{alias} (version {version.version})"
     return ServedModel(fold_batchnorm(model), metadata, source, registry_version=version.version)

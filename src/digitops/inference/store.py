@@ -1,28 +1,21 @@
-"""The prediction log and feedback queue: a SQLite file by default, PostgreSQL for many replicas.
-
-Every /predict is recorded (input, probabilities, uncertainty); users attach labels to
-predictions; the ingestion job moves validated labels into the DVC-versioned dataset.
+"""The prediction log and feedback queue: every /predict's input and probabilities, and the
+labels users attach to them, which the ingestion job moves into the DVC-versioned dataset.
 
 `PredictionStore(location)` takes a file path (SQLite in WAL mode, one machine) or a
-`postgresql://` URL (one database for every replica). The queries are written once with
-SQLAlchemy Core, which compiles them for either engine: it is already installed (MLflow's
-tracking store is built on it), and it pools connections, so there is no second code path per
-backend. PostgreSQL is reached through psycopg 3.
+`postgresql://` URL (psycopg 3; one database for every replica). The queries are written once
+with SQLAlchemy Core (MLflow already installs it), which compiles them for either engine.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +79,7 @@ STRATEGIES = {
 
 
 class StoreError(RuntimeError):
-    """The store cannot be written (disk full, read-only, locked, database down); predictions
-    go on without it."""
+    """The store cannot be written (disk full, read-only, locked, down); predictions go on."""
 
 
 class RowRefused(StoreError):
@@ -98,14 +90,6 @@ class UnknownPrediction(KeyError):
     pass
 
 
-def uncertainty(probabilities: Sequence[float]) -> tuple[float, float]:
-    """(entropy in nats, margin between the top two probabilities). In plain Python: on ten
-    numbers, numpy's per-call overhead is most of the cost."""
-    p = [min(max(x, 1e-12), 1.0) for x in probabilities]
-    second, first = sorted(p)[-2:]
-    return -math.fsum(x * math.log(x) for x in p), first - second
-
-
 # Under steady writes a PASSIVE checkpoint never finds the write-ahead log without a commit in
 # flight, so SQLite never rewinds the log and it grows for as long as the load lasts. Past this
 # size the upkeep waits for a gap between two commits to rewind it (RESTART), and SQLite
@@ -113,17 +97,13 @@ def uncertainty(probabilities: Sequence[float]) -> tuple[float, float]:
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 
 
-def engine_for(location: str | Path, checkpoints: bool = True) -> sa.Engine:
-    """A SQLAlchemy engine for a file path, a `file:` URI (SQLite) or a database URL.
-
-    Without `checkpoints`, a SQLite commit never checkpoints the write-ahead log itself: the
-    owner of the engine does (PredictionStore's upkeep)."""
+def engine_for(location: str | Path) -> sa.Engine:
+    """A SQLAlchemy engine for a file path, a `file:` URI (SQLite) or a database URL. SQLite
+    commits leave checkpoints of the write-ahead log to PredictionStore.upkeep()."""
     location = str(location)
     if location.startswith(("postgresql://", "postgres://")):
-        # psycopg 3, not SQLAlchemy's default (psycopg2), for a plain postgresql:// URL.
-        url = sa.make_url(location).set(drivername="postgresql+psycopg")
-        # pre_ping: a replica outlives a database restart (a stale pooled connection is
-        # replaced, not handed to a request).
+        url = sa.make_url(location).set(drivername="postgresql+psycopg")  # not psycopg2
+        # pre_ping: a replica outlives a database restart (stale pooled connections are replaced).
         return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
     if location.startswith(("postgresql+", "sqlite:")):
         return sa.create_engine(location)
@@ -133,9 +113,8 @@ def engine_for(location: str | Path, checkpoints: bool = True) -> sa.Engine:
     engine = sa.create_engine(
         "sqlite+pysqlite://",
         creator=lambda: sqlite3.connect(location, timeout=10, check_same_thread=False, uri=uri),
-        # A pool of connections each used by one thread at a time, as for any file database.
-        # (For a URL without a file SQLAlchemy would pick SingletonThreadPool, which closes
-        # connections that other threads still use: workers crashed under load.)
+        # Not the SingletonThreadPool SQLAlchemy picks here: it closes connections that other
+        # threads still use (workers crashed under load).
         poolclass=sa.pool.QueuePool,
     )
 
@@ -145,16 +124,14 @@ def engine_for(location: str | Path, checkpoints: bool = True) -> sa.Engine:
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives app crashes
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-        if not checkpoints:
-            conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
 
     return engine
 
 
 def _write_ahead_log(conn: sqlite3.Connection, patience: float = 10.0) -> None:
-    """Put the file in write-ahead-log mode (it stays so). When two processes switch a new
-    file at once, SQLite answers the loser "database is locked" at once, without its busy
-    timeout (waiting could deadlock), so the loser tries again until the winner is done."""
+    """Put the file in write-ahead-log mode. Two processes switching a new file at once: SQLite
+    answers the loser "database is locked" without waiting, so the loser tries again."""
     deadline = time.monotonic() + patience
     while True:
         try:
@@ -166,45 +143,25 @@ def _write_ahead_log(conn: sqlite3.Connection, patience: float = 10.0) -> None:
             time.sleep(0.005)
 
 
-@dataclass
-class FeedbackResult:
-    feedback_id: str
-    prediction_id: str
-    label: int
-    status: str
-    replaced: bool
-    previous_label: int | None
-
-    def reply(self) -> dict:
-        """What /feedback answers; the earlier label only when this one replaced it."""
-        reply = dataclasses.asdict(self)
-        if not self.replaced:
-            del reply["previous_label"]
-        return reply
-
-
 class PredictionStore:
-    """Thread-safe, and safe for many processes and replicas writing at once.
-
-    Upkeep is SQLite's checkpoints (copying the write-ahead log into the database file, with an
-    fsync) and retention. The commit that comes due pays for it; with `external_upkeep`, the
-    owner calls `upkeep()` instead (a server's journal writer, between its commits).
-    """
+    """Thread-safe, and safe for many processes and replicas writing at once. Its owner calls
+    `upkeep()` now and then (a server's journal writer, between its commits)."""
 
     def __init__(
         self,
         location: str | Path,
         max_predictions: int = 100_000,
         max_original_bytes: int = 256 * 1024,
-        external_upkeep: bool = False,
     ):
         self.max_predictions = max_predictions
         self.max_original_bytes = max_original_bytes
-        self._inserts = self._retained_at = 0
-        self._count_lock = threading.Lock()
-        self.path = _shown(location)
+        self._unretained = 0  # rows inserted since retention last ran (an estimate)
+        # For messages and logs: a URL without its password.
+        self.path = str(location)
+        if "://" in self.path:
+            self.path = sa.make_url(self.path).render_as_string(hide_password=True)
         try:
-            self.engine = engine_for(location, checkpoints=not external_upkeep)
+            self.engine = engine_for(location)
             self._insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[
                 self.engine.dialect.name
             ]
@@ -215,17 +172,17 @@ class PredictionStore:
             raise StoreError(
                 f"prediction store {self.path} cannot be opened for writing: {_cause(err)}"
             ) from err
-        self.external_upkeep = external_upkeep
 
     def close(self) -> None:
         self.engine.dispose()
 
     def upkeep(self) -> None:
-        """Checkpoint, and enforce retention when it is due."""
+        """SQLite's checkpoint, and retention once a thousand rows went in since it last ran."""
         try:
             if self.engine.dialect.name == "sqlite":
                 self._checkpoint()
-            if self._retention_due():
+            if self._unretained >= 1000:
+                self._unretained = 0
                 self._enforce_retention()
         except StoreError as err:  # the next upkeep tries again; predictions go on
             log.warning("prediction store upkeep failed: %s", err)
@@ -245,16 +202,15 @@ class PredictionStore:
 
     @contextmanager
     def _transaction(self):
-        """One transaction; any database failure becomes one StoreError."""
+        """One transaction; a row refused for good becomes RowRefused, any other database
+        failure a StoreError."""
         try:
             with self.engine.begin() as conn:
                 yield conn
+        except (sa.exc.IntegrityError, sa.exc.DataError) as err:  # a bad row
+            raise RowRefused(f"prediction store {self.path} refused: {_cause(err)}") from err
         except sa.exc.SQLAlchemyError as err:  # disk full, read-only, I/O, locked, down
-            raise self._unusable(err) from err
-
-    def log_prediction(self, *args, **kwargs) -> None:
-        """Log one prediction (the arguments of `record`)."""
-        self.insert([self.record(*args, **kwargs)])
+            raise StoreError(f"prediction store {self.path} is not usable: {_cause(err)}") from err
 
     def record(
         self,
@@ -266,10 +222,11 @@ class PredictionStore:
         original: bytes | None = None,
         noise: float = 0.0,
     ) -> dict:
-        """A prediction as a row of the log (see `insert`); `probabilities` as Python floats
-        (an array is converted here)."""
+        """A prediction as a row of the log (see `insert`)."""
         p = probabilities.tolist() if isinstance(probabilities, np.ndarray) else probabilities
-        entropy, margin = uncertainty(p)
+        clipped = [min(max(x, 1e-12), 1.0) for x in p]
+        second, first = sorted(clipped)[-2:]
+        entropy, margin = -math.fsum(x * math.log(x) for x in clipped), first - second
         digit = max(range(len(p)), key=p.__getitem__)
         if original is not None and len(original) > self.max_original_bytes:
             original = None  # the 28x28 input is always kept; big originals are not
@@ -290,33 +247,13 @@ class PredictionStore:
 
     def insert(self, records: list[dict]) -> None:
         """Log predictions (rows from `record`) in one transaction: all of them, or none."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(self._log, records)
-        except (sa.exc.IntegrityError, sa.exc.DataError) as err:  # a bad row
-            raise RowRefused(f"prediction store {self.path} refused: {_cause(err)}") from err
-        except sa.exc.SQLAlchemyError as err:  # disk full, read-only, I/O, locked, down
-            raise self._unusable(err) from err
-        with self._count_lock:
-            self._inserts += len(records)
-        if not self.external_upkeep and self._retention_due():
-            self._enforce_retention()
-
-    def _retention_due(self) -> bool:
-        """Whether a thousand rows went in since retention last ran; if so, it is now run's."""
-        with self._count_lock:
-            if self._inserts - self._retained_at < 1000:
-                return False
-            self._retained_at = self._inserts
-            return True
-
-    def _unusable(self, err: Exception) -> StoreError:
-        return StoreError(f"prediction store {self.path} is not usable: {_cause(err)}")
+        with self._transaction() as conn:
+            conn.execute(self._log, records)
+        self._unretained += len(records)
 
     def insert_each(self, records: list[dict]) -> list[StoreError | None]:
-        """Log predictions in one transaction if they all go in (group commit); if the store
-        refuses one of them, each alone, so one bad row never fails its neighbours. Says per
-        row what kept it out."""
+        """What kept each row out: one transaction for all (group commit), or, if the store
+        refuses one of them, one each, so one bad row never fails its neighbours."""
         try:
             self.insert(records)
             return [None] * len(records)
@@ -342,25 +279,23 @@ class PredictionStore:
             .scalar_subquery()
         )
         with self._transaction() as conn:
-            # Counting is cheap (an index scan); the delete is not, and under the cap (the
-            # usual case) it would only hold the write lock for nothing.
+            # Counting is cheap; a delete under the cap would hold the write lock for nothing.
             logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
             if logged > self.max_predictions:
                 conn.execute(sa.delete(predictions).where(UNLABELLED, P.created_at <= cutoff))
 
     def add_feedback(
         self, prediction_id: str, label: int, comment: str | None = None, client: str | None = None
-    ) -> FeedbackResult:
-        """Label a prediction. Idempotent; a new label for the same prediction replaces the old.
-
-        Safe when replicas label the same prediction at once: the insert that loses the race
-        on the unique prediction_id does nothing, and that call then sees the winner's row.
-        """
-        now = time.time()
+    ) -> dict:
+        """Label a prediction; what /feedback answers. Idempotent; a new label for the same
+        prediction replaces the old (`replaced`, `previous_label`). Replicas racing on one
+        prediction: the losing insert does nothing and sees the winner's."""
+        now, feedback_id = time.time(), uuid.uuid4().hex
+        result = {"feedback_id": feedback_id, "prediction_id": prediction_id, "label": label}
+        result |= {"status": "pending", "replaced": False}
         with self._transaction() as conn:
             if conn.execute(sa.select(P.id).where(P.id == prediction_id)).first() is None:
                 raise UnknownPrediction(prediction_id)
-            feedback_id = uuid.uuid4().hex
             inserted = conn.execute(
                 self._insert(feedback)
                 .values(
@@ -376,12 +311,13 @@ class PredictionStore:
                 .on_conflict_do_nothing(index_elements=["prediction_id"])
             ).rowcount
             if inserted == 1:
-                return FeedbackResult(feedback_id, prediction_id, label, "pending", False, None)
+                return result
             feedback_id, old_label, old_status = conn.execute(
                 sa.select(F.id, F.label, F.status).where(F.prediction_id == prediction_id)
             ).one()
+            result["feedback_id"] = feedback_id
             if old_label == label:  # the same answer again (a double click): nothing changes
-                return FeedbackResult(feedback_id, prediction_id, label, old_status, False, None)
+                return {**result, "status": old_status}
             # A changed mind goes back to pending, even if the old label was already ingested:
             # ingestion then reconciles the dataset with the newest label.
             conn.execute(
@@ -389,13 +325,11 @@ class PredictionStore:
                 .where(F.id == feedback_id)
                 .values(label=label, comment=comment, status="pending", reason=None, updated_at=now)
             )
-            return FeedbackResult(feedback_id, prediction_id, label, "pending", True, old_label)
+            return {**result, "replaced": True, "previous_label": old_label}
 
     def review_queue(self, k: int, strategy: str) -> list[dict]:
-        """The k unlabelled predictions the model is least sure of (the active-learning query).
-
-        Stress-test inputs (noise added on purpose) are not candidates: their doubt is made up.
-        """
+        """The k unlabelled predictions the model is least sure of (the active-learning query);
+        not stress-test inputs (noise added on purpose): their doubt is made up."""
         query = (
             sa.select(
                 P.id.label("prediction_id"),
@@ -469,21 +403,15 @@ SCHEMA_LOCK_KEY = int.from_bytes(b"digitops", "big") >> 1
 
 
 def _create_schema(engine: sa.Engine) -> None:
-    """Create the tables, or bring them up to this schema, one process at a time.
-
-    Every worker of a server opens the store as it starts, and every replica of a cluster too.
-    Checking for a table and then creating it is a race: on a new store the loser fails
-    (PostgreSQL: a duplicate `pg_type` key; SQLite: "table already exists" or "database is
-    locked"), and its worker would serve without a store. So each first takes a lock
-    (PostgreSQL: an advisory lock only this asks for; SQLite: the write lock), and the
-    others then find the tables made."""
+    """Create the tables, or bring them up to this schema, one process at a time: every worker
+    and replica does this as it starts, and on a new store the loser of a check-then-create race
+    would fail (a duplicate `pg_type` key, "table already exists") and serve without a store."""
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
-            # Held until the transaction ends; readers and writers of the tables never wait.
+            # An advisory lock, held until the transaction ends; the tables' users never wait.
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         else:
-            # SQLite's write lock, before the check for tables (Python's sqlite3 would not
-            # open a transaction for DDL at all); a second process waits its busy timeout.
+            # The write lock (sqlite3 opens no transaction for DDL); others wait their timeout.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         metadata.create_all(conn)
         _migrate(conn)
@@ -491,8 +419,7 @@ def _create_schema(engine: sa.Engine) -> None:
 
 
 def _migrate(conn: sa.Connection) -> None:
-    """Bring a store made by an earlier release up to this schema: add the columns it lacks
-    (each new column has a default, so old rows stay valid)."""
+    """Add the columns a store made by an earlier release lacks (each has a default)."""
     inspector = sa.inspect(conn)
     for table in metadata.sorted_tables:
         have = {c["name"] for c in inspector.get_columns(table.name)}
@@ -500,14 +427,6 @@ def _migrate(conn: sa.Connection) -> None:
             if column.name not in have:
                 spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
                 conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {spec}"))
-
-
-def _shown(location: str | Path) -> str:
-    """The store's location for messages and logs: a URL without its password."""
-    location = str(location)
-    if "://" in location:
-        return sa.make_url(location).render_as_string(hide_password=True)
-    return location
 
 
 def _cause(err: BaseException) -> str:

@@ -16,16 +16,25 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from digitops.data import feedback
 from digitops.files import PARTIAL_SUFFIX, png, write_bytes_atomic
-from digitops.inference.store import PredictionStore
 
 MIN_INK_PIXELS = 10  # fewer bright pixels than this in a 28x28 input is not a digit
 LOCK = ".ingest.lock"
+
+
+class FeedbackQueue(Protocol):
+    """What ingestion needs of the service's prediction store (inference.store)."""
+
+    def pending(self) -> list[dict]: ...
+    def mark(
+        self, feedback_id: str, status: str, reason: str | None, if_updated_at: float
+    ) -> bool: ...
 
 
 class IngestBusy(RuntimeError):
@@ -83,7 +92,7 @@ def _decode(png: bytes) -> np.ndarray:
     return pixels
 
 
-def ingest(store: PredictionStore, directory: Path) -> Summary:
+def ingest(store: FeedbackQueue, directory: Path) -> Summary:
     directory = Path(directory)
     (directory / feedback.IMAGES).mkdir(parents=True, exist_ok=True)
     with open(directory / LOCK, "w") as lock:
@@ -95,7 +104,7 @@ def ingest(store: PredictionStore, directory: Path) -> Summary:
         return _ingest_locked(store, directory)
 
 
-def _ingest_locked(store: PredictionStore, directory: Path) -> Summary:
+def _ingest_locked(store: FeedbackQueue, directory: Path) -> Summary:
     by_hash = {r["sha256"]: r for r in feedback.read_manifest(directory)}
     summary = Summary()
     with open(directory / feedback.MANIFEST, "a") as manifest:
