@@ -48,7 +48,7 @@ test: $(STAMP) ## every tier: unit, slow (pipeline on small data) and e2e (serve
 test-fast: $(STAMP) ## unit tests only: no server, database or training (about a minute)
 	$(PY) -m pytest -m "not slow and not e2e"
 
-bench: $(STAMP) ## training speed, accuracy via the API, forward pass, serving latency/throughput, load, replicas -> artifacts/bench/
+bench: data ## training speed, accuracy via the API, forward pass, serving latency/throughput, load, replicas -> artifacts/bench/
 	@command -v wrk >/dev/null || { echo "bench needs wrk (apt-get install wrk)"; exit 1; }
 	$(PY) -m benchmarks.bench_training
 	$(PY) -m benchmarks.bench_accuracy

@@ -2,7 +2,7 @@
 FastAPI and BentoML floors (upload read, fixed reply, no work), ours, and ours doing only the
 baseline's work (no access line, no prediction log).
 
-    python -m benchmarks.bench_serving [--seconds 5] [--rounds 3] [--out artifacts/bench]
+    python -m benchmarks.bench_serving [--seconds 5] [--rounds 5] [--out artifacts/bench]
 
 All servers start together and take turns, round after round; only the one under load uses
 the cores. wrk, a C load generator, drives it so the client steals little CPU. Writes
@@ -413,7 +413,7 @@ def uvicorn_command(app: str, port: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="of every measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="of every measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

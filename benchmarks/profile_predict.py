@@ -21,7 +21,7 @@ import psutil
 STEPS = (
     ("reply encoding", ("files.py", "predictor.py:prediction_payload", "JSONResponse.render")),
     ("decode", ("preprocess.py:decode", "preprocess.py:_plain_png")),
-    ("forward pass", ("served.py:run", "served.py:probabilities")),
+    ("forward pass", ("served.py:OnnxModel.run", "served.py:ServedModel.probabilities")),
     ("prediction log", ("store.py", "journal.py")),
     ("metrics", ("metrics.py", "prometheus_client")),
     ("preprocessing", ("preprocess.py",)),
