@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 
 from digitops.data import mnist
 from tests.servers import bentoml_serve
@@ -413,4 +414,30 @@ def test_phone_layout_and_touch_drawing(open_ui):
     page.locator("#review-list .review-item").first.wait_for()
     assert page.evaluate("document.documentElement.scrollWidth") <= 360, "review scrolls sideways"
     ui.shot("11-phone-review")
+    ui.assert_clean()
+
+
+def test_on_a_phone_the_answer_comes_into_view(open_ui, digit_png):
+    """At 390 px the result card is below the canvas and the upload: a drawing's answer shows
+    in a bar pinned at the bottom (the canvas stays put for the next stroke) that leads to the
+    card, and an upload's answer scrolls into view."""
+    ui = open_ui(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page, bar, answer = ui.page, ui.page.locator("#answer-bar"), ui.page.locator("#digit")
+    expect(answer).not_to_be_in_viewport()
+    ui.draw(ONE)
+    expect(bar).to_be_visible()
+    assert ui.text("#answer-bar-digit") == ui.text("#digit")
+    assert page.evaluate("scrollY") == 0, "the canvas must stay where the finger is"
+    ui.shot("12-phone-answer-bar")
+    bar.click()
+    expect(answer).to_be_in_viewport()
+    expect(bar).to_be_hidden()
+
+    page.evaluate("scrollTo(0, 0)")
+    path, label = digit_png
+    page.set_input_files("#file", path)
+    ui.settle()
+    expect(answer).to_be_in_viewport()
+    assert ui.text("#digit") == str(label)
+    ui.shot("13-phone-upload-answer")
     ui.assert_clean()

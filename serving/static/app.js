@@ -14,10 +14,36 @@ const state = {
   source: null, // {kind: "drawing" | "upload", name, file?}
   result: null, // the latest /predict reply
   target: null, // Grad-CAM class; null follows the prediction
+  reveal: false, // whether the next answer (a new upload's) scrolls into view on a phone
   strokes: [], // [{width, points: [[x, y], ...]}]
   stroke: null, // the stroke being drawn
   pointerId: null,
 };
+
+// On a phone the result card sits below the canvas and the upload. A new upload's answer
+// scrolls into view; a drawing's shows in a bar pinned at the bottom instead (scrolling would
+// pull the canvas away before the digit's next stroke), which leads to the card.
+const onePhoneColumn = window.matchMedia("(max-width: 719px)");
+const reducedMotion = window.matchMedia("(prefers-reduced-motion: reduce)");
+let answerBelow = false; // the predicted digit is below what the screen shows
+new IntersectionObserver(([entry]) => {
+  answerBelow = !entry.isIntersecting && entry.boundingClientRect.top > 0;
+  updateAnswerBar();
+}).observe($("digit"));
+
+function scrollToResult() {
+  const behavior = reducedMotion.matches ? "auto" : "smooth";
+  $("result").scrollIntoView({ block: "start", behavior });
+}
+
+function updateAnswerBar() {
+  const reply = state.result;
+  $("answer-bar").hidden = !(reply && onePhoneColumn.matches && answerBelow);
+  if (!reply) return;
+  $("answer-bar-digit").textContent = String(reply.digit);
+  $("answer-bar-confidence").textContent = `${percent(reply.confidence)} sure`;
+}
+$("answer-bar").addEventListener("click", scrollToResult);
 
 // ---------------------------------------------------------------------------------------------
 // The API
@@ -261,6 +287,7 @@ function useUpload(file) {
   $("upload-name").textContent = `${file.name} (${Math.max(1, Math.round(file.size / 1024))} KB)`;
   $("upload-figure").hidden = false;
   state.target = null;
+  state.reveal = true;
   useSource({ kind: "upload", name: file.name || "upload", file });
   analyseAll();
 }
@@ -422,6 +449,11 @@ function renderPrediction(reply) {
   });
   markTarget();
   askFeedback(reply);
+  if (state.reveal) {
+    state.reveal = false;
+    if (onePhoneColumn.matches && answerBelow) scrollToResult();
+  }
+  updateAnswerBar();
 }
 
 function renderCam(reply) {
@@ -492,6 +524,7 @@ function clearPrediction() {
   });
   markTarget();
   askFeedback(null);
+  updateAnswerBar();
 }
 
 for (let digit = 0; digit < 10; digit++) {
