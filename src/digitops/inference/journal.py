@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from digitops.inference.settings import Settings
 from digitops.inference.store import (
@@ -184,7 +184,7 @@ class PredictionJournal:
             self._changed.notify_all()
         return True
 
-    def _next_file(self):
+    def _next_file(self) -> tuple[BinaryIO, Path] | None:
         """Send later appends to a new journal file; the (file, path) that holds the rows just
         taken, or None if no new file could be made (the rows stay in this one, which a later
         call retires)."""

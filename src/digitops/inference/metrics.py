@@ -66,11 +66,11 @@ class ServiceMetrics:
             registry=registry,
         )
         self._model_labels: tuple[str, str, str] | None = None
-        for digit in range(10):  # every digit's count is there from the start, at 0
-            self.predictions.labels(digit=str(digit))
+        # Every digit's counter made once, here: each is there from the start, at 0.
+        self._by_digit = [self.predictions.labels(digit=str(d)) for d in range(10)]
 
     def prediction(self, digit: int, confidence: float, inverted: bool) -> None:
-        self.predictions.labels(digit=str(digit)).inc()
+        self._by_digit[digit].inc()
         self.confidence.observe(confidence)
         if inverted:
             self.inverted.inc()

@@ -35,7 +35,9 @@ log = logging.getLogger("bentoml.digitops")
 POLL_SECONDS = 1.0
 
 
-def keep_following(look: Callable[[], None], interval: float, what: str, failing=False) -> None:
+def keep_following(
+    look: Callable[[], None], interval: float, what: str, failing: bool = False
+) -> None:
     """Call `look()` every `interval` seconds in a daemon thread. A failure keeps the current
     model and is logged once per run of failures (`failing`: one is under way); it goes on."""
 
