@@ -22,9 +22,8 @@ import mlflow
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from digitops import checkpoint
+from digitops import checkpoint, scoring
 from digitops.data import mnist
-from digitops.release.evaluate import predict_proba
 from tests.conftest import canvas_png, run, scratch_repo
 from tests.servers import bentoml_serve
 
@@ -68,9 +67,10 @@ def full_mnist(scratch: Path) -> Path:
 def style_accuracy_of_shipped(mnist_dir: Path, styled: int) -> float:
     """How many of the first `styled` test digits, mirrored, the shipped model reads."""
     images, labels = mnist.load(mnist_dir, "t10k")
-    shipped, _ = checkpoint.load(SHIPPED)
+    shipped, metadata = checkpoint.load(SHIPPED)
     mirrored = np.stack([unusual_style(x) for x in images[:styled]])
-    return float((predict_proba(shipped, mirrored).argmax(1) == labels[:styled]).mean())
+    read = scoring.answers(shipped, metadata["scoring"], mirrored)["probabilities"].argmax(1)
+    return float((read == labels[:styled]).mean())
 
 
 def cycle(project: Path, mnist_dir: Path, styled: int) -> dict:

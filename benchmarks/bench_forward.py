@@ -21,8 +21,9 @@ import torch
 from benchmarks import save_report
 from digitops import checkpoint
 from digitops.data import mnist
-from digitops.inference.served import PROBABILITIES, OnnxModel
-from digitops.model import fold_batchnorm, normalize
+from digitops.inference.served import DIGIT_SCORE, PROBABILITIES, OnnxModel, _Outputs
+from digitops.model import fold_batchnorm
+from digitops.scoring import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 32)
@@ -41,26 +42,26 @@ def timed(fn, x, seconds: float = 2.0) -> float:
     return statistics.median(times) * 1000
 
 
-def runtimes(model: torch.nn.Module, example: torch.Tensor) -> dict:
+def runtimes(served: _Outputs, example: torch.Tensor) -> dict:
     """name -> callable(uint8 pixels numpy [N, 28, 28]) -> probabilities numpy [N, 10]: what
-    the service needs from a forward pass, input scaling included."""
+    the service needs from a forward pass, input scaling, calibration and digit score included."""
 
     def torch_runtime(module):
         def run(pixels: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return torch.softmax(module(normalize(torch.from_numpy(pixels))), dim=1).numpy()
+                return module(torch.from_numpy(pixels))[0].numpy()
 
         return run
 
     with torch.inference_mode():
-        scripted = torch.jit.freeze(torch.jit.trace(model, example))
-    compiled = torch.compile(model)
-    onnx = OnnxModel(model, threads=torch.get_num_threads())
+        scripted = torch.jit.freeze(torch.jit.trace(served, example, strict=False))
+    compiled = torch.compile(served)
+    onnx = OnnxModel(served.model, served.scorer, threads=torch.get_num_threads())
     return {
-        "torch eager": torch_runtime(model),
+        "torch eager": torch_runtime(served),
         "TorchScript (frozen)": torch_runtime(scripted),
         "torch.compile": torch_runtime(compiled),
-        "ONNX Runtime": lambda pixels: onnx.run(pixels, PROBABILITIES),
+        "ONNX Runtime": lambda pixels: onnx.run(pixels, PROBABILITIES, DIGIT_SCORE)[0],
     }
 
 
@@ -71,12 +72,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = fold_batchnorm(checkpoint.load(args.model)[0]).eval()
+    model, metadata = checkpoint.load(args.model)
+    served = _Outputs(fold_batchnorm(model), Scorer(metadata["scoring"])).eval()
     with tempfile.TemporaryDirectory() as tmp:  # the test fixture's real digits, unpacked
         mnist._from_directory(ROOT / "tests" / "fixtures" / "mnist", Path(tmp))
         images, _ = mnist.load(Path(tmp), "t10k")
     inputs = images[:256]
-    candidates = runtimes(model, normalize(torch.from_numpy(inputs[:1])))
+    candidates = runtimes(served, torch.from_numpy(inputs[:1]))
     reference = candidates["torch eager"](inputs)
     rows = []
     for name, run in candidates.items():

@@ -24,12 +24,11 @@ import pyspng
 from PIL import Image
 
 from benchmarks import save_report
-from digitops.data import mnist
+from digitops.data import mnist, realworld
 from digitops.files import png
 from digitops.inference import preprocess as pp
 from digitops.inference.served import load_served_model
 from digitops.inference.settings import Settings
-from tests import realworld
 
 ROOT = Path(__file__).resolve().parents[1]
 DRAWING_TARGET_US = 400  # on top of the decode

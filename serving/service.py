@@ -98,7 +98,7 @@ class DigitService:
         # First calls into each library are slow: made here, they land on no client's request.
         stroke = np.pad(np.full((16, 2), 255, np.uint8), ((6, 6), (13, 13)))  # a "1"
         prepared = prepare(png(stroke, scale=10), Options())
-        self.served.probabilities(prepared.pixels[None])
+        self.served.answers(prepared.pixels[None])
         explain.explanation(self.served, prepared, None)
         if not SETTINGS.tracing and sampled_share() > 0:
             log.warning("tracing.sample_rate is set, but DIGITOPS_TRACING is off: nothing traced")
@@ -141,12 +141,13 @@ class DigitService:
     def classify(
         self, pixels: Annotated[np.ndarray, BeforeValidator(contract.pixel_array)]
     ) -> np.ndarray:
-        """Probabilities [N, 10] for MNIST-style inputs [N, 28, 28] of 0-255, white ink on black.
+        """Calibrated probabilities [N, 10] for MNIST-style inputs [N, 28, 28] of 0-255, white
+        ink on black.
 
         Adaptively batched. The shape is checked per request, before batching, so a bad call
         gets a 400 of its own and never fails its batch-mates.
         """
-        return self.served.probabilities(pixels.astype(np.uint8))
+        return self.served.answers(pixels.astype(np.uint8))[0]
 
     @app.post("/predict", **contract.upload_route(contract.PREDICT))
     async def predict(self, form: Annotated[contract.PredictForm, File()]):
@@ -189,8 +190,8 @@ class DigitService:
 
     @app.post("/feedback", **contract.FEEDBACK)
     async def feedback(self, request: Request):
-        """Say what the digit really was: JSON {prediction_id, label 0-9, comment?}, or an image
-        (multipart field 'image') with `label`. Idempotent."""
+        """Say what the digit really was: JSON {prediction_id, label 0-9 or "not-a-digit",
+        comment?}, or an image (multipart field 'image') with `label`. Idempotent."""
         client = request.client.host if request.client else "unknown"
         if not self.feedback_limiter.allow(client):
             raise RequestError("too much feedback from this client; wait a minute and retry", 429)
@@ -203,9 +204,10 @@ class DigitService:
             body = contract.FeedbackRequest(
                 prediction_id=logged["prediction_id"], label=body.label, comment=body.comment
             )
+        label = contract.stored_label(body.label)
         try:
             result = await anyio.to_thread.run_sync(
-                self.journal.add_feedback, body.prediction_id, body.label, body.comment, client
+                self.journal.add_feedback, body.prediction_id, label, body.comment, client
             )
         except UnknownPrediction:
             raise RequestError(
@@ -219,22 +221,26 @@ class DigitService:
         self.metrics.feedback.labels(
             result="relabelled" if result["replaced"] else "recorded"
         ).inc()
-        return result
+        return contract.feedback_reply(result)
 
     @app.get("/review_queue", **contract.REVIEW_QUEUE)
     async def review_queue(
         self,
         k: Annotated[int, Query(ge=1, le=200, description="how many")] = 20,
         strategy: Annotated[contract.Strategy, Query(description="how to rank doubt")] = "entropy",
+        queue: Annotated[
+            contract.Queue,
+            Query(description="digits, or the inputs judged not a digit (most digit-like first)"),
+        ] = "digits",
     ):
         """The unlabelled predictions the model is least sure of: label these first."""
         if self.store is None:
             raise RequestError("the review queue is unavailable: no prediction store", 503)
-        ranked = self.store.review_queue
-        items = await anyio.to_thread.run_sync(self.journal.read, ranked, k, strategy)
+        ranked, digits = self.store.review_queue, queue == "digits"
+        items = await anyio.to_thread.run_sync(self.journal.read, ranked, k, strategy, digits)
         for item in items:
             item["input_png"] = b64(item["input_png"])
-        return {"strategy": strategy, "k": k, "items": items}
+        return {"queue": queue, "strategy": strategy, "k": k, "items": items}
 
     @app.get("/feedback/stats", **contract.FEEDBACK_STATS)
     async def feedback_stats(self):

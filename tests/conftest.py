@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,6 +43,26 @@ def canvas_png(pixels: np.ndarray, size: int = 280) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# The fixture MNIST has 300 test digits, not the 5,000 the real-world set starts after; a few
+# images of each kind are enough to run the stages.
+SMALL_EVALSETS = {
+    "realworld_count": 20,
+    "realworld_first_index": 100,
+    "notdigits_per_category": 3,
+}
+
+
+@pytest.fixture(scope="session")
+def evalsets_dir(tmp_path_factory, mnist_dir) -> Path:
+    """The `evalsets` stage's output, made once, small, from the fixture MNIST."""
+    from pipelines import evalsets
+
+    out = tmp_path_factory.mktemp("evalsets")
+    spec = SimpleNamespace(seed=0, **SMALL_EVALSETS)
+    evalsets.write(out, mnist_dir, spec)
+    return out
 
 
 def compose_cfg(root: Path, mnist_dir: Path, *overrides: str):
@@ -87,8 +108,9 @@ def store_location(request, tmp_path) -> str:
 
 
 @pytest.fixture
-def make_cfg(tmp_path, mnist_dir):
-    return lambda *overrides: compose_cfg(tmp_path, mnist_dir, *overrides)
+def make_cfg(tmp_path, mnist_dir, evalsets_dir):
+    evalsets = f"paths.evalsets={evalsets_dir}"
+    return lambda *overrides: compose_cfg(tmp_path, mnist_dir, evalsets, *overrides)
 
 
 @pytest.fixture(scope="session")
@@ -109,6 +131,8 @@ def asgi_client(tmp_path_factory):
     from starlette.testclient import TestClient
 
     os.environ["DIGITOPS_PREDICTIONS_DB"] = str(tmp_path_factory.mktemp("store") / "p.db")
+    # Every test shares this client's address: the flood limit is tested on a real server.
+    os.environ["DIGITOPS_FEEDBACK_PER_MINUTE"] = "100000"
     from serving.service import DigitService
 
     with TestClient(DigitService.to_asgi()) as c:
@@ -144,6 +168,8 @@ def scratch_repo(dest: Path, mnist_dir: Path, edits: dict[str, list[tuple[str, s
     shutil.copytree(mnist_dir, dest / "data" / "mnist")
     (dest / "data" / "feedback").mkdir(parents=True)
     (dest / "data" / "feedback" / "manifest.jsonl").touch()
+    small = [(f"{key}: ", f"{key}: {value}  # was: ") for key, value in SMALL_EVALSETS.items()]
+    edits = {**edits, "conf/config.yaml": [*edits.get("conf/config.yaml", []), *small]}
     for rel, replacements in edits.items():
         text = (dest / rel).read_text()
         for old, new in replacements:

@@ -19,14 +19,13 @@ def test_mnist_digits_keep_their_class_through_preprocessing(client, mnist_dir):
     the model gives the raw 28x28 digit."""
     import numpy as np
 
-    from digitops import checkpoint
+    from digitops import checkpoint, scoring
     from digitops.data import mnist
-    from digitops.release.evaluate import predict_proba
     from tests.conftest import canvas_png
 
-    model, _ = checkpoint.load("models/default/model.pt")
+    model, metadata = checkpoint.load("models/default/model.pt")
     images, _ = mnist.load(mnist_dir, "t10k")
-    direct = predict_proba(model, images[:100]).argmax(1)
+    direct = scoring.answers(model, metadata["scoring"], images[:100])["probabilities"].argmax(1)
     served = [
         client.post(
             "/predict",

@@ -269,7 +269,7 @@ def test_noise_slider_changes_the_input_reproducibly(ui, digit_png):
     noisy = preview.get_attribute("src")
     assert noisy != clean
     assert page.locator("#cam-image").get_attribute("src") != clean_cam
-    assert ui.text("#digit") in list("0123456789")
+    assert ui.text("#digit") in list("0123456789?")  # "?": so noisy it looks like no digit
     ui.shot("04-noise-0.30")
 
     page.keyboard.press("Home")
@@ -303,6 +303,35 @@ def test_a_correction_is_recorded_and_can_be_replaced(ui, server, digit_png):
     page.get_by_role("button", name=f"It is a {digit_png[1]}").click()
     status.filter(has_text=f"replaced the earlier label {wrong}").wait_for()
     assert stats(server)["pending"] == pending + 1
+    ui.assert_clean()
+
+
+def test_an_input_that_is_no_digit_says_so_and_can_be_marked_not_a_digit(ui, server, tmp_path):
+    blank = tmp_path / "blank-paper.png"
+    Image.new("RGB", (280, 280), "white").save(blank)
+    page = ui.page
+    page.set_input_files("#file", blank)
+    ui.settle()
+    assert ui.text("#digit") == "?" and ui.text("#confidence") == "Not a digit?"
+    note = page.locator("#not-a-digit")
+    assert note.is_visible() and "doesn't look like a digit" in note.inner_text()
+    assert page.locator("#chart .bar .value").first.inner_text().endswith("%")  # the breakdown
+    ui.shot("05b-not-a-digit")
+
+    pending = stats(server)["pending"]
+    assert ui.text("#feedback-question") == "Correct? The model says this is not a digit."
+    page.get_by_role("button", name="Yes", exact=True).click()
+    page.locator("#feedback-status").filter(has_text="saved as not a digit").wait_for()
+    assert stats(server)["pending"] == pending + 1
+
+    # Another input like it, unlabelled, waits in the not-a-digit list.
+    with httpx.Client(base_url=server, timeout=30) as client:
+        client.post("/predict", files={"image": ("b.png", blank.read_bytes(), "image/png")})
+    page.get_by_role("tab", name="Review").click()
+    page.get_by_label("List").select_option("not-a-digit")
+    page.locator("#review-status").filter(has_text="most digit-like first").wait_for()
+    assert "digit score 0.000" in ui.text("#review-list .review-item .meta")
+    assert page.get_by_label("Least sure by").is_disabled()
     ui.assert_clean()
 
 

@@ -1,13 +1,15 @@
 """A real `bentoml serve` subprocess on 127.0.0.1: every endpoint, bad inputs, then stop."""
 
+import io
 import os
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
-from digitops.data import mnist
+from digitops.data import mnist, notdigits, realworld
 from tests.servers import bentoml_serve, store_model
 from tests.test_service import bomb_png, png_bytes
 
@@ -68,6 +70,36 @@ def test_every_endpoint_and_bad_inputs_on_a_real_server(server, mnist_dir):
         assert c.get("/readyz").status_code == 200
         assert c.post("/predict", files=good).status_code == 200
     assert "serving model from" in log.read_text()
+
+
+def test_a_blank_canvas_a_drawn_letter_and_a_scribble_are_not_digits(server, mnist_dir):
+    """Drawn as the web page's canvas exports them; a digit drawn the same way is a digit."""
+    rng = np.random.default_rng(0)
+    c, r = notdigits.SIDE / 2, notdigits.SIDE * 0.38
+    letter_m = [(c - r, c + r), (c - r, c - r), (c, c + r / 5), (c + r, c - r), (c + r, c + r)]
+    drawings = {
+        "blank": notdigits._blank_canvas(rng),
+        "letter M": realworld.render_canvas(notdigits._polyline_ink(letter_m, 12), rng),
+        "scribble": realworld.render_canvas(notdigits._scribble(rng), rng),
+        "digit": realworld.render_canvas(mnist.load(mnist_dir, "t10k")[0][0], rng),
+    }
+    base, _ = server
+    with httpx.Client(base_url=base, timeout=30) as c:
+        threshold = c.get("/model").json()["digit_threshold"]
+        for name, image in drawings.items():
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            r = c.post("/predict", files={"image": (f"{name}.png", buffer.getvalue(), "image/png")})
+            assert r.status_code == 200, (name, r.text)
+            body = r.json()
+            assert body["is_digit"] is (name == "digit"), (name, body["digit_score"])
+            assert (body["digit_score"] >= threshold) is body["is_digit"]
+            assert len(body["probabilities"]) == 10
+        explained = c.post(
+            "/explain",
+            files={"image": ("b.png", png_bytes(np.zeros((28, 28), np.uint8)), "image/png")},
+        )
+        assert explained.json()["is_digit"] is False
 
 
 def test_requests_are_traced_only_when_digitops_tracing_is_on(server, tmp_path, mnist_dir):

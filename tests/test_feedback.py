@@ -3,6 +3,7 @@
 import concurrent.futures
 
 import httpx
+import numpy as np
 import pytest
 
 from digitops.data import mnist
@@ -105,6 +106,29 @@ def test_review_queue_is_least_certain_first_and_excludes_labelled(client, digit
         assert items[0]["input_png"]
     assert client.get("/review_queue?strategy=random").status_code == 400
     assert client.get("/review_queue?k=0").status_code == 400
+
+
+def test_not_a_digit_has_its_own_queue_and_label(client, digits):
+    images, _ = digits
+    blank, digit = predict(client, np.zeros((28, 28), np.uint8)), predict(client, images[3])
+    assert blank["is_digit"] is False and digit["is_digit"] is True
+
+    def queued(queue: str) -> set[str]:
+        reply = client.get(f"/review_queue?k=200&queue={queue}").json()
+        assert reply["queue"] == queue
+        return {item["prediction_id"] for item in reply["items"]}
+
+    assert blank["prediction_id"] in queued("not-a-digit") - queued("digits")
+    assert digit["prediction_id"] in queued("digits") - queued("not-a-digit")
+    body = {"prediction_id": blank["prediction_id"], "label": "not-a-digit"}
+    saved = client.post("/feedback", json=body).json()
+    assert saved["label"] == "not-a-digit" and saved["status"] == "pending"
+    changed = client.post("/feedback", json={**body, "label": 4}).json()
+    assert changed["replaced"] and changed["previous_label"] == "not-a-digit"
+    for wrong in ("letter", 10, -1):
+        r = client.post("/feedback", json={**body, "label": wrong})
+        assert r.status_code == 400 and "label" in r.json()["error"], wrong
+    assert client.get("/review_queue?queue=letters").status_code == 400
 
 
 def test_concurrent_feedback_from_many_clients_loses_nothing(client, digits):

@@ -71,6 +71,24 @@ def test_validates_merges_and_quarantines(tmp_path, digits, store_location):
     assert ingest(store, tmp_path / "feedback").accepted == 0
 
 
+def test_not_a_digit_is_kept_apart_from_the_digits(tmp_path, digits, store_location):
+    """A blank or a letter marked "not a digit" is a good example of that, never of a digit:
+    ingested with its own label, and left out of what training and evaluation load as digits."""
+    images, labels = digits
+    store = PredictionStore(store_location)
+    labelled(store, "seven", images[0], int(labels[0]))
+    labelled(store, "blank", np.zeros((28, 28), np.uint8), feedback.NOT_A_DIGIT)
+    scribble = np.zeros((28, 28), np.uint8)
+    scribble[4:24, 6:22:3] = 255
+    labelled(store, "scribble", scribble, feedback.NOT_A_DIGIT)
+    summary = ingest(store, tmp_path / "feedback")
+    assert summary.accepted == 3 and not summary.quarantined
+    _, digit_labels = feedback.load(tmp_path / "feedback")
+    others, other_labels = feedback.load(tmp_path / "feedback", digits=False)
+    assert digit_labels.tolist() == [labels[0]]
+    assert len(others) == 2 and set(other_labels) == {feedback.NOT_A_DIGIT}
+
+
 def test_changed_mind_after_ingestion_relabels_the_sample(tmp_path, digits, store_location):
     images, _ = digits
     store = PredictionStore(store_location)

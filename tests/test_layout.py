@@ -191,8 +191,3 @@ def test_the_deployment_launcher_and_the_benchmarks_are_not_shipped_nor_imported
         for name in imported_modules(path):
             if name.startswith("digitops."):
                 assert name.split(".")[1] == "inference", f"{path.name} imports {name}"
-
-
-def test_the_real_world_set_generator_is_not_shipped():
-    assert not (LIBRARY / "realworld.py").exists()
-    assert (ROOT / "tests" / "realworld.py").is_file()

@@ -10,11 +10,13 @@ def value(registry: CollectorRegistry, name: str, **labels) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-def test_predictions_are_counted_by_digit_confidence_and_inversion():
+def test_predictions_are_counted_by_digit_confidence_inversion_and_not_a_digit():
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry=registry)
-    for digit, confidence, inverted in ((1, 0.5, False), (1, 0.5, False), (7, 0.93, True)):
-        metrics.prediction(digit, confidence, inverted)
+    answers = ((1, 0.5, False, True), (1, 0.5, False, False), (7, 0.93, True, True))
+    for digit, confidence, inverted, is_digit in answers:
+        metrics.prediction(digit, confidence, inverted, is_digit)
+    assert value(registry, "digitops_not_a_digit_total") == 1
     assert value(registry, "digitops_predictions_total", digit="1") == 2
     assert value(registry, "digitops_predictions_total", digit="7") == 1
     assert value(registry, "digitops_inverted_inputs_total") == 1

@@ -15,7 +15,6 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from digitops.data import mnist
-from digitops.inference.errors import EmptyImageError
 from digitops.inference.journal import PredictionJournal
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.predictor import Job, PredictionThread
@@ -24,8 +23,11 @@ from digitops.inference.store import PredictionStore
 
 
 class Model:
-    """A served model that answers every image with fixed probabilities, and notes the size of
-    each forward pass. `gate`, when set, holds the first pass until it is released."""
+    """A served model that answers every image with fixed probabilities (a blank input gets
+    digit score 0, anything else 0.5), and notes the size of each forward pass. `gate`, when
+    set, holds the first pass until it is released."""
+
+    threshold = 0.01
 
     def __init__(self, digit: int = 3, fails: bool = False, gate: threading.Event | None = None):
         self.answer = np.full(10, 0.01, dtype=np.float32)
@@ -33,14 +35,15 @@ class Model:
         self.fails, self.gate = fails, gate
         self.passes: list[int] = []
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+    def answers(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.gate is not None:
             self.gate.wait(10)
             self.gate = None
         if self.fails:
             raise RuntimeError("the model broke")
         self.passes.append(len(pixels))
-        return np.tile(self.answer, (len(pixels), 1))
+        scores = np.where(pixels.reshape(len(pixels), -1).any(axis=1), 0.5, 0.0)
+        return np.tile(self.answer, (len(pixels), 1)), scores
 
     def identity(self) -> dict:
         return {"name": "digit-cnn", "version": "7", "mlflow_run_id": None, "data_version": None}
@@ -114,15 +117,17 @@ def test_a_request_alone_is_done_on_the_event_loop(tmp_path, image):
     seen = []
 
     class Watched(Model):
-        def probabilities(self, pixels):
+        def answers(self, pixels):
             seen.append(threading.current_thread().name)
-            return super().probabilities(pixels)
+            return super().answers(pixels)
 
     run(thread, Job([image], Options(), Watched()))
     assert seen == [threading.main_thread().name]
 
 
-def test_a_bad_image_fails_its_request_alone_or_only_itself_in_a_batch(tmp_path, image):
+def test_a_bad_image_fails_its_request_alone_or_only_itself_in_a_batch_a_blank_is_answered(
+    tmp_path, image
+):
     store = PredictionStore(tmp_path / "p.db")
     thread, registry = thread_for(store)
     lone, batch, good = run(
@@ -131,11 +136,13 @@ def test_a_bad_image_fails_its_request_alone_or_only_itself_in_a_batch(tmp_path,
         Job([image, b"not an image", blank()], Options(), Model(), alone=False),
         Job([image], Options(), Model()),
     )
-    assert isinstance(lone, EmptyImageError)
-    assert [r.get("status") for r in batch] == [None, 400, 422]
-    assert good[0]["digit"] == 3
-    assert thread.journal.flush() and store.stats()["predictions"] == 2
-    assert registry.get_sample_value("digitops_no_digit_total") == 2
+    assert lone == [{**lone[0], "is_digit": False, "digit_score": 0.0}]  # a blank: answered
+    assert [r.get("status") for r in batch] == [None, 400, None]
+    assert [r.get("is_digit") for r in batch] == [True, None, False]
+    assert good[0]["digit"] == 3 and good[0]["is_digit"]
+    assert thread.journal.flush() and store.stats()["predictions"] == 4
+    assert registry.get_sample_value("digitops_not_a_digit_total") == 2
+    assert [i["digit_score"] for i in store.review_queue(10, "entropy", digits=False)] == [0, 0]
 
 
 def test_a_failing_model_fails_only_its_own_jobs(tmp_path, image):

@@ -2,7 +2,7 @@
 
 The committed set was written by
 
-    python -m tests.realworld --out tests/fixtures/realworld --count 400 --seed 0 \
+    python -m digitops.data.realworld --out tests/fixtures/realworld --count 400 --seed 0 \
         --mnist data/mnist --first-index 5000
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import realworld
+from digitops.data import realworld
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "tests" / "fixtures" / "realworld"

@@ -173,10 +173,16 @@ def test_bad_input_gets_4xx_json_and_server_survives(client, digits, name, kwarg
     assert ok.status_code == 200
 
 
-def test_blank_image_is_an_explicit_outcome(client):
+def test_a_blank_image_is_answered_not_a_digit(client):
     blank = png_bytes(np.zeros((28, 28), np.uint8))
     r = client.post("/predict", files={"image": ("blank.png", blank, "image/png")})
-    assert r.status_code == 422 and "no digit found" in r.json()["error"].lower()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (
+        body["is_digit"] is False
+        and body["digit_score"] < client.get("/model").json()["digit_threshold"]
+    )
+    assert len(body["probabilities"]) == 10
 
 
 def test_health_openapi_and_model_card(client):

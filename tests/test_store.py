@@ -81,6 +81,34 @@ def test_a_store_from_an_earlier_release_is_migrated(tmp_path):
     assert store.stats()["predictions"] == 2
 
 
+def test_feedback_of_an_earlier_release_takes_not_a_digit_after_migration(store_location):
+    """Its labels were checked to be 0-9 (a constraint SQLite cannot alter): the table is made
+    anew with its rows, on either engine."""
+    today = PredictionStore(store_location)  # today's schema, then yesterday's feedback table
+    rows = [today.record(p, b"png", PROBS, False, "1") for p in "ab"]
+    today.close()
+    engine = store_module.engine_for(store_location)
+    old = sa.MetaData()
+    old_feedback = sa.Table(
+        "feedback",
+        old,
+        *(c.copy() for c in store_module.feedback.columns if c.name != "label"),
+        sa.Column("label", sa.Integer, sa.CheckConstraint("label BETWEEN 0 AND 9"), nullable=False),
+    )
+    with engine.begin() as conn:
+        store_module.feedback.drop(conn)
+        old_feedback.create(conn)
+        conn.execute(sa.insert(predictions), rows)
+        row = {"id": "f", "prediction_id": "a", "label": 7, "status": "pending"}
+        conn.execute(sa.insert(old_feedback).values(**row, created_at=1.0, updated_at=1.0))
+    engine.dispose()
+    store = PredictionStore(store_location)
+    assert store.add_feedback("b", 10)["label"] == 10  # NOT_A_DIGIT
+    assert sorted(item["label"] for item in store.pending()) == [7, 10]
+    with pytest.raises(RowRefused):
+        store.add_feedback("a", 11)
+
+
 def test_a_row_is_the_same_from_floats_or_from_an_array(tmp_path):
     store = PredictionStore(tmp_path / "p.db")
     try:

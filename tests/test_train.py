@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from digitops import checkpoint
+from digitops import checkpoint, scoring
 from digitops.data import mnist
 from digitops.model import normalize
-from digitops.release.evaluate import evaluate_checkpoint, predict_proba
+from digitops.release.evaluate import evaluate_checkpoint
 from digitops.tracking import Tracking
 from digitops.training.train import HISTORY_FIELDS, run_name, train
 from tests.conftest import compose_cfg
@@ -20,9 +20,13 @@ pytestmark = pytest.mark.slow  # trains (the smoke trainer, two epochs)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir):
+def trained(tmp_path_factory, mnist_dir, evalsets_dir):
     cfg = compose_cfg(
-        tmp_path_factory.mktemp("run"), mnist_dir, "trainer=smoke", "trainer.max_epochs=2"
+        tmp_path_factory.mktemp("run"),
+        mnist_dir,
+        "trainer=smoke",
+        "trainer.max_epochs=2",
+        f"paths.evalsets={evalsets_dir}",
     )
     metadata = train(cfg)
     metrics = evaluate_checkpoint(cfg)
@@ -36,7 +40,8 @@ def test_smoke_training_logs_run_params_metrics_and_registers(trained):
     assert run.data.params["model.channels"] == str(list(cfg.model.channels))
     assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert run.info.run_name == run_name(cfg) and run_name(cfg).startswith("cnn ")
-    for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/acc"):
+    for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/acc", "test/ece",
+                "test/uncalibrated_ece", "realworld/ece", "ood/auroc"):  # fmt: skip
         assert key in run.data.metrics, key
     for key in ("perf/epoch_seconds", "perf/train_images_per_second", "train_seconds"):
         assert run.data.metrics[key] > 0, key
@@ -86,13 +91,34 @@ def test_evaluation_writes_dvc_metrics_and_plots(trained):
     _, candidate_meta = checkpoint.load(cfg.paths.candidate)
     assert candidate_meta["test_accuracy"] == metrics["test"]["accuracy"]
     assert set(candidate_meta["mnist_sha256"]) == set(mnist.FILES)
+    # Calibration and "not a digit", before and after, on MNIST and the real-world set.
+    for name in ("test", "realworld"):
+        for key in ("ece", "nll", "brier"):
+            assert on_disk[name][key] >= 0 and on_disk[name]["uncalibrated"][key] >= 0, key
+    ood = on_disk["ood"]
+    assert ood["score"] == "mahalanobis" and ood["auroc"] == ood["scores"]["mahalanobis"]["auroc"]
+    assert set(ood["scores"]) == {"msp", "energy", "mahalanobis"}
+    assert set(ood["rejected_per_category"]) >= {"blank", "letters", "scribbles", "multi-digit"}
+    assert candidate_meta["test_ece"] == on_disk["test"]["ece"]
+    reliability = (Path(cfg.paths.eval_dir) / "reliability.csv").read_text().splitlines()
+    assert reliability[0] == "set,scores,confidence,accuracy,count" and len(reliability) > 2
+    assert (Path(cfg.paths.eval_dir) / "reliability.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_predict_proba_is_a_distribution(trained, mnist_dir):
+def test_training_fits_a_temperature_and_a_not_a_digit_threshold(trained):
+    cfg, metadata, metrics = trained
+    fitted = metadata["scoring"]
+    assert 0.05 < fitted["temperature"] < 20
+    # Fitted to the validation split's likelihood: calibrated NLL is no worse on test either.
+    assert metrics["test"]["nll"] <= metrics["test"]["uncalibrated"]["nll"] + 0.01
+    assert fitted["keep"] == cfg.scoring.keep and len(fitted["reference"]) == cfg.data.val_size
+
+
+def test_calibrated_probabilities_are_a_distribution(trained, mnist_dir):
     cfg, _, _ = trained
-    model, _ = checkpoint.load(cfg.paths.checkpoint)
+    model, metadata = checkpoint.load(cfg.paths.checkpoint)
     images, _ = mnist.load(mnist_dir, "t10k")
-    p = predict_proba(model, images[:10], batch_size=4)
+    p = scoring.answers(model, metadata["scoring"], images[:10], batch_size=4)["probabilities"]
     assert p.shape == (10, 10) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
 
 

@@ -40,8 +40,8 @@ function updateAnswerBar() {
   const reply = state.result;
   $("answer-bar").hidden = !(reply && onePhoneColumn.matches && answerBelow);
   if (!reply) return;
-  $("answer-bar-digit").textContent = String(reply.digit);
-  $("answer-bar-confidence").textContent = `${percent(reply.confidence)} sure`;
+  $("answer-bar-digit").textContent = reply.is_digit ? String(reply.digit) : "?";
+  $("answer-bar-confidence").textContent = verdict(reply);
 }
 $("answer-bar").addEventListener("click", scrollToResult);
 
@@ -427,12 +427,20 @@ function buildChart() {
   }
 }
 
+/** "97.3% sure", or that the input looks like no digit (then the answer means little). */
+function verdict(reply) {
+  return reply.is_digit ? `${percent(reply.confidence)} sure` : "Not a digit?";
+}
+
 function renderPrediction(reply) {
   showError("result-error", null);
   $("result").classList.add("has-result");
+  $("result").classList.toggle("not-a-digit", !reply.is_digit);
   state.result = reply;
-  $("digit").textContent = String(reply.digit);
-  $("confidence").textContent = `${percent(reply.confidence)} sure`;
+  $("digit").textContent = reply.is_digit ? String(reply.digit) : "?";
+  $("confidence").textContent = verdict(reply);
+  $("not-a-digit").hidden = reply.is_digit;
+  $("not-a-digit-guess").textContent = `${reply.digit} (${percent(reply.confidence)})`;
   const preview = $("input-preview");
   preview.src = png(reply.input_png);
   preview.hidden = false;
@@ -510,9 +518,10 @@ function resetResult() {
 
 function clearPrediction() {
   state.result = null;
-  $("result").classList.remove("has-result");
+  $("result").classList.remove("has-result", "not-a-digit");
   $("digit").textContent = "–";
   $("confidence").textContent = "";
+  $("not-a-digit").hidden = true;
   $("inverted").textContent = "";
   $("input-preview").hidden = true;
   $("chart").querySelectorAll(".bar").forEach((bar) => {
@@ -546,14 +555,19 @@ $("noise").addEventListener("input", () => {
 // ---------------------------------------------------------------------------------------------
 // Feedback on the current prediction
 
+const NOT_A_DIGIT = "not-a-digit"; // the label /feedback takes for "that's no digit at all"
+const labelText = (label) => (label === NOT_A_DIGIT ? "not a digit" : String(label));
+
+/** Buttons 0-9 and "Not a digit", each calling onPick(label). */
 function digitPad(container, onPick, label) {
-  for (let digit = 0; digit < 10; digit++) {
+  for (const value of [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, NOT_A_DIGIT]) {
     const button = document.createElement("button");
     button.type = "button";
-    button.textContent = String(digit);
-    button.dataset.digit = String(digit);
-    button.setAttribute("aria-label", label(digit));
-    button.addEventListener("click", () => onPick(digit, button));
+    button.textContent = value === NOT_A_DIGIT ? "Not a digit" : String(value);
+    button.dataset.digit = String(value);
+    if (value === NOT_A_DIGIT) button.className = "not-a-digit-label";
+    button.setAttribute("aria-label", value === NOT_A_DIGIT ? "It is not a digit" : label(value));
+    button.addEventListener("click", () => onPick(value, button));
     container.append(button);
   }
 }
@@ -565,7 +579,9 @@ function askFeedback(reply) {
   $("feedback-answer").hidden = reply === null;
   $("feedback-question").textContent = reply === null
     ? "Make a prediction first, then tell us whether it was right."
-    : `Correct? The model says ${reply.digit}.`;
+    : reply.is_digit
+      ? `Correct? The model says ${reply.digit}.`
+      : "Correct? The model says this is not a digit.";
 }
 
 async function sendFeedback(label) {
@@ -580,10 +596,10 @@ async function sendFeedback(label) {
       json: { prediction_id: reply.prediction_id, label },
     });
     showError("feedback-error", null);
-    let text = `Thank you: saved as ${saved.label}. It stays ${saved.status} until the next ` +
-      "ingestion checks it.";
+    let text = `Thank you: saved as ${labelText(saved.label)}. It stays ${saved.status} ` +
+      "until the next ingestion checks it.";
     if (saved.replaced) {
-      const before = saved.previous_label ?? "an earlier one";
+      const before = saved.previous_label == null ? "an earlier one" : labelText(saved.previous_label);
       text += ` This replaced the earlier label ${before}.`;
     }
     $("feedback-status").textContent = text;
@@ -597,7 +613,10 @@ async function sendFeedback(label) {
 }
 
 digitPad($("feedback-digits"), (digit) => sendFeedback(digit), (d) => `It is a ${d}`);
-$("feedback-yes").addEventListener("click", () => state.result && sendFeedback(state.result.digit));
+$("feedback-yes").addEventListener("click", () => {
+  const reply = state.result;
+  if (reply) sendFeedback(reply.is_digit ? reply.digit : NOT_A_DIGIT);
+});
 $("feedback-no").addEventListener("click", () => {
   $("feedback-digits").hidden = false;
   $("feedback-status").textContent = "";
@@ -640,8 +659,10 @@ function reviewItem(item) {
   const meta = document.createElement("p");
   meta.className = "meta";
   const when = typeof item.created_at === "number" ? ` · ${ago(item.created_at)}` : "";
-  meta.textContent =
-    `entropy ${Number(item.entropy).toFixed(2)} · margin ${Number(item.margin).toFixed(2)}${when}`;
+  const score = typeof item.digit_score === "number"
+    ? ` · digit score ${item.digit_score.toFixed(3)}` : "";
+  meta.textContent = `entropy ${Number(item.entropy).toFixed(2)} · margin ` +
+    `${Number(item.margin).toFixed(2)}${score}${when}`;
   text.append(guess, meta);
   const pad = document.createElement("fieldset");
   pad.className = "digit-pad";
@@ -662,7 +683,7 @@ async function labelItem(li, item, label) {
     showError("review-error", null);
     const next = li.nextElementSibling ?? li.previousElementSibling;
     li.remove();
-    $("review-status").textContent = `Labelled as ${label}.`;
+    $("review-status").textContent = `Labelled as ${labelText(label)}.`;
     // Keep keyboard users in the list rather than dropping focus to the page.
     (next?.querySelector("button") ?? $("review-refresh")).focus();
     if (!$("review-list").children.length) showEmptyQueue();
@@ -682,15 +703,18 @@ async function loadReview() {
   reviewController?.abort();
   const controller = (reviewController = new AbortController());
   const strategy = $("strategy").value;
+  const queue = $("queue").value;
+  $("strategy").disabled = queue !== "digits"; // the not-a-digit list has one order
   $("review-status").textContent = "Loading…";
   loadStats();
   try {
-    const reply = await api(`/review_queue?k=${REVIEW_SIZE}&strategy=${strategy}`, {
+    const reply = await api(`/review_queue?k=${REVIEW_SIZE}&strategy=${strategy}&queue=${queue}`, {
       signal: controller.signal,
     });
     showError("review-error", null);
     $("review-list").replaceChildren(...reply.items.map(reviewItem));
-    $("review-status").textContent = `${reply.items.length} to review, least sure first.`;
+    $("review-status").textContent = `${reply.items.length} to review, ` +
+      (queue === "digits" ? "least sure first." : "the most digit-like first.");
     if (!reply.items.length) {
       $("review-status").textContent = "";
       showEmptyQueue();
@@ -703,6 +727,7 @@ async function loadReview() {
 }
 
 $("strategy").addEventListener("change", loadReview);
+$("queue").addEventListener("change", loadReview);
 $("review-refresh").addEventListener("click", loadReview);
 
 // ---------------------------------------------------------------------------------------------
@@ -727,6 +752,10 @@ async function loadModel() {
       ["Name", card.name],
       ["Version", card.version],
       ["Test accuracy", accuracy],
+      ["Calibration", typeof card.temperature === "number"
+        ? `temperature ${card.temperature.toFixed(3)}` : null],
+      ["Not-a-digit threshold", typeof card.digit_threshold === "number"
+        ? `digit score below ${card.digit_threshold}` : null],
       ["Trained", when(card.trained_at)],
       ["Data version", card.data_version],
       ["Source", card.source],

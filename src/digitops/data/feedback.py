@@ -6,7 +6,8 @@ Layout of `data/feedback/` (versioned with the rest of `data/` by `data.dvc`):
     images/<sha256>.png     the 28x28 8-bit grayscale model input (white ink on black, as MNIST)
 
 A relabelled sample is appended again; the last line for a hash wins.
-Manifest fields: `file` (path relative to the folder), `label` (0-9), `sha256` (of the
+Manifest fields: `file` (path relative to the folder), `label` (0-9, or NOT_A_DIGIT for an
+input a user marked as no digit at all: kept apart from the digits), `sha256` (of the
 PNG's pixels, the de-duplication key), `split` (`train` or `holdout`, fixed by the hash so
 a sample never moves), `prediction_id`, `model_version`, `created_at`, `ingested_at`.
 """
@@ -23,6 +24,7 @@ from PIL import Image
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
 HOLDOUT_EVERY = 5  # one sample in five is held out to check that retraining learned the style
+NOT_A_DIGIT = 10  # the label of "that's not a digit" in the store and the manifest
 
 
 def pixel_hash(pixels: np.ndarray) -> str:
@@ -52,10 +54,17 @@ def read_manifest(directory: Path) -> list[dict]:
     return list(latest.values())
 
 
-def load(directory: Path, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 28, 28], labels int64 [N]) of one split, or all when split is None."""
+def load(
+    directory: Path, split: str | None = None, digits: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels int64 [N]) of one split, or all when split is None:
+    the digits, or (`digits=False`) the inputs marked not a digit."""
     directory = Path(directory)
-    records = [r for r in read_manifest(directory) if split is None or r["split"] == split]
+    records = [
+        r
+        for r in read_manifest(directory)
+        if (split is None or r["split"] == split) and (int(r["label"]) != NOT_A_DIGIT) == digits
+    ]
     images = np.zeros((len(records), 28, 28), dtype=np.uint8)
     for i, record in enumerate(records):
         with Image.open(directory / record["file"]) as im:

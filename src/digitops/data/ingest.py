@@ -120,10 +120,11 @@ def _ingest_locked(store: FeedbackQueue, directory: Path) -> Summary:
             except Exception as err:
                 quarantine(f"image does not decode: {err}")
                 continue
-            if not 0 <= label <= 9:
+            if not 0 <= label <= feedback.NOT_A_DIGIT:
                 quarantine(f"label out of range: {label}")
                 continue
-            if int((pixels > 64).sum()) < MIN_INK_PIXELS:
+            # A blank input is no digit: a fine example of "not a digit", a bad one of any digit.
+            if label != feedback.NOT_A_DIGIT and int((pixels > 64).sum()) < MIN_INK_PIXELS:
                 quarantine("blank image: no ink in the 28x28 input")
                 continue
             sha = feedback.pixel_hash(pixels)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from starlette.exceptions import HTTPException
 
 from digitops import __version__
+from digitops.data import feedback
 from digitops.inference.errors import RequestError, error_reply
 from digitops.inference.preprocess import INVERT_WORDS, Options
 from digitops.inference.store import STRATEGIES
@@ -30,9 +31,10 @@ OPENAPI_PATH = "/openapi.json"
 REF_TEMPLATE = "#/components/schemas/{model}"
 DESCRIPTION = """\
 Reads a handwritten digit from a drawing or a photo and says which digit it is, how sure it is
-(all ten probabilities), what the model saw (the 28x28 input) and where it looked (Grad-CAM).
-Corrections sent to `/feedback` become training data; `/review_queue` lists the predictions the
-model is least sure of.
+(all ten probabilities, calibrated), whether the input looks like a digit at all (`is_digit`),
+what the model saw (the 28x28 input) and where it looked (Grad-CAM). Corrections sent to
+`/feedback` become training data; `/review_queue` lists the predictions the model is least sure
+of, and the inputs it judged not a digit.
 
 Images go in as multipart form field `image` (PNG, JPEG, WebP, BMP, GIF or TIFF), and options
 as form fields beside it. Every error is JSON `{"error": ..., "status": ...}` that says what was
@@ -53,9 +55,25 @@ def _true_or_false(value: object) -> object:
 
 
 Flag = Annotated[bool, BeforeValidator(_true_or_false)]
+NOT_A_DIGIT_WORD = "not-a-digit"
 Label = Annotated[
-    int, BeforeValidator(_not_a_bool), Field(ge=0, le=9, description="the digit it really is")
+    Annotated[int, Field(ge=0, le=9)] | Literal[NOT_A_DIGIT_WORD],
+    BeforeValidator(_not_a_bool),
+    Field(description=f'the digit it really is, or "{NOT_A_DIGIT_WORD}"'),
 ]
+
+
+def stored_label(label: int | str) -> int:
+    """A label as the store keeps it (feedback.NOT_A_DIGIT for "not-a-digit")."""
+    return feedback.NOT_A_DIGIT if label == NOT_A_DIGIT_WORD else int(label)
+
+
+def feedback_reply(result: dict) -> dict:
+    """The store's account of a label, with "not a digit" spelt as the request spells it."""
+    for key in ("label", "previous_label"):
+        if result.get(key) == feedback.NOT_A_DIGIT:
+            result[key] = NOT_A_DIGIT_WORD
+    return result
 
 
 # Requests: one form per kind of route. An unknown field is refused: a misspelt option would
@@ -134,9 +152,21 @@ Probabilities = list[float]
 
 
 class Answer(BaseModel):
-    digit: int = Field(ge=0, le=9)
-    confidence: float = Field(ge=0, le=1)
+    digit: int = Field(ge=0, le=9, description="the likeliest digit, even when is_digit is false")
+    confidence: float = Field(
+        ge=0, le=1, description="calibrated: of answers given with 90%, about 90% are right"
+    )
     probabilities: Probabilities = Field(min_length=10, max_length=10)
+    is_digit: bool = Field(
+        description="false when the input looks like no digit the model was trained on "
+        "(a letter, a scribble, a blank page): the answer then means little"
+    )
+    digit_score: float = Field(
+        ge=0,
+        le=1,
+        description="how much the input looks like a digit: the share of validation digits "
+        "that look less like one; is_digit is digit_score >= the model's digit_threshold",
+    )
     inverted: bool = Field(description="whether dark ink on a light background was inverted")
     input_png: str = Field(description="base64 PNG of the 28x28 input the model saw")
     model: ModelIdentity
@@ -176,10 +206,10 @@ class BatchPredictions(BaseModel):
 class FeedbackAccepted(BaseModel):
     feedback_id: str
     prediction_id: str
-    label: int = Field(ge=0, le=9)
+    label: Label
     status: Literal["pending", "ingested", "merged", "rejected"]
     replaced: bool = Field(description="true when this label replaced an earlier one")
-    previous_label: int | None = Field(None, ge=0, le=9)
+    previous_label: Label | None = None
 
 
 class ReviewItem(BaseModel):
@@ -190,13 +220,16 @@ class ReviewItem(BaseModel):
     probabilities: Probabilities
     entropy: float
     margin: float
+    digit_score: float | None = Field(description="null for predictions logged before it existed")
     input_png: str
 
 
 Strategy = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
+Queue = Literal["digits", NOT_A_DIGIT_WORD]
 
 
 class ReviewQueue(BaseModel):
+    queue: Queue
     strategy: Strategy
     k: int
     items: list[ReviewItem]
@@ -216,6 +249,8 @@ class ModelCard(ModelIdentity):
     git_commit: str | None
     model_args: dict[str, Any] | None
     mlflow_tracking_uri: str | None
+    temperature: float = Field(description="the calibration: logits are divided by it")
+    digit_threshold: float = Field(description="the least digit_score of an input taken as a digit")
     mlflow_ui_url: str | None = None
 
 
@@ -241,7 +276,6 @@ ERROR_MEANINGS = {
     404: "no such prediction (or endpoint)",
     413: "upload over the size limit",
     415: "not an image type this service reads",
-    422: "no digit found: nothing in the image stands out from its background",
     429: "too many requests from this client; retry after a minute",
     503: "busy or a dependency (the prediction store, the model store) is unavailable",
 }
@@ -253,7 +287,7 @@ def route(operation_id: str, reply: type[BaseModel], *statuses: int, **more) -> 
     return {"operation_id": operation_id, "responses": {200: {"model": reply}, **responses}, **more}
 
 
-PREDICT = route("predict", Prediction, 400, 413, 415, 422)
+PREDICT = route("predict", Prediction, 400, 413, 415)
 # A prediction's id is what /feedback needs: the link lets clients (and the fuzzer) follow it.
 PREDICT["responses"][200]["links"] = {
     "CorrectIt": {
@@ -263,8 +297,8 @@ PREDICT["responses"][200]["links"] = {
     }
 }
 PREDICT_BATCH = route("predict_batch", BatchPredictions, 400, 413, 415)
-EXPLAIN = route("explain", Explanation, 400, 413, 415, 422)
-FEATURE_MAPS = route("feature_maps", FeatureMaps, 400, 413, 415, 422)
+EXPLAIN = route("explain", Explanation, 400, 413, 415)
+FEATURE_MAPS = route("feature_maps", FeatureMaps, 400, 413, 415)
 # /feedback takes JSON or a labelled image, so its route reads the body itself, and says so here.
 FEEDBACK_BODY = {
     "required": True,
@@ -274,7 +308,7 @@ FEEDBACK_BODY = {
     },
 }
 FEEDBACK = route(
-    "feedback", FeedbackAccepted, 400, 404, 413, 415, 422, 429,
+    "feedback", FeedbackAccepted, 400, 404, 413, 415, 429,
     openapi_extra={"requestBody": FEEDBACK_BODY},
 )  # fmt: skip
 REVIEW_QUEUE = route("review_queue", ReviewQueue, 400)
@@ -432,7 +466,7 @@ async def feedback_body(request: Request) -> FeedbackRequest | LabelledImage:
             body = await request.json()
         except ValueError:
             raise RequestError(
-                'malformed JSON; send {"prediction_id": "...", "label": 0-9}'
+                'malformed JSON; send {"prediction_id": "...", "label": 0-9 or "not-a-digit"}'
             ) from None
         return FeedbackRequest.model_validate(body)
     except ValidationError as err:

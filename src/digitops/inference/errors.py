@@ -25,17 +25,6 @@ class ImageError(RequestError):
     """The image itself is unusable: not an image, too big (413), a type we don't read (415)."""
 
 
-class EmptyImageError(ImageError):
-    """No ink found: the image is blank or nothing in it stands out from the background."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "No digit found: the image is blank or nothing stands out from its background. "
-            "Send a drawing or photo of one digit with clear contrast.",
-            status=422,
-        )
-
-
 def error_reply(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 

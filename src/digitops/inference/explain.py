@@ -12,7 +12,7 @@ from torch import nn
 from digitops.files import png
 from digitops.inference.predictor import b64, prediction_payload
 from digitops.inference.preprocess import Preprocessed
-from digitops.inference.served import ServedModel
+from digitops.inference.served import DIGIT_SCORE, PROBABILITIES, ServedModel
 from digitops.model import IMAGE_SIZE, DigitCNN
 
 LAST_CONV = DigitCNN.conv_layers[-1]  # Grad-CAM's layer
@@ -21,13 +21,18 @@ LAST_CONV = DigitCNN.conv_layers[-1]  # Grad-CAM's layer
 def explanation(served: ServedModel, prepared: Preprocessed, target: int | None) -> dict:
     """/explain's reply: the prediction, and the Grad-CAM heatmap of the last conv block for
     the predicted (or `target`) class."""
-    activations = served.onnx.run(prepared.pixels[None], LAST_CONV)
-    cam, logits = grad_cam(served.model, activations, target)
-    exp = np.exp(logits - logits.max())
-    probabilities = (exp / exp.sum()).tolist()
+    probabilities, digit_score, activations = served.onnx.run(
+        prepared.pixels[None], PROBABILITIES, DIGIT_SCORE, LAST_CONV
+    )
+    cam, _ = grad_cam(served.model, activations, target)
     # Explanations are not logged: feedback goes through /predict.
     payload = prediction_payload(
-        probabilities, png(prepared.pixels), prepared.inverted, served, None
+        probabilities[0].tolist(),
+        float(digit_score[0]),
+        png(prepared.pixels),
+        prepared.inverted,
+        served,
+        None,
     )
     return {
         **payload,
@@ -40,7 +45,8 @@ def explanation(served: ServedModel, prepared: Preprocessed, target: int | None)
 
 def feature_map_reply(served: ServedModel, prepared: Preprocessed, layer: str, arrays: bool):
     """/feature_maps's reply: every channel of conv block `layer` as a PNG grid."""
-    maps = served.onnx.run(prepared.pixels[None], layer)[0]  # [C, H, W]
+    (maps,) = served.onnx.run(prepared.pixels[None], layer)
+    maps = maps[0]  # [C, H, W]
     reply = {
         "layer": layer,
         "channels": int(maps.shape[0]),

@@ -42,9 +42,9 @@ class ServiceMetrics:
             "Inputs inverted because the ink was dark on light",
             registry=registry,
         )
-        self.no_digit = prom.Counter(
-            "digitops_no_digit",
-            "Images in which no digit was found (answered 422)",
+        self.not_a_digit = prom.Counter(
+            "digitops_not_a_digit",
+            "Inputs answered is_digit false (they look like no digit the model was trained on)",
             registry=registry,
         )
         self.feedback = prom.Counter(
@@ -69,11 +69,13 @@ class ServiceMetrics:
         # Every digit's counter made once, here: each is there from the start, at 0.
         self._by_digit = [self.predictions.labels(digit=str(d)) for d in range(10)]
 
-    def prediction(self, digit: int, confidence: float, inverted: bool) -> None:
+    def prediction(self, digit: int, confidence: float, inverted: bool, is_digit: bool) -> None:
         self._by_digit[digit].inc()
         self.confidence.observe(confidence)
         if inverted:
             self.inverted.inc()
+        if not is_digit:
+            self.not_a_digit.inc()
 
     def serving(self, name: str, version: str | None, source: str) -> None:
         if self._model_labels is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from digitops.files import png
-from digitops.inference.errors import EmptyImageError, RequestError
+from digitops.inference.errors import RequestError
 from digitops.inference.journal import PredictionJournal
 from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.preprocess import DEFAULT_MAX_BYTES, Options, Preprocessed, prepare
@@ -109,50 +109,62 @@ class PredictionThread:
         """Each job's replies, or the error that fails it."""
         prepared = [[self._prepare(data, job) for data in job.images] for job in jobs]
         outcomes, logged = [], []
-        for job, inputs, probabilities in zip(
-            jobs, prepared, _forward(jobs, prepared), strict=True
-        ):
-            if isinstance(probabilities, Exception):
-                outcomes.append(probabilities)
+        for job, inputs, answers in zip(jobs, prepared, _forward(jobs, prepared), strict=True):
+            if isinstance(answers, Exception):
+                outcomes.append(answers)
             elif job.alone and isinstance(inputs[0], RequestError):
                 outcomes.append(inputs[0])
             else:
-                outcomes.append(self._answer(job, inputs, iter(probabilities), logged))
+                outcomes.append(self._answer(job, inputs, zip(*answers, strict=True), logged))
         if logged and self.journal is not None:
             error = self.journal.append([row for _, row in logged])
             for reply, _ in logged if error is not None else ():
                 self._unlogged(reply, error)
         return outcomes
 
-    def _answer(self, job: Job, inputs: list, probabilities, logged: list) -> list[dict]:
+    def _answer(self, job: Job, inputs: list, answers, logged: list) -> list[dict]:
         """A job's replies; the (reply, row) of each one to log is added to `logged`."""
         replies = []
         for data, item in zip(job.images, inputs, strict=True):
             if isinstance(item, RequestError):
                 replies.append({"error": str(item), "status": item.status})
                 continue
-            p = next(probabilities).tolist()
-            input_png = png(item.pixels)
-            prediction_id = new_prediction_id()
-            reply = prediction_payload(p, input_png, item.inverted, job.model, prediction_id)
-            self.metrics.prediction(reply["digit"], reply["confidence"], item.inverted)
+            probabilities, digit_score = next(answers)
+            p, input_png, prediction_id = (
+                probabilities.tolist(),
+                png(item.pixels),
+                new_prediction_id(),
+            )
+            reply = prediction_payload(
+                p, float(digit_score), input_png, item.inverted, job.model, prediction_id
+            )
+            self.metrics.prediction(
+                reply["digit"], reply["confidence"], item.inverted, reply["is_digit"]
+            )
             replies.append(reply)
             if not job.log:
                 reply["logged"] = False
             elif self.journal is None:
                 self._unlogged(reply, "no prediction store")
             else:
-                version = reply["model"]["version"]
-                row = (prediction_id, input_png, p, item.inverted, version, data, job.options.noise)
-                logged.append((reply, self.journal.store.record(*row)))
+                row = self.journal.store.record(
+                    prediction_id,
+                    input_png,
+                    p,
+                    item.inverted,
+                    reply["model"]["version"],
+                    data,
+                    job.options.noise,
+                    reply["digit_score"],
+                    reply["is_digit"],
+                )
+                logged.append((reply, row))
         return replies
 
     def _prepare(self, data: bytes, job: Job) -> Preprocessed | RequestError:
         try:
             return prepare(data, job.options, self.max_bytes)
-        except RequestError as err:  # the request's own error (400, 413, 422...)
-            if isinstance(err, EmptyImageError):
-                self.metrics.no_digit.inc()
+        except RequestError as err:  # the request's own error (400, 413, 415...)
             return err
 
     def _unlogged(self, reply: dict, error: StoreError | str) -> None:
@@ -161,10 +173,10 @@ class PredictionThread:
         log.warning("prediction not logged: %s", error)
 
 
-def _forward(jobs: list[Job], prepared: list[list]) -> list[np.ndarray | Exception]:
-    """The probabilities of each job's usable images, one forward pass per model; a failed
-    pass is the error of every job it was for."""
-    results: list = [np.empty((0, 10), dtype=np.float32)] * len(jobs)
+def _forward(jobs: list[Job], prepared: list[list]) -> list[tuple | Exception]:
+    """(probabilities, digit scores) of each job's usable images, one forward pass per model;
+    a failed pass is the error of every job it was for."""
+    results: list = [(np.empty((0, 10), np.float32), np.empty(0, np.float32))] * len(jobs)
     by_model: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
         by_model.setdefault(id(job.model), []).append(i)
@@ -174,7 +186,7 @@ def _forward(jobs: list[Job], prepared: list[list]) -> list[np.ndarray | Excepti
         if not batch:
             continue
         try:
-            probabilities = jobs[members[0]].model.probabilities(np.stack(batch))
+            probabilities, scores = jobs[members[0]].model.answers(np.stack(batch))
         except Exception as err:
             log.exception("forward pass failed")
             for i in members:
@@ -182,7 +194,8 @@ def _forward(jobs: list[Job], prepared: list[list]) -> list[np.ndarray | Excepti
             continue
         start = 0
         for i, images in zip(members, pixels, strict=True):  # each job's rows, in order
-            results[i], start = probabilities[start : start + len(images)], start + len(images)
+            rows = slice(start, start + len(images))
+            results[i], start = (probabilities[rows], scores[rows]), rows.stop
     return results
 
 
@@ -207,6 +220,7 @@ def b64(data: bytes) -> str:
 
 def prediction_payload(
     probabilities: Sequence[float],
+    digit_score: float,
     input_png: bytes,
     inverted: bool,
     model: ServedModel,
@@ -219,6 +233,8 @@ def prediction_payload(
         "digit": digit,
         "confidence": round(p[digit], 6),
         "probabilities": [round(x, 6) for x in p],
+        "is_digit": digit_score >= model.threshold,
+        "digit_score": round(digit_score, 4),
         "inverted": bool(inverted),
         "input_png": b64(input_png),
         "prediction_id": prediction_id,

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from digitops.files import PNG_SIGNATURE
-from digitops.inference.errors import EmptyImageError, ImageError, RequestError
+from digitops.inference.errors import ImageError, RequestError
 
 # A request's work runs on one core; OpenCV's own thread pool would only compete for them.
 cv2.setNumThreads(1)
@@ -247,7 +247,7 @@ def _png_chunk_types(data: bytes) -> list[bytes] | None:
 
 def to_mnist(image: Image.Image, invert: bool | None = None) -> Preprocessed:
     """Any PIL image -> a 28x28 MNIST-style digit; invert None decides from the image itself.
-    Raises EmptyImageError when nothing in the image stands out as ink."""
+    Nothing in the image standing out as ink gives a blank (all-black) input."""
     return _from_grayscale(_grayscale(image), invert)
 
 
@@ -294,7 +294,7 @@ def _drawn_ink(gray: np.ndarray, background: float, edge: int = EDGE_WIDTH) -> n
     strong = difference > MIN_CONTRAST * contrast
     x, y, width, height = cv2.boundingRect(_as_uint8(strong))
     if width == 0:
-        raise EmptyImageError()
+        return np.zeros_like(gray)  # blank
     box = (
         slice(max(y - edge, 0), y + height + edge),
         slice(max(x - edge, 0), x + width + edge),
@@ -407,11 +407,11 @@ def _find_ink(gray: np.ndarray, invert: bool) -> np.ndarray:
     strong = signal > max(_otsu(signal), 5 * noise, MIN_CONTRAST)
     count, labels = cv2.connectedComponents(_as_uint8(strong), connectivity=8)
     if count == 1:  # the background alone
-        raise EmptyImageError()
+        return np.zeros_like(gray)
     areas = np.bincount(labels.ravel())
     areas[0] = 0  # the background
     if areas.max() < 1e-4 * gray.size:
-        raise EmptyImageError()  # a few stray pixels in a big image are dust, not a digit
+        return np.zeros_like(gray)  # a few stray pixels in a big image are dust, not a digit
     kept = (areas >= SPECK_FRACTION * areas.max())[labels]
 
     # Fainter pixels count as the strokes' anti-aliased edges only right beside them: grown
@@ -485,7 +485,7 @@ def _center(ink: np.ndarray) -> np.ndarray:
     """Crop to the ink, scale its longest side to 20 px, centre its mass at (14, 14) in 28x28."""
     x, y, width, height = cv2.boundingRect(_as_uint8(ink > 0))
     if width == 0:
-        raise EmptyImageError()
+        return np.zeros((28, 28), dtype=np.uint8)  # no ink: a blank input
     crop = np.ascontiguousarray(ink[y : y + height, x : x + width], dtype=np.float32)
     scale = 20 / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -493,7 +493,7 @@ def _center(ink: np.ndarray) -> np.ndarray:
     digit = np.asarray(resized).clip(0, 1)
     peak = digit.max()
     if peak == 0:
-        raise EmptyImageError()
+        return np.zeros((28, 28), dtype=np.uint8)
     # Thin strokes fade when shrunk, but MNIST strokes always peak at white.
     digit = np.rint(digit / peak * 255).astype(np.uint8)
     # MNIST moved each digit by whole pixels (its centres of mass lie within half a pixel of

@@ -19,50 +19,49 @@ import onnxruntime
 import torch
 from onnx import numpy_helper
 
-from digitops import checkpoint
+from digitops import checkpoint, scoring
 from digitops.model import DigitCNN, fold_batchnorm, normalize
 
 if TYPE_CHECKING:  # importing mlflow takes seconds; only a server following the registry needs it
     from digitops.tracking import ModelVersion, Tracking
 
 PROBABILITIES = "probabilities"
+DIGIT_SCORE = "digit_score"
 
 
 class _Outputs(torch.nn.Module):
-    """Pixels to probabilities in one graph (input scaling, model, softmax), with every conv
-    block's activations as outputs too."""
+    """Pixels to answers in one graph (input scaling, model, calibrated softmax, digit score:
+    digitops.scoring), with every conv block's activations as outputs too."""
 
-    def __init__(self, model: DigitCNN):
+    def __init__(self, model: DigitCNN, scorer: scoring.Scorer):
         super().__init__()
-        self.model = model
+        self.model, self.scorer = model, scorer
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x, blocks = normalize(pixels), []
-        for name in self.model.conv_layers:
-            x = getattr(self.model, name)(x)
-            blocks.append(x)
-        return torch.softmax(self.model.classifier(x), dim=1), *blocks
+        logits, summaries, blocks = scoring.descriptors(self.model, normalize(pixels))
+        probabilities, _, digit_score = self.scorer(logits, summaries)
+        return probabilities, digit_score, *blocks
 
 
 class OnnxModel:
-    """`model` exported in eval mode: uint8 pixels [N, 28, 28] (white ink on black) in; the
-    probabilities, or a conv block's activations, out. One thread per call by default: the
-    service's other work needs the other cores."""
+    """`model` exported in eval mode with its fitted `scorer`: uint8 pixels [N, 28, 28] (white
+    ink on black) in; the probabilities, digit scores or a conv block's activations out. One
+    thread per call by default: the service's other work needs the other cores."""
 
-    def __init__(self, model: DigitCNN, threads: int = 1):
+    def __init__(self, model: DigitCNN, scorer: scoring.Scorer, threads: int = 1):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(
-            _graph(model), options, providers=["CPUExecutionProvider"]
+            _graph(model, scorer), options, providers=["CPUExecutionProvider"]
         )
         self._input = self._session.get_inputs()[0].name
 
-    def run(self, pixels: np.ndarray, output: str) -> np.ndarray:
-        """`output` (PROBABILITIES or a conv block's name) for `pixels`."""
+    def run(self, pixels: np.ndarray, *outputs: str) -> list[np.ndarray]:
+        """`outputs` (PROBABILITIES, DIGIT_SCORE or a conv block's name) for `pixels`."""
         feed = {self._input: np.ascontiguousarray(pixels, dtype=np.uint8)}
-        return self._session.run([output], feed)[0]
+        return self._session.run(list(outputs), feed)
 
 
 # Exporting takes seconds of CPU, most of a rollout; a new version of the same network differs
@@ -71,9 +70,9 @@ class OnnxModel:
 _EXPORTED: dict[str, onnx.ModelProto] = {}
 
 
-def _graph(model: DigitCNN) -> bytes:
-    """`model` (eval mode) as a serialized ONNX graph."""
-    outputs = _Outputs(model.eval())
+def _graph(model: DigitCNN, scorer: scoring.Scorer) -> bytes:
+    """`model` (eval mode) and its scorer as a serialized ONNX graph."""
+    outputs = _Outputs(model.eval(), scorer)
     weights = {name: tensor.detach().numpy() for name, tensor in outputs.state_dict().items()}
     architecture = repr(model)  # every layer and its sizes; the forward pass is DigitCNN's
     exported = _EXPORTED.get(architecture)
@@ -100,7 +99,7 @@ def _export(outputs: _Outputs) -> onnx.ModelProto:
             (example,),
             dynamo=True,
             dynamic_shapes={"pixels": {0: batch}},
-            output_names=[PROBABILITIES, *outputs.model.conv_layers],
+            output_names=[PROBABILITIES, DIGIT_SCORE, *outputs.model.conv_layers],
             verbose=False,
         )
     return program.model_proto
@@ -115,15 +114,26 @@ class ServedModel:
     source: str
     store_tag: str | None = None  # the BentoML store entry, when it came from there
     registry_version: str | None = None  # the MLflow registry version, when it came from there
-    # The same network run by ONNX Runtime, input scaling and softmax included.
+    # The same network run by ONNX Runtime, input scaling and scoring included.
     onnx: OnnxModel = field(init=False, repr=False)
+    threshold: float = field(init=False)  # the least digit score of a digit
 
     def __post_init__(self) -> None:
-        self.onnx = OnnxModel(self.model)
+        fitted = self.metadata.get("scoring")
+        if fitted is None:
+            raise ModelUnavailable(
+                f"{self.source} has no calibration or digit score (trained before they "
+                "existed): fit them with python -m pipelines.calibrate +checkpoint=PATH"
+            )
+        scorer = scoring.Scorer(fitted)
+        self.threshold = scorer.threshold
+        self.onnx = OnnxModel(self.model, scorer)
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities [N, 10] for uint8 pixels [N, 28, 28], white ink on black."""
-        return self.onnx.run(pixels, PROBABILITIES)
+    def answers(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(calibrated probabilities [N, 10], digit scores [N]) for uint8 pixels [N, 28, 28],
+        white ink on black."""
+        probabilities, digit_scores = self.onnx.run(pixels, PROBABILITIES, DIGIT_SCORE)
+        return probabilities, digit_scores
 
     def identity(self) -> dict:
         m = self.metadata
@@ -145,6 +155,8 @@ class ServedModel:
             "git_commit": m.get("git_commit"),
             "model_args": m.get("model_args"),
             "mlflow_tracking_uri": m.get("mlflow_tracking_uri"),
+            "temperature": m["scoring"]["temperature"],
+            "digit_threshold": self.threshold,
         }
 
 

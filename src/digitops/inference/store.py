@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sqlite3
 import time
 import uuid
@@ -41,8 +42,11 @@ predictions = sa.Table(
     sa.Column("margin", sa.Float(53), nullable=False),
     sa.Column("inverted", sa.Integer, nullable=False),
     sa.Column("model_version", sa.String),
-    # Stress-test noise added to the input (added after the first release: see _migrate).
+    # Columns added after the first release (see _migrate): stress-test noise added to the
+    # input, and how much the input looked like a digit (digitops.scoring).
     sa.Column("noise", sa.Float(53), nullable=False, server_default="0"),
+    sa.Column("digit_score", sa.Float(53)),
+    sa.Column("is_digit", sa.Integer, nullable=False, server_default="1"),
 )
 feedback = sa.Table(
     "feedback",
@@ -51,7 +55,8 @@ feedback = sa.Table(
     sa.Column(
         "prediction_id", sa.String, sa.ForeignKey("predictions.id"), nullable=False, unique=True
     ),
-    sa.Column("label", sa.Integer, sa.CheckConstraint("label BETWEEN 0 AND 9"), nullable=False),
+    # 0-9, or NOT_A_DIGIT (10): the input is no digit at all.
+    sa.Column("label", sa.Integer, sa.CheckConstraint("label BETWEEN 0 AND 10"), nullable=False),
     sa.Column("comment", sa.Text),
     sa.Column("client", sa.String),
     sa.Column(
@@ -221,6 +226,8 @@ class PredictionStore:
         model_version: str | None,
         original: bytes | None = None,
         noise: float = 0.0,
+        digit_score: float | None = None,
+        is_digit: bool = True,
     ) -> dict:
         """A prediction as a row of the log (see `insert`)."""
         p = probabilities.tolist() if isinstance(probabilities, np.ndarray) else probabilities
@@ -243,6 +250,8 @@ class PredictionStore:
             "inverted": int(bool(inverted)),
             "model_version": model_version,
             "noise": float(noise),
+            "digit_score": digit_score,
+            "is_digit": int(bool(is_digit)),
         }
 
     def insert(self, records: list[dict]) -> None:
@@ -327,9 +336,12 @@ class PredictionStore:
             )
             return {**result, "replaced": True, "previous_label": old_label}
 
-    def review_queue(self, k: int, strategy: str) -> list[dict]:
+    def review_queue(self, k: int, strategy: str, digits: bool = True) -> list[dict]:
         """The k unlabelled predictions the model is least sure of (the active-learning query);
-        not stress-test inputs (noise added on purpose): their doubt is made up."""
+        not stress-test inputs (noise added on purpose): their doubt is made up. With
+        `digits=False`, the inputs judged not a digit instead, the most digit-like first (the
+        likeliest to be digits after all)."""
+        order = STRATEGIES[strategy] if digits else P.digit_score.desc()
         query = (
             sa.select(
                 P.id.label("prediction_id"),
@@ -339,10 +351,11 @@ class PredictionStore:
                 P.probabilities,
                 P.entropy,
                 P.margin,
+                P.digit_score,
                 P.input_png,
             )
-            .where(UNLABELLED, P.noise == 0)
-            .order_by(STRATEGIES[strategy], P.id)
+            .where(UNLABELLED, P.noise == 0, P.is_digit == int(digits))
+            .order_by(order, P.id)
             .limit(k)
         )
         with self._transaction() as conn:
@@ -419,7 +432,8 @@ def _create_schema(engine: sa.Engine) -> None:
 
 
 def _migrate(conn: sa.Connection) -> None:
-    """Add the columns a store made by an earlier release lacks (each has a default)."""
+    """Bring a store made by an earlier release to this schema: add the columns it lacks (each
+    has a default), and let its feedback labels say "not a digit"."""
     inspector = sa.inspect(conn)
     for table in metadata.sorted_tables:
         have = {c["name"] for c in inspector.get_columns(table.name)}
@@ -427,6 +441,15 @@ def _migrate(conn: sa.Connection) -> None:
             if column.name not in have:
                 spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
                 conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {spec}"))
+    checks = inspector.get_check_constraints("feedback")
+    # PostgreSQL reports it as "(label >= 0) AND (label <= 9)", SQLite as written.
+    if any("label" in c["sqltext"] and not re.search(r"\b10\b", c["sqltext"]) for c in checks):
+        # SQLite cannot alter a CHECK constraint: the table is made anew, with its rows.
+        rows = [dict(row._mapping) for row in conn.execute(sa.select(feedback))]
+        feedback.drop(conn)
+        feedback.create(conn)
+        if rows:
+            conn.execute(feedback.insert(), rows)
 
 
 def _cause(err: BaseException) -> str:

@@ -7,25 +7,26 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from digitops import checkpoint
-from digitops.data import feedback, mnist
-from digitops.model import normalize
+from digitops import checkpoint, scoring
+from digitops.data import feedback, mnist, notdigits
 from digitops.tracking import Tracking
 
 
-@torch.inference_mode()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Class probabilities [N, 10] for uint8 images [N, 28, 28] (white ink on black)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(torch.from_numpy(images[start : start + batch_size])).to(device)
-        out.append(F.softmax(model(batch), dim=1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 10), dtype=np.float32)
+def load_evalsets(folder: Path) -> tuple[dict, dict]:
+    """The `evalsets` stage's real-world digits and not-digits, as model inputs."""
+    with np.load(folder / "realworld.npz") as digits, np.load(folder / "notdigits.npz") as others:
+        return dict(digits), dict(others)
+
+
+def scoring_of(metadata: dict, path) -> dict:
+    fitted = metadata.get("scoring")
+    if fitted is None:
+        raise checkpoint.CheckpointError(
+            f"{path} has no calibration or digit score (trained before they existed): fit them "
+            "with python -m pipelines.calibrate +checkpoint=PATH"
+        )
+    return fitted
 
 
 def score(probabilities: np.ndarray, labels: np.ndarray) -> dict:
@@ -108,15 +109,100 @@ def misclassified_png(
     return buf.getvalue()
 
 
+def per_kind_accuracy(probabilities: np.ndarray, labels: np.ndarray, kinds: np.ndarray) -> dict:
+    correct = probabilities.argmax(axis=1) == labels
+    return {kind: float(correct[kinds == kind].mean()) for kind in sorted(set(kinds))}
+
+
+def calibration_report(answers: dict, labels: np.ndarray) -> dict:
+    """ECE, NLL and Brier score after calibration, and the same before it (`uncalibrated`)."""
+    after = scoring.calibration(answers["probabilities"], labels)
+    before = scoring.calibration(answers["uncalibrated"], labels)
+    keys = ("ece", "nll", "brier")
+    return {**{k: after[k] for k in keys}, "uncalibrated": {k: before[k] for k in keys}}
+
+
+# The not-a-digit scores compared: higher = more like a digit.
+OOD_SCORES = {
+    "msp": lambda a: a["probabilities"].max(axis=1),
+    "energy": lambda a: a["energy"],
+    "mahalanobis": lambda a: a["typicality"],
+}
+SERVED_SCORE = "mahalanobis"  # what digitops.scoring serves as digit_score
+
+
+def not_a_digit_report(test: dict, realworld: dict, others: dict, categories, threshold) -> dict:
+    """How well each score tells digits (MNIST test) from not-digits: AUROC, and the share of
+    each category accepted where the score keeps 99% of MNIST test digits; then what the served
+    threshold (fitted on validation digits) accepts and rejects."""
+    categories = np.asarray(categories)
+    judged = categories != notdigits.MULTI_DIGIT  # multi-digit inputs are reported apart
+    compared = {}
+    for name, score_of in OOD_SCORES.items():
+        digits, non = score_of(test), score_of(others)
+        cut = np.quantile(digits, 0.01)
+        compared[name] = {
+            "auroc": scoring.auroc(digits, non[judged]),
+            "accepted_at_99": float((non[judged] >= cut).mean()),
+            "accepted_at_99_per_category": {
+                c: float((non[categories == c] >= cut).mean()) for c in sorted(set(categories))
+            },
+        }
+    served = others["digit_score"] >= threshold
+    return {
+        "score": SERVED_SCORE,
+        "auroc": compared[SERVED_SCORE]["auroc"],
+        "threshold": threshold,
+        "accepted": {
+            "mnist_test": float((test["digit_score"] >= threshold).mean()),
+            "realworld": float((realworld["digit_score"] >= threshold).mean()),
+        },
+        "rejected": float((~served[judged]).mean()),
+        "rejected_per_category": {
+            c: float((~served[categories == c]).mean()) for c in sorted(set(categories))
+        },
+        "count": int(judged.sum()),
+        "scores": compared,
+    }
+
+
+def reliability_png(curves: dict[str, dict]) -> bytes:
+    """Reliability diagrams: accuracy against confidence per bin, before and after calibration,
+    one panel per set (`curves`: set name -> {'calibrated': bins, 'uncalibrated': bins})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4.6), dpi=100)
+    for ax, (title, pair) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="lightgray", lw=1, label="perfect")
+        for label, bins in pair.items():
+            if bins["bins"]:
+                x = [b["confidence"] for b in bins["bins"]]
+                y = [b["accuracy"] for b in bins["bins"]]
+                ax.plot(x, y, marker="o", ms=3, label=f"{label} (ECE {bins['ece']:.2%})")
+        ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence", ylabel="accuracy")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def evaluate_checkpoint(cfg) -> dict:
     """The `evaluate` stage: score the trained checkpoint, write metrics and plots, register it.
 
-    Writes under `paths.eval_dir`: metrics.json, confusion.csv/png, misclassified.png and the
-    candidate checkpoint (the trained one with its scores and registry version in its metadata).
+    Writes under `paths.eval_dir`: metrics.json, confusion.csv/png, misclassified.png,
+    reliability.csv/png and the candidate checkpoint (the trained one with its scores and
+    registry version in its metadata).
     """
     out = Path(cfg.paths.eval_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, metadata = checkpoint.load(cfg.paths.checkpoint)
+    fitted = scoring_of(metadata, cfg.paths.checkpoint)
     model_args = metadata.pop("model_args")
     run_id = metadata.get("mlflow_run_id")
     if run_id:  # trained with the MLflow logger: evaluate the same run, register the model
@@ -124,14 +210,27 @@ def evaluate_checkpoint(cfg) -> dict:
         tracking.check()  # before anything is written
 
     images, labels = mnist.load(Path(cfg.paths.mnist), "t10k")
-    probabilities = predict_proba(model, images)
+    test_answers = scoring.answers(model, fitted, images)
+    probabilities = test_answers["probabilities"]
     test = score(probabilities, labels)
     fb_images, fb_labels = feedback.load(Path(cfg.paths.feedback), split="holdout")
-    holdout = score(predict_proba(model, fb_images), fb_labels)
+    holdout = score(scoring.answers(model, fitted, fb_images)["probabilities"], fb_labels)
+    digits, others = load_evalsets(Path(cfg.paths.evalsets))
+    rw_answers = scoring.answers(model, fitted, digits["pixels"])
+    realworld = score(rw_answers["probabilities"], digits["labels"])
+    kinds = digits["kinds"]
+    other_answers = scoring.answers(model, fitted, others["pixels"])
 
     metrics = {
-        "test": {k: test[k] for k in ("accuracy", "loss", "errors", "count", "per_class_accuracy")},
+        "test": {k: test[k] for k in ("accuracy", "loss", "errors", "count", "per_class_accuracy")}
+        | calibration_report(test_answers, labels),
+        "realworld": {k: realworld[k] for k in ("accuracy", "errors", "count")}
+        | {"per_kind": per_kind_accuracy(rw_answers["probabilities"], digits["labels"], kinds)}
+        | calibration_report(rw_answers, digits["labels"]),
         "feedback_holdout": {k: holdout.get(k) for k in ("accuracy", "count")},
+        "ood": not_a_digit_report(
+            test_answers, rw_answers, other_answers, others["categories"], fitted["threshold"]
+        ),
     }
     Path(cfg.paths.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
     with open(out / "confusion.csv", "w") as f:
@@ -141,15 +240,51 @@ def evaluate_checkpoint(cfg) -> dict:
     title = f"MNIST test: {test['accuracy']:.2%} ({test['errors']} errors)"
     (out / "confusion.png").write_bytes(confusion_png(test["confusion"], title))
     (out / "misclassified.png").write_bytes(misclassified_png(images, labels, probabilities))
+    curves = {
+        name: {
+            "calibrated": scoring.calibration(answers["probabilities"], truth),
+            "uncalibrated": scoring.calibration(answers["uncalibrated"], truth),
+        }
+        for name, answers, truth in (
+            ("MNIST test", test_answers, labels),
+            ("real-world digits", rw_answers, digits["labels"]),
+        )
+    }
+    (out / "reliability.png").write_bytes(reliability_png(curves))
+    with open(out / "reliability.csv", "w") as f:
+        f.write("set,scores,confidence,accuracy,count\n")
+        for name, pair in curves.items():
+            for which, report in pair.items():
+                f.writelines(
+                    f"{name},{which},{b['confidence']:.6f},{b['accuracy']:.6f},{b['count']}\n"
+                    for b in report["bins"]
+                )
 
+    ood = metrics["ood"]
     metadata.update(
         test_accuracy=test["accuracy"],
         test_loss=test["loss"],
+        test_ece=metrics["test"]["ece"],
+        ood_auroc=ood["auroc"],
+        realworld_accuracy=realworld["accuracy"],
         feedback_holdout_accuracy=holdout["accuracy"],
         feedback_holdout_count=holdout["count"],
     )
     if run_id:
-        scores = {"test/acc": test["accuracy"], "test/loss": test["loss"]}
+        scores = {
+            "test/acc": test["accuracy"],
+            "test/loss": test["loss"],
+            "test/ece": metrics["test"]["ece"],
+            "test/nll": metrics["test"]["nll"],
+            "test/brier": metrics["test"]["brier"],
+            "test/uncalibrated_ece": metrics["test"]["uncalibrated"]["ece"],
+            "realworld/acc": realworld["accuracy"],
+            "realworld/ece": metrics["realworld"]["ece"],
+            "ood/auroc": ood["auroc"],
+            "ood/rejected": ood["rejected"],
+            "ood/accepted_mnist_test": ood["accepted"]["mnist_test"],
+            "ood/accepted_realworld": ood["accepted"]["realworld"],
+        }
         if holdout["count"]:
             scores["feedback_holdout/acc"] = holdout["accuracy"]
         tracking.log_evaluation(run_id, scores, out)
@@ -160,6 +295,8 @@ def evaluate_checkpoint(cfg) -> dict:
             example=images[:2],
             tags={
                 "test_accuracy": f"{test['accuracy']:.4f}",
+                "test_ece": f"{metrics['test']['ece']:.4f}",
+                "ood_auroc": f"{ood['auroc']:.4f}",
                 "data_version": metadata.get("data_version"),
                 "git_commit": metadata.get("git_commit"),
             },

@@ -9,24 +9,26 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from digitops import checkpoint
-from digitops.data import feedback, mnist
-from digitops.release.evaluate import predict_proba, score
+from digitops import checkpoint, scoring
+from digitops.data import feedback, mnist, notdigits
+from digitops.release.evaluate import load_evalsets, score
 from digitops.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
 
-def decide(candidate: dict, champion: dict | None, tolerance_pp: float) -> tuple[bool, str]:
-    """Compare scores measured on the same data: {'test_accuracy', 'holdout_accuracy'}."""
+def decide(candidate: dict, champion: dict | None, tolerances: dict) -> tuple[bool, str]:
+    """Compare scores measured on the same data: {'test_accuracy', 'holdout_accuracy',
+    'test_ece', 'ood_auroc'}; `tolerances`: how much worse the candidate may be on MNIST test
+    accuracy (`tolerance_pp`, points), ECE (`ece_tolerance`) and OOD AUROC (`auroc_tolerance`)."""
     if champion is None:
         return True, "no champion yet"
     drop_pp = (champion["test_accuracy"] - candidate["test_accuracy"]) * 100
-    if drop_pp > tolerance_pp:
+    if drop_pp > tolerances["tolerance_pp"]:
         return False, (
             f"MNIST test accuracy {candidate['test_accuracy']:.4%} is {drop_pp:.2f} pp "
             f"below the champion's {champion['test_accuracy']:.4%} "
-            f"(tolerance {tolerance_pp} pp)"
+            f"(tolerance {tolerances['tolerance_pp']} pp)"
         )
     cand_h, champ_h = candidate.get("holdout_accuracy"), champion.get("holdout_accuracy")
     if cand_h is not None and champ_h is not None and cand_h < champ_h:
@@ -34,21 +36,58 @@ def decide(candidate: dict, champion: dict | None, tolerance_pp: float) -> tuple
             False,
             f"feedback hold-out accuracy {cand_h:.2%} is below the champion's {champ_h:.2%}",
         )
+    # A champion trained before calibration existed has no ECE or AUROC to compare with.
+    if champion.get("test_ece") is not None:
+        worse = candidate["test_ece"] - champion["test_ece"]
+        if worse > tolerances["ece_tolerance"]:
+            return False, (
+                f"MNIST test calibration error {candidate['test_ece']:.2%} is worse than the "
+                f"champion's {champion['test_ece']:.2%} (tolerance {tolerances['ece_tolerance']})"
+            )
+    if champion.get("ood_auroc") is not None:
+        worse = champion["ood_auroc"] - candidate["ood_auroc"]
+        if worse > tolerances["auroc_tolerance"]:
+            return False, (
+                f"not-a-digit AUROC {candidate['ood_auroc']:.4f} is below the champion's "
+                f"{champion['ood_auroc']:.4f} (tolerance {tolerances['auroc_tolerance']})"
+            )
     return True, (
         f"MNIST test {candidate['test_accuracy']:.4%} vs champion "
         f"{champion['test_accuracy']:.4%}; hold-out "
         f"{'n/a' if cand_h is None else f'{cand_h:.2%}'} vs "
-        f"{'n/a' if champ_h is None else f'{champ_h:.2%}'}"
+        f"{'n/a' if champ_h is None else f'{champ_h:.2%}'}; ECE "
+        f"{candidate['test_ece']:.2%} vs {_maybe(champion.get('test_ece'), '.2%')}; "
+        f"not-a-digit AUROC {candidate['ood_auroc']:.4f} vs "
+        f"{_maybe(champion.get('ood_auroc'), '.4f')}"
     )
 
 
-def _scores(model, test: tuple, holdout: tuple) -> dict:
-    t = score(predict_proba(model, test[0]), test[1])
-    h = score(predict_proba(model, holdout[0]), holdout[1])
+def _maybe(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _scores(path: Path, test: tuple, holdout: tuple, others: dict) -> dict:
+    """A checkpoint's scores on the gate's data; ECE and AUROC only if it has a scoring."""
+    model, metadata = checkpoint.load(path)
+    fitted = metadata.get("scoring")
+    if fitted is None:  # trained before calibration existed: accuracy only (argmax of logits)
+        t, h = (
+            score(scoring.softmax(scoring.outputs(model, x)["logits"]), y)
+            for x, y in (test, holdout)
+        )
+        return {"test_accuracy": t["accuracy"], "holdout_accuracy": h["accuracy"],
+                "holdout_count": h["count"], "test_ece": None, "ood_auroc": None}  # fmt: skip
+    on_test = scoring.answers(model, fitted, test[0])
+    on_holdout = scoring.answers(model, fitted, holdout[0])
+    on_others = scoring.answers(model, fitted, others["pixels"])
+    judged = others["categories"] != notdigits.MULTI_DIGIT
+    h = score(on_holdout["probabilities"], holdout[1])
     return {
-        "test_accuracy": t["accuracy"],
+        "test_accuracy": score(on_test["probabilities"], test[1])["accuracy"],
         "holdout_accuracy": h["accuracy"],
         "holdout_count": h["count"],
+        "test_ece": scoring.calibration(on_test["probabilities"], test[1])["ece"],
+        "ood_auroc": scoring.auroc(on_test["typicality"], on_others["typicality"][judged]),
     }
 
 
@@ -58,7 +97,7 @@ def promote(cfg) -> dict:
     alias = cfg.promotion.alias
     tracking = Tracking.from_config(cfg)
     tracking.check()
-    candidate_model, meta = checkpoint.load(cfg.paths.candidate)
+    _, meta = checkpoint.load(cfg.paths.candidate)
     version = meta.get("registered_version")
     if version is None:
         raise RuntimeError(
@@ -67,7 +106,8 @@ def promote(cfg) -> dict:
 
     test = mnist.load(Path(cfg.paths.mnist), "t10k")
     holdout = feedback.load(Path(cfg.paths.feedback), split="holdout")
-    candidate = _scores(candidate_model, test, holdout)
+    _, others = load_evalsets(Path(cfg.paths.evalsets))
+    candidate = _scores(Path(cfg.paths.candidate), test, holdout, others)
     shipped = Path(cfg.paths.shipped_model)
     with tempfile.TemporaryDirectory() as tmp:
         holder = tracking.aliased(alias, Path(tmp))
@@ -81,10 +121,8 @@ def promote(cfg) -> dict:
         if holder is not None and holder.version == version:
             champion, promoted, reason = None, True, "candidate already is the champion"
         else:
-            champion = (
-                _scores(checkpoint.load(incumbent_path)[0], test, holdout) if incumbent else None
-            )
-            promoted, reason = decide(candidate, champion, cfg.promotion.tolerance_pp)
+            champion = _scores(incumbent_path, test, holdout, others) if incumbent else None
+            promoted, reason = decide(candidate, champion, cfg.promotion)
 
     if promoted:
         tracking.set_alias(alias, version)
@@ -97,7 +135,7 @@ def promote(cfg) -> dict:
         "serving_version": version if promoted else (holder.version if holder else None),
         "candidate": candidate,
         "champion": champion,
-        "tolerance_pp": cfg.promotion.tolerance_pp,
+        "tolerances": {k: v for k, v in cfg.promotion.items() if k != "alias"},
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     tags = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import os
@@ -17,7 +18,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar, We
 from pytorch_lightning.loggers import MLFlowLogger
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from digitops import checkpoint
+from digitops import checkpoint, scoring
 from digitops.data import mnist
 from digitops.data.datamodule import MnistDataModule
 from digitops.tracking import Tracking, data_version, flatten, git_commit
@@ -213,6 +214,7 @@ def train(cfg: DictConfig) -> dict | None:
 
     summary = system.rank_summary
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    fitted = fit_scoring(system.model, datamodule, cfg.scoring.keep)
     metadata = {
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "train_seconds": round(wall, 1),
@@ -229,6 +231,7 @@ def train(cfg: DictConfig) -> dict | None:
         "torch_threads": torch.get_num_threads(),
         "host_cpus": os.cpu_count(),
         **provenance,
+        "scoring": fitted,
     }
     checkpoint.save(cfg.paths.checkpoint, system.model, system.model_args, metadata)
     if isinstance(logger, MLFlowLogger):
@@ -237,10 +240,31 @@ def train(cfg: DictConfig) -> dict | None:
             logger.run_id, datamodule.training_data, provenance["data_version"]
         )
     log.info(
-        "trained %d epochs in %.0fs: val acc %.4f; ranks %s",
+        "trained %d epochs in %.0fs: val acc %.4f, temperature %.3f; ranks %s",
         trainer.current_epoch,
         wall,
         metrics.get("val/acc", float("nan")),
+        fitted["temperature"],
         summary,
     )
     return metadata
+
+
+def fit_scoring(model: torch.nn.Module, datamodule: MnistDataModule, keep: float) -> dict:
+    """The calibration and digit score of the trained `model` (digitops.scoring): statistics
+    from the MNIST training digits, temperature and threshold from the validation split."""
+    model = copy.deepcopy(model).cpu().float().eval()
+    _, train_images, train_labels = datamodule.training_data["mnist"]
+    val_images, val_labels = (t.numpy() for t in datamodule.val_set.tensors)
+    return scoring.fit(model, (train_images, train_labels), (val_images, val_labels), keep)
+
+
+def refit_scoring(cfg: DictConfig, path: Path) -> dict:
+    """Fit the scoring of an existing checkpoint (one trained before scoring existed) on this
+    config's MNIST split, and write it back into the checkpoint."""
+    model, metadata = checkpoint.load(path)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    metadata["scoring"] = fit_scoring(model, datamodule, cfg.scoring.keep)
+    checkpoint.save(path, model, metadata.pop("model_args"), metadata)
+    return metadata["scoring"]

@@ -5,7 +5,7 @@ MNIST *test* digits (never training digits) as web-canvas drawings and as photos
 paper, and digits from handwriting fonts in both styles. Everything is derived from one seed,
 so the same command writes the same files.
 
-    python -m tests.realworld --out DIR --count 400 --seed 0 --first-index 5000
+    python -m digitops.data.realworld --out DIR --count 400 --seed 0 --first-index 5000
 """
 
 from __future__ import annotations
@@ -65,10 +65,15 @@ def find_fonts(font_dir: Path = FONT_DIR) -> list[Path]:
 
 def font_digit(font_path: Path, digit: int, rng: np.random.Generator) -> np.ndarray:
     """`digit` in the font as an ink mask (uint8, ink 255 on 0), with a random slant."""
+    return font_glyph(font_path, str(digit), rng)
+
+
+def font_glyph(font_path: Path, text: str, rng: np.random.Generator) -> np.ndarray:
+    """`text` in the font as an ink mask (uint8, ink 255 on 0), with a random slant."""
     size = 200
     font = ImageFont.truetype(str(font_path), size)
     image = Image.new("L", (2 * size, 2 * size), 0)
-    ImageDraw.Draw(image).text((size, size), str(digit), fill=255, font=font, anchor="mm")
+    ImageDraw.Draw(image).text((size, size), text, fill=255, font=font, anchor="mm")
     shear = rng.uniform(-0.15, 0.15)
     # Shear about the centre, so the glyph stays on the image.
     image = image.transform(
@@ -105,12 +110,7 @@ def render_paper(ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
     Tinted paper with texture, uneven light, the digit off-centre at 20-70% of the height,
     slightly rotated, then blur and sensor noise.
     """
-    long_side = rng.uniform(200, 800) if rng.random() < 0.9 else rng.uniform(800, 1600)
-    aspect = rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9])
-    shape = (round(long_side / aspect), round(long_side))
-    if rng.random() < 0.5:
-        shape = shape[::-1]
-
+    shape = paper_shape(rng)
     ink_height = rng.uniform(0.2, 0.7) * shape[0]
     pen = max(2.0, rng.uniform(0.04, 0.11) * ink_height)
     alpha = _stroke(ink, ink_height, pen, angle=rng.uniform(-8, 8))
@@ -118,7 +118,21 @@ def render_paper(ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
     # Pen pressure and ink flow vary along the stroke.
     flow = rng.uniform(0.85, 1.0) * (1 - 0.1 * _smooth_noise(shape, max(2.0, pen), rng))
     alpha = np.clip(alpha * flow, 0, 1)
+    return photograph(alpha, rng)
 
+
+def paper_shape(rng: np.random.Generator) -> tuple[int, int]:
+    """The pixel size of a photo or scan: mostly phone-sized, a tenth of them large."""
+    long_side = rng.uniform(200, 800) if rng.random() < 0.9 else rng.uniform(800, 1600)
+    aspect = rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9])
+    shape = (round(long_side / aspect), round(long_side))
+    return shape[::-1] if rng.random() < 0.5 else shape
+
+
+def photograph(alpha: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Ink coverage `alpha` (0 everywhere: a blank sheet) on tinted, textured paper under uneven
+    light, then blur and sensor noise (RGB)."""
+    shape, long_side = alpha.shape, max(alpha.shape)
     tint = rng.choice([[0, 4, 14], [0, 0, 0], [6, 3, 0], [2, 2, 6]])
     paper = np.array([255, 255, 255]) - tint - rng.uniform(0, 25)
     texture = 4 * _smooth_noise(shape, 0.7, rng) + 3 * _smooth_noise(shape, min(shape) / 10, rng)
