@@ -22,7 +22,7 @@ def score_through_api(client, directory: Path = REALWORLD) -> dict:
     """POST every image of a labels.csv set to /predict with `client` (any httpx-like client)."""
     with open(directory / "labels.csv") as f:
         rows = list(csv.DictReader(f))
-    per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # right, sent, taken as digits
     misses = []
     for row in rows:
         data = (directory / row["file"]).read_bytes()
@@ -34,6 +34,7 @@ def score_through_api(client, directory: Path = REALWORLD) -> dict:
         hit = predicted == int(row["label"])
         per_kind[row["kind"]][0] += hit
         per_kind[row["kind"]][1] += 1
+        per_kind[row["kind"]][2] += r.status_code == 200 and body["is_digit"]
         if not hit:
             misses.append(
                 {
@@ -41,15 +42,20 @@ def score_through_api(client, directory: Path = REALWORLD) -> dict:
                     "predicted": predicted,
                     "status": r.status_code,
                     "confidence": body.get("confidence"),
+                    "is_digit": body.get("is_digit"),
                     "error": body.get("error"),
                     "inverted": body.get("inverted"),
                 }
             )
-    correct = sum(c for c, _ in per_kind.values())
+    correct = sum(c for c, _, _ in per_kind.values())
     return {
         "count": len(rows),
         "accuracy": correct / len(rows),
-        "per_kind": {k: {"accuracy": c / n, "count": n} for k, (c, n) in sorted(per_kind.items())},
+        "accepted": sum(a for _, _, a in per_kind.values()) / len(rows),  # is_digit true
+        "per_kind": {
+            k: {"accuracy": c / n, "accepted": a / n, "count": n}
+            for k, (c, n, a) in sorted(per_kind.items())
+        },
         "misses": misses,
     }
 
@@ -61,12 +67,15 @@ def score_mnist_through_api(client, mnist_dir: Path, count: int | None = None) -
 
     images, labels = mnist.load(mnist_dir, "t10k")
     images, labels = images[:count], labels[:count]
-    correct = 0
+    correct = accepted = 0
     for pixels, label in zip(images, labels, strict=True):
         files = {"image": ("d.png", png(pixels), "image/png")}
         r = client.post("/predict", files=files, data={"log": "false"})
-        correct += r.status_code == 200 and r.json()["digit"] == int(label)
-    return {"count": len(labels), "accuracy": correct / len(labels)}
+        ok = r.status_code == 200
+        correct += ok and r.json()["digit"] == int(label)
+        accepted += ok and r.json()["is_digit"]
+    count = len(labels)
+    return {"count": count, "accuracy": correct / count, "accepted": accepted / count}
 
 
 def main() -> None:
@@ -92,28 +101,32 @@ def main() -> None:
     lines = [
         f"# Real-world accuracy: {result['accuracy']:.2%} of {result['count']}",
         "",
-        "| kind | accuracy | count |",
-        "|---|---|---|",
+        f"Taken as digits (`is_digit`): {result['accepted']:.2%}",
+        "",
+        "| kind | accuracy | taken as digits | count |",
+        "|---|---|---|---|",
     ]
     lines += [
-        f"| {k} | {v['accuracy']:.2%} | {v['count']} |" for k, v in result["per_kind"].items()
+        f"| {k} | {v['accuracy']:.2%} | {v['accepted']:.2%} | {v['count']} |"
+        for k, v in result["per_kind"].items()
     ]
     if "mnist_test" in result:
         m = result["mnist_test"]
         lines += [
             "",
-            f"MNIST test set as PNGs through /predict: {m['accuracy']:.2%} of {m['count']}",
+            f"MNIST test set as PNGs through /predict: {m['accuracy']:.2%} of {m['count']}, "
+            f"{m['accepted']:.2%} taken as digits",
         ]
     model = result["model"]
     lines += ["", f"Model: {model['name']} v{model['version']} ({model['source']})"]
     lines += [
         "",
-        "| file | label | predicted | confidence | inverted | source |",
-        "|---|---|---|---|---|---|",
+        "| file | label | predicted | confidence | is_digit | inverted | source |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {m['file']} | {m['label']} | {m['predicted']} | {m['confidence']} | "
-        f"{m['inverted']} | {m['source']} |"
+        f"{m['is_digit']} | {m['inverted']} | {m['source']} |"
         for m in result["misses"]
     ]
     text = "\n".join(lines) + "\n"

@@ -7,11 +7,12 @@ from benchmarks.bench_accuracy import score_through_api
 pytestmark = pytest.mark.slow
 
 
-def test_real_world_set_reaches_97_percent(client):
+def test_real_world_set_reaches_97_percent_and_is_taken_as_digits(client):
     result = score_through_api(client)
     misses = [(m["file"], m["label"], m["predicted"]) for m in result["misses"]]
     assert result["count"] == 400
     assert result["accuracy"] >= 0.97, f"{result['per_kind']}; misses: {misses}"
+    assert result["accepted"] >= 0.98, result["per_kind"]  # is_digit: true
 
 
 def test_mnist_digits_keep_their_class_through_preprocessing(client, mnist_dir):

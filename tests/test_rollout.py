@@ -134,7 +134,7 @@ def predict_under_load(bases: list[str], seconds: float, during) -> tuple[list[L
 
 
 def test_promote_rolls_out_to_every_worker_of_every_replica_under_load(
-    deployment, tmp_path, mnist_dir, monkeypatch
+    deployment, tmp_path, mnist_dir, evalsets_dir, monkeypatch
 ):
     bases = [base for base, _ in deployment.replicas.values()]
     # Nothing held the alias when they started: both serve the shipped model, and keep looking.
@@ -154,6 +154,7 @@ def test_promote_rolls_out_to_every_worker_of_every_replica_under_load(
         mnist_dir,
         f"mlflow.tracking_uri={deployment.registry}",
         f"paths.promotion={tmp_path / 'promotion.json'}",
+        f"paths.evalsets={evalsets_dir}",
     )
     moved: list[float] = []
     set_alias = Tracking.set_alias
@@ -229,6 +230,8 @@ def test_the_pipeline_tracks_registers_promotes_and_packages_through_the_server(
             ("val_size: 5000", "val_size: 200"),
             # A 4-batch model would lose to the shipped one; here it must win the alias.
             ("tolerance_pp: 0.1", "tolerance_pp: 100"),
+            ("ece_tolerance: 0.005", "ece_tolerance: 1"),
+            ("auroc_tolerance: 0.01", "auroc_tolerance: 1"),
         ]
     }
     project = scratch_repo(tmp_path / "repo", mnist_dir, edits)

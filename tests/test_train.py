@@ -41,7 +41,8 @@ def test_smoke_training_logs_run_params_metrics_and_registers(trained):
     assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert run.info.run_name == run_name(cfg) and run_name(cfg).startswith("cnn ")
     for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/acc", "test/ece",
-                "test/uncalibrated_ece", "realworld/ece", "ood/auroc"):  # fmt: skip
+                "test/uncalibrated_ece", "realworld/ece", "ood/auroc", "ood/msp/auroc",
+                "ood/energy/accepted_at_99", "ood/rejected/letters"):  # fmt: skip
         assert key in run.data.metrics, key
     for key in ("perf/epoch_seconds", "perf/train_images_per_second", "train_seconds"):
         assert run.data.metrics[key] > 0, key

@@ -285,6 +285,11 @@ def evaluate_checkpoint(cfg) -> dict:
             "ood/accepted_mnist_test": ood["accepted"]["mnist_test"],
             "ood/accepted_realworld": ood["accepted"]["realworld"],
         }
+        for name, compared in ood["scores"].items():  # every score compared, as in metrics.json
+            scores[f"ood/{name}/auroc"] = compared["auroc"]
+            scores[f"ood/{name}/accepted_at_99"] = compared["accepted_at_99"]
+        for category, share in ood["rejected_per_category"].items():
+            scores[f"ood/rejected/{category}"] = share
         if holdout["count"]:
             scores["feedback_holdout/acc"] = holdout["accuracy"]
         tracking.log_evaluation(run_id, scores, out)
