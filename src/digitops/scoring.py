@@ -49,22 +49,25 @@ def descriptors(model: DigitCNN, x: torch.Tensor):
 
 
 def nearest_class_distance(
-    values: torch.Tensor, precision: torch.Tensor, means_t: torch.Tensor, offsets: torch.Tensor
+    values: torch.Tensor, whitening: torch.Tensor, means_t: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
-    """The squared Mahalanobis distance [N] of each row of `values` to the nearest class mean:
-    (x - m)' P (x - m) = x'Px - 2 x'P m + m'Pm, with the means as columns (`means_t`, [d, 10])
-    and their m'Pm (`offsets`, [10]) precomputed. Every term involves `values`: an exporter
-    folds terms of weights alone into constants, which a new version's weights would not reach.
-    """
-    projected = values @ precision
-    return ((projected * values).sum(1, keepdim=True) - 2 * projected @ means_t + offsets).amin(1)
+    """The squared Mahalanobis distance [N] of each row of `values` to the nearest class mean,
+    in whitened coordinates z = xW: |z - mW|^2 = z'z - 2 z'(mW) + |mW|^2, with the whitened
+    means as columns (`means_t`, [k, 10]) and their |mW|^2 (`offsets`, [10]) precomputed.
+    Every term involves `values`: an exporter folds terms of weights alone into constants,
+    which a new version's weights would not reach."""
+    z = values @ whitening
+    return ((z * z).sum(1, keepdim=True) - 2 * z @ means_t + offsets).amin(1)
 
 
-def class_terms(means: torch.Tensor, precision: torch.Tensor) -> dict[str, torch.Tensor]:
+def class_terms(means: torch.Tensor, whitening: torch.Tensor) -> dict[str, torch.Tensor]:
     """A layer's tensors as `nearest_class_distance` takes them."""
-    means, precision = means.float(), precision.float()
-    offsets = ((means @ precision) * means).sum(1)
-    return {"precision": precision, "means_t": means.T.contiguous(), "offsets": offsets}
+    whitened = means.float() @ whitening.float()
+    return {
+        "whitening": whitening.float(),
+        "means_t": whitened.T.contiguous(),
+        "offsets": (whitened * whitened).sum(1),
+    }
 
 
 class Scorer(torch.nn.Module):
@@ -79,7 +82,7 @@ class Scorer(torch.nn.Module):
         self.register_buffer("reference", scoring["reference"].float()[None, :])  # [1, R]
         for name in LAYERS:
             layer = scoring["layers"][name]
-            for part, tensor in class_terms(layer["means"], layer["precision"]).items():
+            for part, tensor in class_terms(layer["means"], layer["whitening"]).items():
                 self.register_buffer(f"{name}_{part}", tensor)
             self.register_buffer(f"{name}_center", torch.tensor(float(layer["center"])))
             self.register_buffer(f"{name}_scale", torch.tensor(float(layer["scale"])))
@@ -88,7 +91,7 @@ class Scorer(torch.nn.Module):
         typical = 0
         for name in LAYERS:
             terms = [
-                getattr(self, f"{name}_{part}") for part in ("precision", "means_t", "offsets")
+                getattr(self, f"{name}_{part}") for part in ("whitening", "means_t", "offsets")
             ]
             distance = nearest_class_distance(summaries[name], *terms)
             center, scale = getattr(self, f"{name}_center"), getattr(self, f"{name}_scale")
@@ -145,12 +148,12 @@ def fit(
     temperature = fit_temperature(held_out["logits"], val[1])
     layers, typical = {}, 0
     for name in LAYERS:
-        means, precision = class_statistics(fitted[name], train[1])
-        means, precision = torch.from_numpy(means).float(), torch.from_numpy(precision).float()
+        means, whitening = class_statistics(fitted[name], train[1])
+        means, whitening = torch.from_numpy(means).float(), torch.from_numpy(whitening).float()
         values = torch.from_numpy(held_out[name]).float()
-        distance = nearest_class_distance(values, **class_terms(means, precision)).double()
+        distance = nearest_class_distance(values, **class_terms(means, whitening)).double()
         center, scale = float(-distance.mean()), float(distance.std())
-        layers[name] = {"means": means, "precision": precision}
+        layers[name] = {"means": means, "whitening": whitening}
         layers[name] |= {"center": center, "scale": scale}
         typical = typical + (-distance - center) / scale
     reference = torch.sort(typical.float()).values
@@ -166,12 +169,14 @@ def fit(
 
 
 def class_statistics(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class means [10, d] and the shared covariance's (shrunk) inverse [d, d]."""
+    """Per-class means [10, d] and a whitening W [d, d] of the shared (shrunk) covariance: W W'
+    is its inverse, so |(x - m) W|^2 is the Mahalanobis distance of x to a mean m."""
     means = np.stack([values[labels == c].mean(0) for c in range(10)])
     centred = values - means[labels]
     covariance = centred.T @ centred / len(values)
     ridge = SHRINKAGE * np.trace(covariance) / len(covariance)
-    return means, np.linalg.inv(covariance + ridge * np.eye(len(covariance)))
+    variances, directions = np.linalg.eigh(covariance + ridge * np.eye(len(covariance)))
+    return means, directions / np.sqrt(variances)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
