@@ -64,7 +64,7 @@ def in_request_order(data: bytes, served, requests: int = 1000, pause_s: float =
         background = timed("flat background", pp._flat_background, small)
         ink = timed("ink", pp._drawn_ink, small, background, edge)
         pixels = timed("centre", pp._center, ink)
-        timed("forward pass", served.probabilities, pixels[None])
+        timed("forward pass", served.answers, pixels[None])
         timed("input PNG", png, pixels)
     return {step: float(np.median(times[requests // 10 :])) * 1e6 for step, times in steps.items()}
 
@@ -137,9 +137,7 @@ def measure() -> dict:
     settings = Settings.from_env()
     served = load_served_model(settings.model_tag, settings.shipped_model)
     pixels = pp._center(ink)
-    results["drawing_steps_us"]["forward pass"] = best_us(
-        lambda: served.probabilities(pixels[None]), 200
-    )
+    results["drawing_steps_us"]["forward pass"] = best_us(lambda: served.answers(pixels[None]), 200)
     results["drawing_steps_us"]["input PNG"] = best_us(lambda: png(pixels), 200)
     results["drawing_request_order_us"] = in_request_order(pngs[0], served)
     photo = phone_photo()

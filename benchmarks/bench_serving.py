@@ -82,21 +82,22 @@ def canvas_png(out: Path) -> Path:
 
 
 def bare_model(seconds: float) -> dict:
-    """The served forward pass alone (uint8 pixels in, probabilities out), in process."""
+    """The served forward pass alone (uint8 pixels in, probabilities and digit scores out), in
+    process."""
     served = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
     x1 = np.zeros((1, 28, 28), dtype=np.uint8)
     x32 = np.zeros((32, 28, 28), dtype=np.uint8)
     for _ in range(50):
-        served.probabilities(x1)
+        served.answers(x1)
     times = []
     deadline = time.perf_counter() + seconds / 2
     while time.perf_counter() < deadline:
         start = time.perf_counter()
-        served.probabilities(x1)
+        served.answers(x1)
         times.append((time.perf_counter() - start) * 1000)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds / 2:
-        served.probabilities(x32)
+        served.answers(x32)
         n += 32
     rate = n / (time.perf_counter() - start)
     return {

@@ -20,5 +20,5 @@ served = load_served_model(SETTINGS.model_tag, SETTINGS.shipped_model)
 @app.post("/predict")
 def predict(image: Annotated[UploadFile, File()]):
     prepared = preprocess(image.file.read())
-    probabilities = served.probabilities(prepared.pixels[None])[0]
+    probabilities = served.answers(prepared.pixels[None])[0][0]
     return {"digit": int(probabilities.argmax()), "probabilities": probabilities.tolist()}

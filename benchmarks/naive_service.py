@@ -22,5 +22,5 @@ class NaiveDigitService:
     @bentoml.api
     def predict(self, image: Path) -> dict:
         prepared = preprocess(image.read_bytes())
-        probabilities = self.served.probabilities(prepared.pixels[None])[0]
+        probabilities = self.served.answers(prepared.pixels[None])[0][0]
         return {"digit": int(probabilities.argmax()), "probabilities": probabilities.tolist()}
