@@ -25,18 +25,24 @@ def preprocessed(folder: Path, rows: list[dict]) -> np.ndarray:
     )
 
 
+def _mnist_index(source: str) -> int:
+    return int(source.removeprefix("mnist-t10k:")) if source.startswith("mnist-t10k:") else -1
+
+
 def write(out: Path, mnist_dir: Path, spec) -> tuple[int, int]:
     """Make both sets under `out` as `spec` (the config's `evalsets`) says; their sizes."""
     digits_dir, others_dir = out / "images" / "realworld", out / "images" / "notdigits"
-    counts = realworld.split_count(spec.realworld_count)
-    digits = realworld.make_set(
-        digits_dir, counts, spec.seed, mnist_dir, spec.realworld_first_index
-    )
+    counts = dict.fromkeys(realworld.KINDS, spec.realworld_per_kind)
+    digits = realworld.make_set(digits_dir, counts, spec.seed, mnist_dir)
     np.savez_compressed(
         out / "realworld.npz",
         pixels=preprocessed(digits_dir, digits),
         labels=np.array([int(row["label"]) for row in digits]),
         kinds=np.array([row["kind"] for row in digits]),
+        styles=np.array([row["style"] for row in digits]),
+        # The MNIST test digit each was drawn from, -1 for font digits.
+        mnist_index=np.array([_mnist_index(row["source"]) for row in digits]),
+        files=np.array([f"images/realworld/{row['file']}" for row in digits]),
     )
     others = notdigits.make_set(others_dir, spec.notdigits_per_category, spec.seed, mnist_dir)
     np.savez_compressed(

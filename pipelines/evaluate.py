@@ -21,6 +21,11 @@ def main(cfg: DictConfig) -> None:
     print(
         f"MNIST test accuracy {test['accuracy']:.4%} ({test['errors']} errors of {test['count']})"
     )
+    for kind, r in metrics["realworld"]["per_kind"].items():
+        print(
+            f"real-world {kind}: {r['accuracy']:.2%} [{r['low']:.2%}, {r['high']:.2%}] "
+            f"({r['errors']} errors of {r['count']})"
+        )
     if holdout["count"]:
         print(f"feedback hold-out accuracy {holdout['accuracy']:.2%} of {holdout['count']}")
 

@@ -45,13 +45,8 @@ def canvas_png(pixels: np.ndarray, size: int = 280) -> bytes:
     return buffer.getvalue()
 
 
-# The fixture MNIST has 300 test digits, not the 5,000 the real-world set starts after; a few
-# images of each kind are enough to run the stages.
-SMALL_EVALSETS = {
-    "realworld_count": 20,
-    "realworld_first_index": 100,
-    "notdigits_per_category": 3,
-}
+# A few images of each kind are enough to run the stages.
+SMALL_EVALSETS = {"realworld_per_kind": 5, "notdigits_per_category": 3}
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +60,19 @@ def evalsets_dir(tmp_path_factory, mnist_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def renders_dir(tmp_path_factory, mnist_dir) -> Path:
+    """The `renders` stage's output for the fixture MNIST's 1,200 training digits."""
+    from pipelines import renders
+
+    out = tmp_path_factory.mktemp("renders")
+    renders.write(out, mnist_dir, seed=0)
+    return out
+
+
 def compose_cfg(root: Path, mnist_dir: Path, *overrides: str):
-    """Compose conf/ with every output under `root`, the fixture MNIST, plus overrides."""
+    """Compose conf/ with every output under `root`, the fixture MNIST, plus overrides.
+    Training mixes in no rendered digits unless the overrides give `paths.renders`."""
     paths = {
         "mnist": mnist_dir,
         "feedback": root / "feedback",
@@ -84,6 +90,7 @@ def compose_cfg(root: Path, mnist_dir: Path, *overrides: str):
                 *(f"paths.{k}={v}" for k, v in paths.items()),
                 f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
                 "data.val_size=200",
+                "data.rendered_share=0",
                 *overrides,
             ],
         )

@@ -111,7 +111,34 @@ def test_datamodule_split_and_feedback_oversampling(mnist_dir, tmp_path):
     assert len(dm.test_set) == 300
     again = MnistDataModule(mnist_dir, fb, val_size=200)
     again.setup()
-    assert torch.equal(dm.val_set.tensors[1], again.val_set.tensors[1]), "split must be seeded"
+    assert torch.equal(dm.val_set.tensors[2], again.val_set.tensors[2]), "split must be seeded"
+
+
+def test_training_batches_mix_in_the_rendered_digits(mnist_dir, tmp_path):
+    images, _ = mnist.load(mnist_dir, "train")
+    renders = tmp_path / "train.npz"
+    np.savez_compressed(renders, pixels=255 - images)  # a stand-in anyone can tell apart
+    for share, low, high in ((1.0, 1.0, 1.0), (0.5, 0.4, 0.6)):
+        dm = MnistDataModule(
+            mnist_dir, val_size=200, augment={"enabled": False}, renders=renders,
+            rendered_share=share,
+        )  # fmt: skip
+        dm.setup()
+        plain, rendered, labels = (t[:1000] for t in dm.train_set.datasets[0].tensors)
+        assert torch.equal(rendered, 255 - plain)
+        x, _ = dm.prepare_batch((plain, rendered, labels), augment=True)
+        want, _ = dm.prepare_batch((rendered, rendered, labels), augment=False)
+        swapped = (x == want).flatten(1).all(dim=1).float().mean()
+        assert low <= swapped <= high
+        # Only training batches: validation and test score what checkpoints are compared on.
+        x, _ = dm.prepare_batch((plain, rendered, labels), augment=False)
+        assert torch.equal(x, dm.prepare_batch((plain, plain, labels), augment=False)[0])
+
+
+def test_missing_renders_name_the_stage_that_makes_them(mnist_dir, tmp_path):
+    dm = MnistDataModule(mnist_dir, renders=tmp_path / "none.npz", rendered_share=0.5)
+    with pytest.raises(FileNotFoundError, match="dvc repro renders"):
+        dm.setup()
 
 
 def test_augmentation_keeps_digits_recognisable(mnist_dir):

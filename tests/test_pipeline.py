@@ -75,7 +75,7 @@ def project(reproduced, tmp_path) -> Path:
 
 
 def test_dvc_repro_runs_stages_then_is_a_no_op(reproduced, project):
-    for stage in ("train", "evaluate", "promote", "bento"):
+    for stage in ("renders", "evalsets", "train", "evaluate", "promote", "bento"):
         assert f"Running stage '{stage}'" in reproduced[1], stage
     metrics = json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())
     assert metrics["test"]["count"] == 300
@@ -137,6 +137,10 @@ def test_an_edit_reruns_only_the_stages_that_run_the_edited_code(project):
     with open(project / "src" / "digitops" / "model.py", "a") as f:
         f.write("# a model edit\n")
     assert stale(project) == {"train", "evaluate", "promote", "bento"}
+    # The service's preprocessing makes the training renders and the evaluation sets too.
+    with open(project / "src" / "digitops" / "inference" / "preprocess.py", "a") as f:
+        f.write("# a preprocessing edit\n")
+    assert stale(project) == {"renders", "evalsets", "train", "evaluate", "promote", "bento"}
 
 
 def test_dvc_remote_push_pull_offline(project):

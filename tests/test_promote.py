@@ -2,7 +2,13 @@
 
 from digitops.release.promote import decide
 
-CHAMPION = {"test_accuracy": 0.9950, "holdout_accuracy": 0.80, "test_ece": 0.004, "ood_auroc": 0.99}
+CHAMPION = {
+    "test_accuracy": 0.9950,
+    "realworld_accuracy": 0.98,
+    "holdout_accuracy": 0.80,
+    "test_ece": 0.004,
+    "ood_auroc": 0.99,
+}
 TOLERANCES = {"tolerance_pp": 0.1, "ece_tolerance": 0.005, "auroc_tolerance": 0.01}
 
 
@@ -56,3 +62,9 @@ def test_a_champion_from_before_calibration_is_compared_on_accuracy():
     old = {**CHAMPION, "test_ece": None, "ood_auroc": None}
     promoted, reason = decide(candidate(test_ece=0.05, ood_auroc=0.5), old, TOLERANCES)
     assert promoted and "vs n/a" in reason
+
+
+def test_worse_real_world_accuracy_beyond_tolerance_is_rejected_with_reason():
+    promoted, reason = decide(candidate(realworld_accuracy=0.978), CHAMPION, TOLERANCES)
+    assert promoted is False and "real-world accuracy 97.80% is 0.20 pp below" in reason
+    assert decide(candidate(realworld_accuracy=0.9795), CHAMPION, TOLERANCES)[0]

@@ -67,7 +67,7 @@ NEEDS_SETUP = "needs the .venv/ that `make setup` builds, a network install a te
 NO_DOCKER = "this machine has no Docker daemon"
 NOT_RUN = {
     "sudo apt-get install chromium postgresql nginx fonts-comic-neue fonts-dkg-handwriting "
-    "fonts-sjfonts fonts-klee fonts-bwht fonts-dancingscript": APT,
+    "fonts-sjfonts fonts-klee fonts-bwht fonts-dancingscript fonts-ecolier-court": APT,
     "sudo apt-get install wrk": APT,
     "make test": "it is CI: .ci/run calls it, and it runs this module",
     "make ingest": NEEDS_SETUP + "; tests/test_active_learning.py runs the ingestion it calls",

@@ -61,6 +61,32 @@ def test_labels_csv_matches_the_files(small_set):
             assert index >= 100, "digits before first_index must stay unused"
     # Labels cycle through the digits within each kind.
     assert [row["label"] for row in rows if row["kind"] == "canvas"] == ["0", "1", "2"]
+    styles = {"": "0123456789", "flagged-1": "1", "flagged-footed-1": "1", "crossed-7": "7"}
+    assert all(row["label"] in styles[row["style"]] for row in rows)
+
+
+def test_european_ones_get_a_flag_and_sevens_a_bar(mnist_dir):
+    from digitops.data import mnist
+
+    images, labels = mnist.load(mnist_dir, "t10k")
+    one, seven = images[list(labels).index(1)], images[list(labels).index(7)]
+    styles = set()
+    for seed in range(8):
+        for digit, image in ((1, one), (7, seven)):
+            ink, style = realworld.european(image, digit, np.random.default_rng(seed))
+            styles.add(style)
+            plain = np.asarray(Image.fromarray(image).resize(ink.shape[::-1], Image.BICUBIC)) > 128
+            rows, cols = np.nonzero((ink > 128) & ~plain)
+            top, bottom = np.nonzero(plain)[0].min(), np.nonzero(plain)[0].max()
+            height = bottom - top
+            assert len(rows) > 50, "the added stroke is a stroke"
+            if digit == 1:  # the flag hangs from the top, down to the left of it
+                head = np.nonzero(plain[top : top + height // 10 + 1])[1].mean()
+                assert rows.min() <= top + 0.1 * height
+                assert cols.min() < head - 0.1 * height
+            else:  # the bar crosses the middle of the stem
+                assert top + 0.3 * height < rows.mean() < top + 0.75 * height
+    assert styles == {"flagged-1", "flagged-footed-1", "crossed-7"}
 
 
 def test_every_kind_is_made_and_decodes(small_set):

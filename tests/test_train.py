@@ -20,13 +20,15 @@ pytestmark = pytest.mark.slow  # trains (the smoke trainer, two epochs)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir, evalsets_dir):
+def trained(tmp_path_factory, mnist_dir, evalsets_dir, renders_dir):
     cfg = compose_cfg(
         tmp_path_factory.mktemp("run"),
         mnist_dir,
         "trainer=smoke",
         "trainer.max_epochs=2",
         f"paths.evalsets={evalsets_dir}",
+        f"paths.renders={renders_dir}",
+        "data.rendered_share=0.5",
     )
     metadata = train(cfg)
     metrics = evaluate_checkpoint(cfg)
@@ -61,7 +63,8 @@ def test_smoke_training_logs_run_params_metrics_and_registers(trained):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     eval_files = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/confusion.png", "eval/misclassified.png", "eval/metrics.json"} <= eval_files
+    assert {"eval/confusion.png", "eval/misclassified.png", "eval/realworld_misses.png",
+            "eval/metrics.json"} <= eval_files  # fmt: skip
     version = client.get_model_version(cfg.mlflow.registered_model, "1")
     assert version.run_id == run.info.run_id
     assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"], 1e-3)
@@ -96,6 +99,15 @@ def test_evaluation_writes_dvc_metrics_and_plots(trained):
     for name in ("test", "realworld"):
         for key in ("ece", "nll", "brier"):
             assert on_disk[name][key] >= 0 and on_disk[name]["uncalibrated"][key] >= 0, key
+    # Real-world accuracy per kind and European style, with 95% intervals; for the kinds drawn
+    # from MNIST test digits, the same digits' accuracy as 28x28 images beside it.
+    realworld = on_disk["realworld"]
+    assert set(realworld["per_kind"]) >= {"canvas", "paper"}  # font kinds need the fonts
+    for kind, report in realworld["per_kind"].items():
+        assert report["low"] <= report["accuracy"] <= report["high"] and report["count"] == 5
+        assert ("same_digits_28x28" in report) == (not kind.startswith("font")), kind
+    assert realworld["count"] == 5 * len(realworld["per_kind"])
+    assert (Path(cfg.paths.eval_dir) / "realworld_misses.png").read_bytes().startswith(b"\x89PNG")
     ood = on_disk["ood"]
     assert ood["score"] == "mahalanobis" and ood["auroc"] == ood["scores"]["mahalanobis"]["auroc"]
     assert set(ood["scores"]) == {"msp", "energy", "mahalanobis"}

@@ -1,4 +1,4 @@
-"""MNIST (+ user feedback) as a LightningDataModule."""
+"""MNIST (+ its rendered copies, + user feedback) as a LightningDataModule."""
 
 from __future__ import annotations
 
@@ -14,13 +14,20 @@ from digitops.data.augment import random_affine
 from digitops.model import standardize
 
 
-def _tensors(images, labels) -> TensorDataset:
-    # Kept as uint8 (47 MB for all of MNIST); scaled per batch on the training device.
-    return TensorDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype("int64")))
+def _tensors(images, labels, rendered=None) -> TensorDataset:
+    """(image, its rendered copy, label) triples; an image without a copy stands for its own.
+    Kept as uint8 (47 MB for all of MNIST); scaled per batch on the training device."""
+    images = torch.from_numpy(images.copy())
+    rendered = images if rendered is None else torch.from_numpy(rendered.copy())
+    return TensorDataset(images, rendered, torch.from_numpy(labels.astype("int64")))
 
 
 class MnistDataModule(pl.LightningDataModule):
-    """Train/val split of MNIST train (fixed seed) plus feedback; test is the 10k MNIST test set."""
+    """Train/val split of MNIST train (fixed seed) plus feedback; test is the 10k MNIST test set.
+
+    With `renders` (the `renders` stage's train.npz), each training digit is replaced by its
+    canvas or paper rendering with probability `rendered_share`, drawn anew every batch.
+    """
 
     def __init__(
         self,
@@ -32,6 +39,8 @@ class MnistDataModule(pl.LightningDataModule):
         feedback_oversample: int = 10,
         augment: dict | None = None,
         num_workers: int = 0,
+        renders: str | Path | None = None,
+        rendered_share: float = 0.0,
     ):
         super().__init__()
         self.mnist_dir = Path(mnist_dir)
@@ -42,6 +51,8 @@ class MnistDataModule(pl.LightningDataModule):
         self.feedback_oversample = feedback_oversample
         self.augment = dict(augment or {})
         self.num_workers = num_workers
+        self.renders = Path(renders) if renders else None
+        self.rendered_share = rendered_share
         self.num_feedback = 0
         # name -> (folder, images, labels): what the model trains on, for the run's record.
         self.training_data: dict[str, tuple[Path, np.ndarray, np.ndarray]] = {}
@@ -50,7 +61,16 @@ class MnistDataModule(pl.LightningDataModule):
         images, labels = mnist.load(self.mnist_dir, "train")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = order[: self.val_size].numpy(), order[self.val_size :].numpy()
-        train_sets = [_tensors(images[train_idx], labels[train_idx])]
+        rendered = None
+        if self.renders is not None and self.rendered_share > 0:
+            if not self.renders.is_file():
+                raise FileNotFoundError(
+                    f"{self.renders} is missing: make it with `dvc repro renders`, or train "
+                    "without it with data.rendered_share=0"
+                )
+            with np.load(self.renders) as renders:
+                rendered = renders["pixels"][train_idx]
+        train_sets = [_tensors(images[train_idx], labels[train_idx], rendered)]
         self.training_data = {"mnist": (self.mnist_dir, images[train_idx], labels[train_idx])}
         if self.feedback_dir is not None:
             fb_images, fb_labels = feedback.load(self.feedback_dir, split="train")
@@ -89,7 +109,10 @@ class MnistDataModule(pl.LightningDataModule):
 
     def prepare_batch(self, batch, augment: bool):
         """uint8 images -> the model's input (augmented when training), on the batch's device."""
-        images, labels = batch
+        images, rendered, labels = batch
+        if augment and self.rendered_share > 0:
+            swap = torch.rand(len(images), device=images.device) < self.rendered_share
+            images = torch.where(swap[:, None, None], rendered, images)
         x = images.unsqueeze(1).float() / 255.0
         if augment and self.augment.get("enabled", True):
             x = random_affine(

@@ -74,7 +74,8 @@ def draw(category: str, rng: np.random.Generator, fonts: list[Path], digits) -> 
             return _blank_canvas(rng), path
         return realworld.photograph(np.zeros(realworld.paper_shape(rng)), rng), path
     if category == "texture":
-        return realworld.photograph(_paper_pattern(realworld.paper_shape(rng), rng), rng), "paper"
+        lines = realworld.paper_lines(realworld.paper_shape(rng), rng, creases=True)
+        return realworld.photograph(lines, rng), "paper"
     if category == "noise":
         return _noise(rng), "canvas"
     if category == "letters":
@@ -96,26 +97,6 @@ def _blank_canvas(rng: np.random.Generator) -> Image.Image:
     if rng.random() < 0.5:
         return Image.new("RGBA", size, (0, 0, 0, 0))
     return Image.new("RGB", size, 0)
-
-
-def _paper_pattern(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Printed lines of ruled or squared paper, or a crease or two: faint 'ink' everywhere."""
-    alpha = Image.new("F", shape[::-1], 0)
-    pen = ImageDraw.Draw(alpha)
-    gap = rng.uniform(0.04, 0.1) * min(shape)
-    style = rng.integers(3)
-    level = rng.uniform(0.15, 0.4)
-    width = max(1, round(gap / 12))
-    if style < 2:  # ruled (style 0) or squared (style 1)
-        for y in np.arange(rng.uniform(0, gap), shape[0], gap):
-            pen.line([(0, y), (shape[1], y)], fill=level, width=width)
-        for x in np.arange(rng.uniform(0, gap), shape[1], gap) if style == 1 else ():
-            pen.line([(x, 0), (x, shape[0])], fill=level, width=width)
-    else:  # creases: long, faint straight lines across the sheet
-        for _ in range(int(rng.integers(1, 4))):
-            ends = rng.uniform(0, 1, 4) * [shape[1], shape[0], shape[1], shape[0]]
-            pen.line([tuple(ends[:2]), tuple(ends[2:])], fill=level / 2, width=width)
-    return np.asarray(alpha)
 
 
 def _noise(rng: np.random.Generator) -> Image.Image:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
@@ -32,7 +33,8 @@ KIND_SHARES = {"canvas": 0.375, "paper": 0.375, "font-canvas": 0.125, "font-pape
 # Debian packages of the handwriting fonts, and the files used from them (globs under
 # FONT_DIR). Chosen from a contact sheet: every digit reads unambiguously to a person.
 # Left out: Rufscript (its 7 looks like a 1), Humor Sans (odd 9), Breip and Delphine (1 and 2
-# too unusual), BecauseWeLearn/Mentor (6 and 7 look like letters).
+# too unusual), BecauseWeLearn/Mentor (6 and 7 look like letters), Kristi (its 7 reads as a 2).
+# Ecolier is a French school hand: flagged 1s and crossed 7s, as much of Europe writes them.
 FONT_PACKAGES = (
     "fonts-comic-neue",
     "fonts-dkg-handwriting",
@@ -40,6 +42,7 @@ FONT_PACKAGES = (
     "fonts-klee",
     "fonts-bwht",
     "fonts-dancingscript",
+    "fonts-ecolier-court",
 )
 FONT_DIR = Path("/usr/share/fonts")
 FONT_GLOBS = (
@@ -53,9 +56,13 @@ FONT_GLOBS = (
     "*/bwht/BecauseWeConnect-Regular.otf",
     "*/bwht/BecauseWeOrganize-Regular.otf",
     "*/dancingscript/DancingScript-Bold.otf",
+    "*/ecolier-court/Ecolier-court.ttf",
 )
 
 CANVAS_SIZE = 280  # the web page's drawing canvas, in pixels
+BRUSH_WIDTHS = (6, 40)  # the page's brush slider, in canvas pixels
+# Digits are thinned to their centre line at this height at most (`_stroke`).
+THIN_HEIGHT = 64
 
 
 def find_fonts(font_dir: Path = FONT_DIR) -> list[Path]:
@@ -85,13 +92,16 @@ def font_glyph(font_path: Path, text: str, rng: np.random.Generator) -> np.ndarr
 def render_canvas(ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
     """A digit as drawn on the web page: a white round-brush stroke on a black 280x280 canvas.
 
-    `ink` is any ink mask (white on black), e.g. a 28x28 MNIST digit or a `font_digit`.
-    60% are opaque (RGBA or RGB); 40% have a transparent background, as a canvas exported
-    without a fill does, half of those with black strokes.
+    `ink` is any ink mask (white on black), e.g. a 28x28 MNIST digit or a `font_digit`. Drawn
+    from a quarter of the canvas tall to nearly all of it, anywhere on it, with a brush from
+    the page's slider (never so wide for its size that the digit becomes a blob). 60% are
+    opaque (RGBA or RGB); 40% have a transparent background, as a canvas exported without a
+    fill does, half of those with black strokes.
     """
-    height = rng.uniform(0.45, 0.8) * CANVAS_SIZE
-    brush = rng.uniform(18, 22)
-    alpha = _stroke(ink, height, brush, angle=rng.uniform(-5, 5))
+    height = rng.uniform(0.25, 0.9) * CANVAS_SIZE
+    low, high = BRUSH_WIDTHS
+    brush = rng.uniform(low, np.clip(0.22 * height, low, high))
+    alpha = _stroke(ink, height, brush, angle=rng.uniform(-10, 10))
     coverage = _place(alpha, (CANVAS_SIZE, CANVAS_SIZE), rng, margin=6)
     level = np.round(coverage * 255).astype(np.uint8)
     style = rng.random()
@@ -105,20 +115,26 @@ def render_canvas(ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 
 def render_paper(ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """A digit written in pen on paper and photographed or scanned (RGB, save it as JPEG).
+    """A digit written on paper and photographed or scanned (RGB, save it as JPEG).
 
-    Tinted paper with texture, uneven light, the digit off-centre at 20-70% of the height,
-    slightly rotated, then blur and sensor noise.
+    Black or blue pen, or pencil (a fifth: grey, grainy, thin); plain paper or, a third of the
+    time, ruled or squared; the digit off-centre at 20-70% of the height, rotated up to 12
+    degrees; then `photograph`.
     """
     shape = paper_shape(rng)
     ink_height = rng.uniform(0.2, 0.7) * shape[0]
-    pen = max(2.0, rng.uniform(0.04, 0.11) * ink_height)
-    alpha = _stroke(ink, ink_height, pen, angle=rng.uniform(-8, 8))
+    pencil = rng.random() < 0.2
+    pen = max(1.5, (rng.uniform(0.03, 0.06) if pencil else rng.uniform(0.04, 0.11)) * ink_height)
+    alpha = _stroke(ink, ink_height, pen, angle=rng.uniform(-12, 12))
     alpha = _place(alpha, shape, rng, margin=max(4, round(0.03 * min(shape))))
-    # Pen pressure and ink flow vary along the stroke.
+    # Pen pressure and ink flow vary along the stroke; graphite leaves grain.
     flow = rng.uniform(0.85, 1.0) * (1 - 0.1 * _smooth_noise(shape, max(2.0, pen), rng))
+    if pencil:
+        grain = np.abs(_smooth_noise(shape, 0.7, rng))
+        flow = flow * rng.uniform(0.55, 0.85) * (1 - 0.3 * np.minimum(grain, 1.5))
     alpha = np.clip(alpha * flow, 0, 1)
-    return photograph(alpha, rng)
+    lines = paper_lines(shape, rng, creases=False) if rng.random() < 0.33 else None
+    return photograph(alpha, rng, ink="pencil" if pencil else "pen", lines=lines)
 
 
 def paper_shape(rng: np.random.Generator) -> tuple[int, int]:
@@ -129,24 +145,105 @@ def paper_shape(rng: np.random.Generator) -> tuple[int, int]:
     return shape[::-1] if rng.random() < 0.5 else shape
 
 
-def photograph(alpha: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """Ink coverage `alpha` (0 everywhere: a blank sheet) on tinted, textured paper under uneven
-    light, then blur and sensor noise (RGB)."""
+def paper_lines(shape: tuple[int, int], rng: np.random.Generator, creases: bool) -> np.ndarray:
+    """Coverage of the printed lines of ruled or squared paper or, if `creases`, a third of the
+    time a crease or two instead: long, faint straight lines across the sheet."""
+    alpha = Image.new("F", shape[::-1], 0)
+    pen = ImageDraw.Draw(alpha)
+    gap = rng.uniform(0.04, 0.1) * min(shape)
+    style = rng.integers(3 if creases else 2)
+    level = rng.uniform(0.15, 0.4)
+    width = max(1, round(gap / 12))
+    if style < 2:  # ruled (style 0) or squared (style 1)
+        for y in np.arange(rng.uniform(0, gap), shape[0], gap):
+            pen.line([(0, y), (shape[1], y)], fill=level, width=width)
+        for x in np.arange(rng.uniform(0, gap), shape[1], gap) if style == 1 else ():
+            pen.line([(x, 0), (x, shape[0])], fill=level, width=width)
+    else:
+        for _ in range(int(rng.integers(1, 4))):
+            ends = rng.uniform(0, 1, 4) * [shape[1], shape[0], shape[1], shape[0]]
+            pen.line([tuple(ends[:2]), tuple(ends[2:])], fill=level / 2, width=width)
+    return np.asarray(alpha)
+
+
+# Ink colours (RGB): black and blue pens; graphite.
+PEN_COLOURS = ([20, 20, 25], [25, 35, 110], [30, 45, 150], [45, 45, 55])
+PENCIL_COLOUR = [70, 70, 78]
+# Printed rulings: light blue or grey.
+LINE_COLOURS = ([150, 185, 225], [170, 170, 175], [200, 150, 150])
+
+
+def photograph(
+    alpha: np.ndarray,
+    rng: np.random.Generator,
+    ink: str = "pen",
+    lines: np.ndarray | None = None,
+) -> Image.Image:
+    """Ink coverage `alpha` (0 everywhere: a blank sheet) on tinted, textured paper with
+    optional printed `lines`, photographed (uneven light, a shadow a fifth of the time, blur,
+    sensor noise) or, a tenth of the time, scanned (even light, sharper, little noise). RGB."""
     shape, long_side = alpha.shape, max(alpha.shape)
     tint = rng.choice([[0, 4, 14], [0, 0, 0], [6, 3, 0], [2, 2, 6]])
     paper = np.array([255, 255, 255]) - tint - rng.uniform(0, 25)
     texture = 4 * _smooth_noise(shape, 0.7, rng) + 3 * _smooth_noise(shape, min(shape) / 10, rng)
-    paper = paper[None, None, :] + texture[..., None] - 4
-    ink_colour = np.array(
-        [[20, 20, 25], [25, 35, 110], [30, 45, 150], [45, 45, 55]][rng.integers(4)], float
-    )
-    image = paper * (1 - alpha[..., None]) + ink_colour * alpha[..., None]
-    image *= _lighting(shape, rng)[..., None]
+    image = (paper[None, None, :] + texture[..., None] - 4).astype(np.float32)
+    if lines is not None:
+        colour = np.array(LINE_COLOURS[rng.integers(len(LINE_COLOURS))], np.float32)
+        image += (colour - image) * lines[..., None]
+    colour = PENCIL_COLOUR if ink == "pencil" else PEN_COLOURS[rng.integers(len(PEN_COLOURS))]
+    image += (np.array(colour, np.float32) - image) * alpha[..., None]
 
-    sigma = rng.uniform(0.4, 1.2) * max(1.0, long_side / 800)
-    image = ndimage.gaussian_filter(image, (sigma, sigma, 0))
-    image += rng.normal(0, rng.uniform(0.5, 2.5), image.shape)
+    scan = rng.random() < 0.1
+    if scan:
+        image *= rng.uniform(0.97, 1.03)
+        sigma, noise = rng.uniform(0.3, 0.6), rng.uniform(0.2, 1.0)
+    else:
+        image *= _lighting(shape, rng)[..., None]
+        sigma, noise = rng.uniform(0.4, 1.2) * max(1.0, long_side / 800), rng.uniform(0.5, 2.5)
+    image = cv2.GaussianBlur(image, (0, 0), sigma)
+    image += noise * rng.standard_normal(image.shape, dtype=np.float32)
     return Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8), "RGB")
+
+
+# Share of the MNIST 1s and 7s redrawn the European way (`european`).
+EUROPEAN_SHARE = 0.6
+
+
+def european(ink: np.ndarray, digit: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """An MNIST 1 given a flag (and half the time a foot), or a 7 given a bar through its stem,
+    the way much of Europe writes them: (the ink mask, 4x larger; the style's name)."""
+    big = np.asarray(
+        Image.fromarray(ink).resize((ink.shape[1] * 4, ink.shape[0] * 4), Image.BICUBIC)
+    )
+    strong = big > 128
+    rows, cols = np.nonzero(strong)
+    top, bottom = rows.min(), rows.max()
+    height = bottom - top + 1
+    width = round(2 * np.percentile(ndimage.distance_transform_edt(strong)[strong], 90))
+    image = Image.fromarray(big)
+    pen = ImageDraw.Draw(image)
+    if digit == 7:
+        # Across the stem a little below half height, about a third of the height long.
+        y = top + rng.uniform(0.45, 0.6) * height
+        x = cols[np.abs(rows - y) < 3].mean()
+        half = rng.uniform(0.13, 0.22) * height
+        tilt = np.tan(np.deg2rad(rng.uniform(-6, 6))) * half
+        pen.line([(x - half, y + tilt), (x + half, y - tilt)], fill=255, width=width)
+        return np.asarray(image), "crossed-7"
+    near_top, near_bottom = rows < top + 0.1 * height, rows > bottom - 0.1 * height
+    head = np.array([cols[near_top].mean(), top])
+    foot = np.array([cols[near_bottom].mean(), bottom])
+    up = (head - foot) / np.linalg.norm(head - foot)  # along the stem, in (x, y) with y down
+    right = np.array([-up[1], up[0]])
+    # The flag runs from the top down to the left, at 25-50 degrees to the stem's normal.
+    drop = np.deg2rad(rng.uniform(25, 50))
+    flag = rng.uniform(0.25, 0.45) * height * (-np.cos(drop) * right - np.sin(drop) * up)
+    pen.line([tuple(head), tuple(head + flag)], fill=255, width=width)
+    if rng.random() < 0.5:
+        return np.asarray(image), "flagged-1"
+    half = rng.uniform(0.15, 0.25) * height
+    pen.line([tuple(foot - half * right), tuple(foot + half * right)], fill=255, width=width)
+    return np.asarray(image), "flagged-footed-1"
 
 
 def make_set(
@@ -156,7 +253,8 @@ def make_set(
     mnist_dir: Path = Path("data/mnist"),
     first_index: int = 0,
 ) -> list[dict[str, str]]:
-    """Write the images of each kind and `labels.csv` (file,label,kind,source) into `out_dir`.
+    """Write the images of each kind and `labels.csv` (file,label,kind,source,style) into
+    `out_dir`; `style` names a European 1 or 7 (`european`), else it is empty.
 
     Labels cycle through 0-9 within each kind, so every kind is balanced over digits. MNIST
     digits come from test indices >= `first_index`, each used once. The font kinds are skipped,
@@ -187,13 +285,15 @@ def make_set(
         for i in range(count):
             # One generator per image: an image does not change when another kind's count does.
             rng = np.random.default_rng([seed, KINDS.index(kind), i])
-            digit = i % 10
+            digit, style = i % 10, ""
             if kind.startswith("font"):
                 font = fonts[rng.integers(len(fonts))]
                 ink, source = font_digit(font, digit, rng), f"font:{font.stem}"
             else:
                 index = int(unused[digit].pop(0))
                 ink, source = images[index], f"mnist-t10k:{index}"
+                if digit in (1, 7) and rng.random() < EUROPEAN_SHARE:
+                    ink, style = european(ink, digit, rng)
             if kind.endswith("canvas"):
                 name = f"{kind}-{i:04d}.png"
                 render_canvas(ink, rng).save(out_dir / name, optimize=True)
@@ -201,10 +301,12 @@ def make_set(
                 name = f"{kind}-{i:04d}.jpg"
                 quality = int(rng.integers(50, 91))
                 render_paper(ink, rng).save(out_dir / name, quality=quality, optimize=True)
-            rows.append({"file": name, "label": str(digit), "kind": kind, "source": source})
+            rows.append(
+                {"file": name, "label": str(digit), "kind": kind, "source": source, "style": style}
+            )
 
     with open(out_dir / "labels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "label", "kind", "source"])
+        writer = csv.DictWriter(f, fieldnames=["file", "label", "kind", "source", "style"])
         writer.writeheader()
         writer.writerows(rows)
     log.info("wrote %d images and labels.csv to %s", len(rows), out_dir)
@@ -233,8 +335,8 @@ def _stroke(ink: np.ndarray, height: float, width: float, angle: float) -> np.nd
     pad = max(ink.shape) // 4 + 2  # room for the pen to grow and for rotation
     ink = np.pad(ink, pad)
     # Thinning costs one pass per pixel of stroke half-width, so big digits are thinned at a
-    # smaller size and their centre line is scaled up.
-    work_height = min(height, 300)
+    # smaller size (THIN_HEIGHT) and their centre line is scaled up.
+    work_height = min(height, THIN_HEIGHT)
     scale = work_height / (ink.shape[0] - 2 * pad)
     size = (round(ink.shape[1] * scale), round(ink.shape[0] * scale))
     field = Image.fromarray(ink, "F").resize(size, Image.BICUBIC)
@@ -313,20 +415,33 @@ def _place(alpha: np.ndarray, shape: tuple[int, int], rng: np.random.Generator, 
 
 def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Gaussian noise blurred by `sigma` px and rescaled to unit standard deviation."""
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    # Noise this smooth has no detail finer than sigma: drawn at a coarser step and scaled up,
+    # it costs a fraction of blurring full-size noise.
+    step = max(1.0, sigma / 2)
+    small = (int(np.ceil(shape[0] / step)) + 1, int(np.ceil(shape[1] / step)) + 1)
+    noise = cv2.GaussianBlur(rng.standard_normal(small, dtype=np.float32), (0, 0), sigma / step)
+    if step > 1:
+        noise = cv2.resize(noise, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    noise = noise[: shape[0], : shape[1]]
     return noise / (noise.std() + 1e-9)
 
 
 def _lighting(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Brightness factor per pixel: a linear fall-off in a random direction times a vignette."""
-    y, x = np.mgrid[0 : shape[0], 0 : shape[1]]
-    y = y / shape[0] - 0.5
-    x = x / shape[1] - 0.5
+    """Brightness factor per pixel: a linear fall-off in a random direction times a vignette,
+    and a fifth of the time the soft-edged shadow of a hand or a phone across part of it."""
+    y = (np.arange(shape[0], dtype=np.float32) / shape[0] - 0.5)[:, None]
+    x = (np.arange(shape[1], dtype=np.float32) / shape[1] - 0.5)[None, :]
     direction = rng.uniform(0, 2 * np.pi)
     along = x * np.cos(direction) + y * np.sin(direction)  # -0.7..0.7 across the image
     gradient = 1 - rng.uniform(0, 0.25) * (along + 0.7) / 1.4
     vignette = 1 - rng.uniform(0, 0.25) * (x**2 + y**2) / 0.5
-    return rng.uniform(0.88, 1.05) * gradient * vignette
+    light = rng.uniform(0.88, 1.05) * gradient * vignette
+    if rng.random() < 0.2:
+        angle = rng.uniform(0, 2 * np.pi)
+        across = x * np.cos(angle) + y * np.sin(angle) - rng.uniform(-0.3, 0.3)
+        edge = rng.uniform(0.02, 0.15)
+        light = light * (1 - rng.uniform(0.2, 0.5) * np.clip(0.5 + across / edge, 0, 1))
+    return light
 
 
 def main(argv: list[str] | None = None) -> None:

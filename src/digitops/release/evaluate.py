@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitops import checkpoint, scoring
+from digitops import checkpoint, scoring, stats
 from digitops.data import feedback, mnist, notdigits
 from digitops.tracking import Tracking
 
@@ -109,9 +109,80 @@ def misclassified_png(
     return buf.getvalue()
 
 
-def per_kind_accuracy(probabilities: np.ndarray, labels: np.ndarray, kinds: np.ndarray) -> dict:
-    correct = probabilities.argmax(axis=1) == labels
-    return {kind: float(correct[kinds == kind].mean()) for kind in sorted(set(kinds))}
+def accuracy_by(correct: np.ndarray, groups: np.ndarray) -> dict:
+    """Accuracy per group (kind, style) with its 95% Wilson interval; empty group names skipped."""
+    report = {}
+    for group in sorted(set(groups.tolist()) - {""}):
+        hits = correct[groups == group]
+        low, high = stats.wilson(int(hits.sum()), len(hits))
+        report[group] = {"accuracy": float(hits.mean()), "low": low, "high": high,
+                         "count": len(hits), "errors": int((~hits).sum())}  # fmt: skip
+    return report
+
+
+def realworld_report(answers: dict, digits: dict, test_correct: np.ndarray) -> dict:
+    """Accuracy on the real-world digits, per kind and per European style, with intervals. For
+    the kinds redrawn from MNIST test digits, also the accuracy on the *same* digits as MNIST's
+    28x28 images: the gap is what drawing and photographing cost."""
+    correct = answers["probabilities"].argmax(axis=1) == digits["labels"]
+    per_kind = accuracy_by(correct, digits["kinds"])
+    for kind, report in per_kind.items():
+        sources = digits["mnist_index"][digits["kinds"] == kind]
+        if (sources >= 0).all():
+            report["same_digits_28x28"] = float(test_correct[sources].mean())
+    low, high = stats.wilson(int(correct.sum()), len(correct))
+    return {
+        "accuracy": float(correct.mean()),
+        "low": low,
+        "high": high,
+        "errors": int((~correct).sum()),
+        "count": len(correct),
+        "per_kind": per_kind,
+        "per_style": accuracy_by(correct, digits["styles"]),
+    }
+
+
+def misses_png(folder: Path, digits: dict, probabilities: np.ndarray, limit: int = 96) -> bytes:
+    """Contact sheet of the real-world misses, most confident first: each image as sent beside
+    the 28x28 input the model saw, titled `kind true->predicted (confidence)`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    labels, predicted = digits["labels"], probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
+    cols = 6  # pairs per row
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(
+        rows, 2 * cols, figsize=(2 * cols * 1.1, rows * 1.3), dpi=100, squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for n, i in enumerate(wrong):
+        sent, seen = axes.flat[2 * n], axes.flat[2 * n + 1]
+        with Image.open(folder / str(digits["files"][i])) as image:
+            image.thumbnail((96, 96))
+            # Transparent canvas exports are shown on grey, so both stroke colours show.
+            backdrop = Image.new("RGBA", image.size, (128, 128, 128, 255))
+            backdrop.alpha_composite(image.convert("RGBA"))
+            sent.imshow(np.asarray(backdrop.convert("RGB")))
+        seen.imshow(digits["pixels"][i], cmap="gray", vmin=0, vmax=255)
+        sent.set_title(
+            f"{digits['kinds'][i]} {labels[i]}->{predicted[i]} "
+            f"({probabilities[i, predicted[i]]:.2f})",
+            fontsize=6,
+            loc="left",
+        )
+    if len(wrong) == 0:
+        axes.flat[0].set_title("no mistakes", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def calibration_report(answers: dict, labels: np.ndarray) -> dict:
@@ -196,8 +267,8 @@ def evaluate_checkpoint(cfg) -> dict:
     """The `evaluate` stage: score the trained checkpoint, write metrics and plots, register it.
 
     Writes under `paths.eval_dir`: metrics.json, confusion.csv/png, misclassified.png,
-    reliability.csv/png and the candidate checkpoint (the trained one with its scores and
-    registry version in its metadata).
+    realworld_misses.png, reliability.csv/png and the candidate checkpoint (the trained one
+    with its scores and registry version in its metadata).
     """
     out = Path(cfg.paths.eval_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,16 +288,13 @@ def evaluate_checkpoint(cfg) -> dict:
     holdout = score(scoring.answers(model, fitted, fb_images)["probabilities"], fb_labels)
     digits, others = load_evalsets(Path(cfg.paths.evalsets))
     rw_answers = scoring.answers(model, fitted, digits["pixels"])
-    realworld = score(rw_answers["probabilities"], digits["labels"])
-    kinds = digits["kinds"]
+    realworld = realworld_report(rw_answers, digits, probabilities.argmax(axis=1) == labels)
     other_answers = scoring.answers(model, fitted, others["pixels"])
 
     metrics = {
         "test": {k: test[k] for k in ("accuracy", "loss", "errors", "count", "per_class_accuracy")}
         | calibration_report(test_answers, labels),
-        "realworld": {k: realworld[k] for k in ("accuracy", "errors", "count")}
-        | {"per_kind": per_kind_accuracy(rw_answers["probabilities"], digits["labels"], kinds)}
-        | calibration_report(rw_answers, digits["labels"]),
+        "realworld": realworld | calibration_report(rw_answers, digits["labels"]),
         "feedback_holdout": {k: holdout.get(k) for k in ("accuracy", "count")},
         "ood": not_a_digit_report(
             test_answers, rw_answers, other_answers, others["categories"], fitted["threshold"]
@@ -240,6 +308,8 @@ def evaluate_checkpoint(cfg) -> dict:
     title = f"MNIST test: {test['accuracy']:.2%} ({test['errors']} errors)"
     (out / "confusion.png").write_bytes(confusion_png(test["confusion"], title))
     (out / "misclassified.png").write_bytes(misclassified_png(images, labels, probabilities))
+    misses = misses_png(Path(cfg.paths.evalsets), digits, rw_answers["probabilities"])
+    (out / "realworld_misses.png").write_bytes(misses)
     curves = {
         name: {
             "calibrated": scoring.calibration(answers["probabilities"], truth),
@@ -280,6 +350,8 @@ def evaluate_checkpoint(cfg) -> dict:
             "test/uncalibrated_ece": metrics["test"]["uncalibrated"]["ece"],
             "realworld/acc": realworld["accuracy"],
             "realworld/ece": metrics["realworld"]["ece"],
+            **{f"realworld/{k}/acc": r["accuracy"] for k, r in realworld["per_kind"].items()},
+            **{f"realworld/{k}/acc": r["accuracy"] for k, r in realworld["per_style"].items()},
             "ood/auroc": ood["auroc"],
             "ood/rejected": ood["rejected"],
             "ood/accepted_mnist_test": ood["accepted"]["mnist_test"],

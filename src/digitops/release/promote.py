@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def decide(candidate: dict, champion: dict | None, tolerances: dict) -> tuple[bool, str]:
-    """Compare scores measured on the same data: {'test_accuracy', 'holdout_accuracy',
-    'test_ece', 'ood_auroc'}; `tolerances`: how much worse the candidate may be on MNIST test
-    accuracy (`tolerance_pp`, points), ECE (`ece_tolerance`) and OOD AUROC (`auroc_tolerance`)."""
+    """Compare scores measured on the same data: {'test_accuracy', 'realworld_accuracy',
+    'holdout_accuracy', 'test_ece', 'ood_auroc'}; `tolerances`: how much worse the candidate
+    may be on MNIST test and real-world accuracy (`tolerance_pp`, points), ECE
+    (`ece_tolerance`) and OOD AUROC (`auroc_tolerance`)."""
     if champion is None:
         return True, "no champion yet"
     drop_pp = (champion["test_accuracy"] - candidate["test_accuracy"]) * 100
@@ -30,6 +31,15 @@ def decide(candidate: dict, champion: dict | None, tolerances: dict) -> tuple[bo
             f"below the champion's {champion['test_accuracy']:.4%} "
             f"(tolerance {tolerances['tolerance_pp']} pp)"
         )
+    # Real-world digits: a candidate better on MNIST must not be worse on what users send.
+    if champion.get("realworld_accuracy") is not None:
+        drop_pp = (champion["realworld_accuracy"] - candidate["realworld_accuracy"]) * 100
+        if drop_pp > tolerances["tolerance_pp"]:
+            return False, (
+                f"real-world accuracy {candidate['realworld_accuracy']:.2%} is {drop_pp:.2f} pp "
+                f"below the champion's {champion['realworld_accuracy']:.2%} "
+                f"(tolerance {tolerances['tolerance_pp']} pp)"
+            )
     cand_h, champ_h = candidate.get("holdout_accuracy"), champion.get("holdout_accuracy")
     if cand_h is not None and champ_h is not None and cand_h < champ_h:
         return (
@@ -53,7 +63,8 @@ def decide(candidate: dict, champion: dict | None, tolerances: dict) -> tuple[bo
             )
     return True, (
         f"MNIST test {candidate['test_accuracy']:.4%} vs champion "
-        f"{champion['test_accuracy']:.4%}; hold-out "
+        f"{champion['test_accuracy']:.4%}; real-world {candidate['realworld_accuracy']:.2%} vs "
+        f"{_maybe(champion.get('realworld_accuracy'), '.2%')}; hold-out "
         f"{'n/a' if cand_h is None else f'{cand_h:.2%}'} vs "
         f"{'n/a' if champ_h is None else f'{champ_h:.2%}'}; ECE "
         f"{candidate['test_ece']:.2%} vs {_maybe(champion.get('test_ece'), '.2%')}; "
@@ -66,17 +77,19 @@ def _maybe(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _scores(path: Path, test: tuple, holdout: tuple, others: dict) -> dict:
+def _scores(path: Path, test: tuple, holdout: tuple, digits: dict, others: dict) -> dict:
     """A checkpoint's scores on the gate's data; ECE and AUROC only if it has a scoring."""
     model, metadata = checkpoint.load(path)
     fitted = metadata.get("scoring")
+    realworld = (digits["pixels"], digits["labels"])
     if fitted is None:  # trained before calibration existed: accuracy only (argmax of logits)
-        t, h = (
+        t, r, h = (
             score(scoring.softmax(scoring.outputs(model, x)["logits"]), y)
-            for x, y in (test, holdout)
+            for x, y in (test, realworld, holdout)
         )
-        return {"test_accuracy": t["accuracy"], "holdout_accuracy": h["accuracy"],
-                "holdout_count": h["count"], "test_ece": None, "ood_auroc": None}  # fmt: skip
+        return {"test_accuracy": t["accuracy"], "realworld_accuracy": r["accuracy"],
+                "holdout_accuracy": h["accuracy"], "holdout_count": h["count"],
+                "test_ece": None, "ood_auroc": None}  # fmt: skip
     on_test = scoring.answers(model, fitted, test[0])
     on_holdout = scoring.answers(model, fitted, holdout[0])
     on_others = scoring.answers(model, fitted, others["pixels"])
@@ -84,6 +97,9 @@ def _scores(path: Path, test: tuple, holdout: tuple, others: dict) -> dict:
     h = score(on_holdout["probabilities"], holdout[1])
     return {
         "test_accuracy": score(on_test["probabilities"], test[1])["accuracy"],
+        "realworld_accuracy": score(
+            scoring.answers(model, fitted, realworld[0])["probabilities"], realworld[1]
+        )["accuracy"],
         "holdout_accuracy": h["accuracy"],
         "holdout_count": h["count"],
         "test_ece": scoring.calibration(on_test["probabilities"], test[1])["ece"],
@@ -106,8 +122,8 @@ def promote(cfg) -> dict:
 
     test = mnist.load(Path(cfg.paths.mnist), "t10k")
     holdout = feedback.load(Path(cfg.paths.feedback), split="holdout")
-    _, others = load_evalsets(Path(cfg.paths.evalsets))
-    candidate = _scores(Path(cfg.paths.candidate), test, holdout, others)
+    digits, others = load_evalsets(Path(cfg.paths.evalsets))
+    candidate = _scores(Path(cfg.paths.candidate), test, holdout, digits, others)
     shipped = Path(cfg.paths.shipped_model)
     with tempfile.TemporaryDirectory() as tmp:
         holder = tracking.aliased(alias, Path(tmp))
@@ -121,7 +137,7 @@ def promote(cfg) -> dict:
         if holder is not None and holder.version == version:
             champion, promoted, reason = None, True, "candidate already is the champion"
         else:
-            champion = _scores(incumbent_path, test, holdout, others) if incumbent else None
+            champion = _scores(incumbent_path, test, holdout, digits, others) if incumbent else None
             promoted, reason = decide(candidate, champion, cfg.promotion)
 
     if promoted:

@@ -110,6 +110,8 @@ def build_datamodule(cfg: DictConfig) -> MnistDataModule:
         feedback_oversample=cfg.data.feedback_oversample,
         augment=OmegaConf.to_container(cfg.data.augment),
         num_workers=cfg.data.num_workers,
+        renders=Path(cfg.paths.renders) / "train.npz",
+        rendered_share=cfg.data.rendered_share,
     )
 
 
@@ -255,7 +257,7 @@ def fit_scoring(model: torch.nn.Module, datamodule: MnistDataModule, keep: float
     from the MNIST training digits, temperature and threshold from the validation split."""
     model = copy.deepcopy(model).cpu().float().eval()
     _, train_images, train_labels = datamodule.training_data["mnist"]
-    val_images, val_labels = (t.numpy() for t in datamodule.val_set.tensors)
+    val_images, _, val_labels = (t.numpy() for t in datamodule.val_set.tensors)
     return scoring.fit(model, (train_images, train_labels), (val_images, val_labels), keep)
 
 
