@@ -3,7 +3,9 @@ set sent as PNGs (train/serve parity on the data the model was scored on).
 
     python -m benchmarks.bench_accuracy [--set DIR] [--mnist N] [--out artifacts/bench]
 
-Writes realworld.json and realworld.md: accuracy overall and per kind, and every miss.
+The real-world set is the `evalsets` stage's (`dvc repro evalsets`: 2,000 images of each kind),
+else the 400 committed under tests/fixtures/realworld. Writes realworld.json and realworld.md:
+accuracy overall, per kind and per European style with 95% Wilson intervals, and every miss.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from digitops.stats import wilson
+
 ROOT = Path(__file__).resolve().parents[1]
 REALWORLD = ROOT / "tests" / "fixtures" / "realworld"
+EVALSET = ROOT / "artifacts" / "evalsets" / "images" / "realworld"
 
 
 def score_through_api(client, directory: Path = REALWORLD) -> dict:
@@ -23,6 +28,7 @@ def score_through_api(client, directory: Path = REALWORLD) -> dict:
     with open(directory / "labels.csv") as f:
         rows = list(csv.DictReader(f))
     per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # right, sent, taken as digits
+    per_style: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     misses = []
     for row in rows:
         data = (directory / row["file"]).read_bytes()
@@ -32,9 +38,11 @@ def score_through_api(client, directory: Path = REALWORLD) -> dict:
         body = r.json()
         predicted = body.get("digit") if r.status_code == 200 else None
         hit = predicted == int(row["label"])
-        per_kind[row["kind"]][0] += hit
-        per_kind[row["kind"]][1] += 1
-        per_kind[row["kind"]][2] += r.status_code == 200 and body["is_digit"]
+        taken = r.status_code == 200 and body["is_digit"]
+        for group in (per_kind[row["kind"]], per_style[row.get("style") or "plain"]):
+            group[0] += hit
+            group[1] += 1
+            group[2] += taken
         if not hit:
             misses.append(
                 {
@@ -52,12 +60,19 @@ def score_through_api(client, directory: Path = REALWORLD) -> dict:
         "count": len(rows),
         "accuracy": correct / len(rows),
         "accepted": sum(a for _, _, a in per_kind.values()) / len(rows),  # is_digit true
-        "per_kind": {
-            k: {"accuracy": c / n, "accepted": a / n, "count": n}
-            for k, (c, n, a) in sorted(per_kind.items())
-        },
+        "per_kind": _report(per_kind),
+        "per_style": _report(per_style),
         "misses": misses,
     }
+
+
+def _report(groups: dict[str, list[int]]) -> dict:
+    report = {}
+    for name, (correct, n, accepted) in sorted(groups.items()):
+        low, high = wilson(correct, n)
+        report[name] = {"accuracy": correct / n, "low": low, "high": high,
+                        "accepted": accepted / n, "count": n}  # fmt: skip
+    return report
 
 
 def score_mnist_through_api(client, mnist_dir: Path, count: int | None = None) -> dict:
@@ -84,7 +99,7 @@ def main() -> None:
     from serving.service import DigitService
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", type=Path, default=REALWORLD)
+    parser.add_argument("--set", type=Path, default=EVALSET if EVALSET.is_dir() else REALWORLD)
     parser.add_argument(
         "--mnist", type=int, default=10_000, help="MNIST test digits to send (0: none)"
     )
@@ -103,12 +118,15 @@ def main() -> None:
         "",
         f"Taken as digits (`is_digit`): {result['accepted']:.2%}",
         "",
-        "| kind | accuracy | taken as digits | count |",
-        "|---|---|---|---|",
+        f"Set: {args.set}",
+        "",
+        "| kind or style | accuracy | 95% interval | taken as digits | count |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {k} | {v['accuracy']:.2%} | {v['accepted']:.2%} | {v['count']} |"
-        for k, v in result["per_kind"].items()
+        f"| {k} | {v['accuracy']:.2%} | {v['low']:.2%}-{v['high']:.2%} | {v['accepted']:.2%} "
+        f"| {v['count']} |"
+        for k, v in (result["per_kind"] | result["per_style"]).items()
     ]
     if "mnist_test" in result:
         m = result["mnist_test"]

@@ -5,8 +5,6 @@ python -m pipelines.train model.dropout=0.3 trainer.max_epochs=2
 python -m pipelines.train +experiment=fast logger=csv
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -15,10 +13,7 @@ from digitops.training.train import train
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        metadata = train(cfg)
-    except FileNotFoundError as err:  # a stage's output it needs; one line says which
-        sys.exit(f"train: {err}")
+    metadata = train(cfg)
     if metadata is not None:  # None on DDP ranks other than 0
         print(
             f"checkpoint: {cfg.paths.checkpoint}  val acc {metadata['val_accuracy']:.4f}  "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from digitops.data import feedback, mnist
 from digitops.data.augment import random_affine
 from digitops.model import standardize
+
+log = logging.getLogger(__name__)
 
 
 def _tensors(images, labels, rendered=None) -> TensorDataset:
@@ -63,13 +66,14 @@ class MnistDataModule(pl.LightningDataModule):
         val_idx, train_idx = order[: self.val_size].numpy(), order[self.val_size :].numpy()
         rendered = None
         if self.renders is not None and self.rendered_share > 0:
-            if not self.renders.is_file():
-                raise FileNotFoundError(
-                    f"{self.renders} is missing: make it with `dvc repro renders`, or train "
-                    "without it with data.rendered_share=0"
+            if self.renders.is_file():
+                with np.load(self.renders) as renders:
+                    rendered = renders["pixels"][train_idx]
+            else:  # `dvc repro` always makes it; a quick `python -m pipelines.train` may not
+                log.warning(
+                    "%s is missing (make it with `dvc repro renders`): training on plain MNIST",
+                    self.renders,
                 )
-            with np.load(self.renders) as renders:
-                rendered = renders["pixels"][train_idx]
         train_sets = [_tensors(images[train_idx], labels[train_idx], rendered)]
         self.training_data = {"mnist": (self.mnist_dir, images[train_idx], labels[train_idx])}
         if self.feedback_dir is not None:
