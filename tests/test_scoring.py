@@ -80,4 +80,6 @@ def test_the_threshold_keeps_the_asked_share_of_validation_digits(shipped, mnist
     val = (images[1000:], labels[1000:])
     fitted = scoring.fit(model, (images[:1000], labels[:1000]), val, keep=0.9)
     kept = scoring.answers(model, fitted, val[0])["digit_score"] >= fitted["threshold"]
-    assert kept.mean() == pytest.approx(0.9, abs=0.01)
+    # 200 digits: a step is 0.005, and scores recomputed in other batches (other float
+    # rounding) may move a digit or two right at the threshold across it.
+    assert kept.mean() == pytest.approx(0.9, abs=0.015)

@@ -169,7 +169,7 @@ def paper_lines(shape: tuple[int, int], rng: np.random.Generator, creases: bool)
 # Ink colours (RGB): black and blue pens; graphite.
 PEN_COLOURS = ([20, 20, 25], [25, 35, 110], [30, 45, 150], [45, 45, 55])
 PENCIL_COLOUR = [70, 70, 78]
-# Printed rulings: light blue or grey.
+# Printed rulings: light blue, grey, or the red of a margin line.
 LINE_COLOURS = ([150, 185, 225], [170, 170, 175], [200, 150, 150])
 
 

@@ -50,6 +50,24 @@ def score(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def _png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def most_confident_misses(probabilities: np.ndarray, labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of the wrong answers, the most confident first, at most `limit`."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    return wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
+
+
 def confusion_png(confusion: list[list[int]], title: str) -> bytes:
     import matplotlib
 
@@ -71,11 +89,7 @@ def confusion_png(confusion: list[list[int]], title: str) -> bytes:
             color="white" if i == j else ("crimson" if n else "lightgray"),
         )
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def misclassified_png(
@@ -88,8 +102,7 @@ def misclassified_png(
     import matplotlib.pyplot as plt
 
     predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != labels)
-    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
+    wrong = most_confident_misses(probabilities, labels, limit)
     cols = 8
     rows = max(1, -(-len(wrong) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.35), dpi=100, squeeze=False)
@@ -102,11 +115,7 @@ def misclassified_png(
         )
     if len(wrong) == 0:
         axes.flat[0].set_title("no mistakes", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def accuracy_by(correct: np.ndarray, groups: np.ndarray) -> dict:
@@ -152,8 +161,7 @@ def misses_png(folder: Path, digits: dict, probabilities: np.ndarray, limit: int
     from PIL import Image
 
     labels, predicted = digits["labels"], probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != labels)
-    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
+    wrong = most_confident_misses(probabilities, labels, limit)
     cols = 6  # pairs per row
     rows = max(1, -(-len(wrong) // cols))
     fig, axes = plt.subplots(
@@ -178,11 +186,7 @@ def misses_png(folder: Path, digits: dict, probabilities: np.ndarray, limit: int
         )
     if len(wrong) == 0:
         axes.flat[0].set_title("no mistakes", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def calibration_report(answers: dict, labels: np.ndarray) -> dict:
@@ -256,11 +260,7 @@ def reliability_png(curves: dict[str, dict]) -> bytes:
         ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence", ylabel="accuracy")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def evaluate_checkpoint(cfg) -> dict:
