@@ -35,17 +35,13 @@ def render(image: np.ndarray, label: int, seed: int, index: int) -> tuple[np.nda
     return prepare(buffer.getvalue(), Options()).pixels, canvas
 
 
-def _render(args) -> tuple[np.ndarray, bool]:
-    return render(*args)
-
-
 def write(out: Path, mnist_dir: Path, seed: int, processes: int | None = None) -> int:
     """Render every training digit into `out`/train.npz (pixels, canvas); how many."""
     images, labels = mnist.load(mnist_dir, "train")
     jobs = ((images[i], int(labels[i]), seed, i) for i in range(len(labels)))
     # Rendering is CPU-bound Python: one process per core divides the wall time by the cores.
     with multiprocessing.Pool(processes) as pool:
-        results = pool.map(_render, jobs, chunksize=64)
+        results = pool.starmap(render, jobs, chunksize=64)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         out / "train.npz",
