@@ -26,7 +26,7 @@ from pydantic import BeforeValidator
 
 from digitops import __version__
 from digitops.files import png
-from digitops.inference import contract, explain
+from digitops.inference import contract, explain, monitor
 from digitops.inference.errors import RequestError, install_error_handlers
 from digitops.inference.journal import open_log
 from digitops.inference.metrics import ServiceMetrics
@@ -89,6 +89,8 @@ class DigitService:
         # Grad-CAM and feature maps get a thread per core: more would only contend for them.
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = contract.RateLimiter(SETTINGS.feedback_per_minute)
+        if self.store is not None:  # the Monitor's gauges and warnings, off the request path
+            monitor.Watch(self.monitor_report, self.metrics, SETTINGS.monitor_seconds)
         if self.registry is not None:  # each worker follows on its own: no notices needed
             self.registry.follow(
                 lambda: self.served, lambda m: self._serve(m, "followed the registry")
@@ -241,6 +243,41 @@ class DigitService:
         for item in items:
             item["input_png"] = b64(item["input_png"])
         return {"queue": queue, "strategy": strategy, "k": k, "items": items}
+
+    def monitor_report(self, hours: float = 24, bucket_minutes: int = 60) -> dict:
+        return monitor.report(
+            self.store,
+            self.served,
+            hours,
+            bucket_minutes,
+            SETTINGS.monitor_drift_score,
+            SETTINGS.monitor_accuracy_drop,
+        )
+
+    @app.get("/monitor", **contract.MONITOR)
+    async def monitor(
+        self,
+        hours: Annotated[float, Query(gt=0, le=24 * 90, description="the window")] = 24,
+        bucket_minutes: Annotated[int, Query(ge=1, le=24 * 60, description="bucket size")] = 60,
+    ):
+        """How the served model is doing: traffic, estimated and measured accuracy, drift."""
+        if self.store is None:
+            raise RequestError("the monitor is unavailable: no prediction store", 503)
+        if hours * 60 / bucket_minutes > monitor.MAX_BUCKETS:
+            raise RequestError(
+                f"{hours:g} hours in buckets of {bucket_minutes} minutes is over "
+                f"{monitor.MAX_BUCKETS} buckets; choose wider buckets",
+                400,
+            )
+        try:
+            figures = await anyio.to_thread.run_sync(
+                self.journal.read, self.monitor_report, hours, bucket_minutes
+            )
+        except StoreError as err:
+            raise RequestError(
+                f"the monitor cannot read the store now ({err}); retry", 503
+            ) from None
+        return JSONResponse(figures)
 
     @app.get("/feedback/stats", **contract.FEEDBACK_STATS)
     async def feedback_stats(self):

@@ -21,7 +21,7 @@ def test_onnx_runtime_gives_the_eager_models_answers(mnist_dir):
     served = ServedModel(fold_batchnorm(model), metadata, "test")
     images, _ = mnist.load(mnist_dir, "t10k")
     eager = scoring.answers(model, metadata["scoring"], images)
-    probabilities, digit_scores = served.answers(images)
+    probabilities, digit_scores, _ = served.answers(images)
     assert probabilities.shape == (len(images), 10) and digit_scores.shape == (len(images),)
     assert np.abs(probabilities - eager["probabilities"]).max() <= 1e-5
     # A rank among 5,000 validation digits: float rounding may move it by a place or two.

@@ -121,7 +121,8 @@ def outputs(model: DigitCNN, images: np.ndarray, batch_size: int = 1000) -> dict
 def answers(model: DigitCNN, scoring: dict, images: np.ndarray, batch_size: int = 1000) -> dict:
     """What the served model answers for uint8 images [N, 28, 28]: `probabilities`
     (calibrated), `uncalibrated` ones, `typicality` and `digit_score`, and the `energy` score
-    (the logits' temperature-scaled log-sum-exp; Liu et al., 2020), as numpy arrays."""
+    (the logits' temperature-scaled log-sum-exp; Liu et al., 2020), and the `features` the
+    classifier reads, as numpy arrays."""
     model.eval()
     scorer, parts = Scorer(scoring), {}
     for start in range(0, max(len(images), 1), batch_size):  # an empty set: one empty batch
@@ -130,7 +131,7 @@ def answers(model: DigitCNN, scoring: dict, images: np.ndarray, batch_size: int 
         probabilities, typical, score = scorer(logits, summaries)
         batch = {"probabilities": probabilities, "uncalibrated": torch.softmax(logits, dim=1)}
         batch["energy"] = scorer.temperature * torch.logsumexp(logits / scorer.temperature, 1)
-        batch |= {"typicality": typical, "digit_score": score}
+        batch |= {"typicality": typical, "digit_score": score, "features": summaries["features"]}
         for key, value in batch.items():
             parts.setdefault(key, []).append(value.numpy())
     return {key: np.concatenate(values) for key, values in parts.items()}

@@ -68,13 +68,21 @@ class MnistDataModule(pl.LightningDataModule):
         if self.renders is not None and self.rendered_share > 0:
             if self.renders.is_file():
                 with np.load(self.renders) as renders:
-                    rendered = renders["pixels"][train_idx]
+                    rendered = renders["pixels"]
             else:  # `dvc repro` always makes it; a quick `python -m pipelines.train` may not
                 log.warning(
                     "%s is missing (make it with `dvc repro renders`): training on plain MNIST",
                     self.renders,
                 )
-        train_sets = [_tensors(images[train_idx], labels[train_idx], rendered)]
+        train_rendered, val_rendered = (
+            (None, None)
+            if rendered is None
+            else (
+                rendered[train_idx],
+                rendered[val_idx],
+            )
+        )
+        train_sets = [_tensors(images[train_idx], labels[train_idx], train_rendered)]
         self.training_data = {"mnist": (self.mnist_dir, images[train_idx], labels[train_idx])}
         if self.feedback_dir is not None:
             fb_images, fb_labels = feedback.load(self.feedback_dir, split="train")
@@ -85,7 +93,8 @@ class MnistDataModule(pl.LightningDataModule):
                 train_sets += [_tensors(fb_images, fb_labels)] * self.feedback_oversample
                 self.training_data["feedback"] = (self.feedback_dir, fb_images, fb_labels)
         self.train_set = ConcatDataset(train_sets)
-        self.val_set = _tensors(images[val_idx], labels[val_idx])
+        # Validated on plain digits; the renders ride along for the Monitor's reference.
+        self.val_set = _tensors(images[val_idx], labels[val_idx], val_rendered)
         self.test_set = _tensors(*mnist.load(self.mnist_dir, "t10k"))
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:

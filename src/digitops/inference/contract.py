@@ -260,6 +260,78 @@ class Reloaded(BaseModel):
     workers: int
 
 
+class Measured(BaseModel):
+    accuracy: float | None = Field(description="share of labelled answers that were right")
+    low: float | None = Field(description="95% Wilson interval")
+    high: float | None
+    labels: int = Field(description="feedback labels on answered digits behind it")
+
+
+class MonitorFigures(BaseModel):
+    predictions: int = Field(description="answered, stress tests (noise) left out")
+    not_digit_share: float | None
+    low_confidence_share: float | None = Field(description="of the answered digits")
+    inverted_share: float | None = Field(description="dark ink on light, inverted")
+    estimated_accuracy: float | None = Field(description="mean calibrated confidence, no labels")
+    measured: Measured
+    confidence: list[float] = Field(description="shares of 10 equal confidence bins of [0, 1]")
+    digits: list[float] = Field(description="shares of each answered digit")
+    stats: dict[str, float | None] = Field(description="means of ink, stroke, brightness")
+
+
+class MonitorBucket(MonitorFigures):
+    start: str
+
+
+class MonitorVersion(MonitorFigures):
+    version: str
+    serving: bool
+    buckets: list[MonitorBucket] = Field(description="the buckets with traffic or labels")
+
+
+class EmbeddingDrift(BaseModel):
+    score: float = Field(description="MMD^2 against the training reference")
+    p_value: float
+
+
+class StatDrift(BaseModel):
+    mean: float
+    reference_mean: float
+    distance: float = Field(description="Kolmogorov-Smirnov distance")
+    p_value: float
+    shifted: bool
+
+
+class Drift(BaseModel):
+    inputs: int = Field(description="the newest inputs tested")
+    embedding: EmbeddingDrift
+    stats: dict[str, StatDrift]
+
+
+class MonitorReference(BaseModel):
+    estimated_accuracy: float
+    not_digit_share: float
+    low_confidence_share: float
+    confidence: list[float]
+    digits: list[float]
+    stats: dict[str, float]
+    size: int = Field(description="validation inputs it was fitted on")
+
+
+class Monitor(BaseModel):
+    generated_at: str
+    hours: float
+    bucket_minutes: int
+    model: ModelIdentity
+    headline: str
+    status: Literal["ok", "warning"]
+    warnings: list[str]
+    thresholds: dict[str, float]
+    reference: MonitorReference | None = Field(description="null: the model has none")
+    drift: Drift | None = Field(description="null: too few recent inputs, or no reference")
+    versions: list[MonitorVersion]
+
+
 def ref(model: str) -> dict[str, str]:
     return {"$ref": REF_TEMPLATE.format(model=model)}
 
@@ -314,6 +386,7 @@ FEEDBACK = route(
 REVIEW_QUEUE = route("review_queue", ReviewQueue, 400)
 FEEDBACK_STATS = route("feedback_stats", FeedbackStats)
 MODEL = route("model_card", ModelCard)
+MONITOR = route("monitor", Monitor, 400)
 RELOAD = route("reload", Reloaded, 401, 403, openapi_extra={"security": [{"adminToken": []}]})
 
 

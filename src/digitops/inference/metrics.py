@@ -12,6 +12,18 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+MONITOR_GAUGES = {
+    "predictions": "Predictions the served model made in the Monitor's window",
+    "not_digit_share": "Share of them judged not a digit",
+    "low_confidence_share": "Share of the answered digits below the low-confidence probability",
+    "estimated_accuracy": "Accuracy estimated without labels (mean calibrated confidence)",
+    "measured_accuracy": "Accuracy measured on feedback labels (NaN without labels)",
+    "labels": "Feedback labels behind the measured accuracy",
+    "drift_score": "MMD^2 of the newest inputs' embeddings against the training reference",
+    "drift_p_value": "Permutation p-value of that score",
+    "drift": "1 when the Monitor reports input drift",
+    "warnings": "Warnings on the Monitor page (drift, an accuracy drop)",
+}
 
 
 class ServiceMetrics:
@@ -66,6 +78,14 @@ class ServiceMetrics:
             registry=registry,
         )
         self._model_labels: tuple[str, str, str] | None = None
+        # The Monitor's figures for the served model over its default window (GET /monitor);
+        # every worker and replica computes the same from the shared store.
+        self.monitor = {
+            name: prom.Gauge(
+                f"digitops_monitor_{name}", help, multiprocess_mode="mostrecent", registry=registry
+            )
+            for name, help in MONITOR_GAUGES.items()
+        }
         # Every digit's counter made once, here: each is there from the start, at 0.
         self._by_digit = [self.predictions.labels(digit=str(d)) for d in range(10)]
 
@@ -76,6 +96,25 @@ class ServiceMetrics:
             self.inverted.inc()
         if not is_digit:
             self.not_a_digit.inc()
+
+    def show(self, figures: dict) -> None:
+        """Set the Monitor gauges from a GET /monitor report; a figure without data reads NaN."""
+        current = next(v for v in figures["versions"] if v["serving"])
+        drift = figures["drift"] or {"embedding": {"score": None, "p_value": None}}
+        values = {
+            "predictions": current["predictions"],
+            "not_digit_share": current["not_digit_share"],
+            "low_confidence_share": current["low_confidence_share"],
+            "estimated_accuracy": current["estimated_accuracy"],
+            "measured_accuracy": current["measured"]["accuracy"],
+            "labels": current["measured"]["labels"],
+            "drift_score": drift["embedding"]["score"],
+            "drift_p_value": drift["embedding"]["p_value"],
+            "drift": any(w.startswith("input drift") for w in figures["warnings"]),
+            "warnings": len(figures["warnings"]),
+        }
+        for name, value in values.items():
+            self.monitor[name].set(float("nan") if value is None else float(value))
 
     def serving(self, name: str, version: str | None, source: str) -> None:
         if self._model_labels is not None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from digitops import monitoring
 from digitops.files import png
 from digitops.inference.errors import RequestError
 from digitops.inference.journal import PredictionJournal
@@ -129,7 +130,7 @@ class PredictionThread:
             if isinstance(item, RequestError):
                 replies.append({"error": str(item), "status": item.status})
                 continue
-            probabilities, digit_score = next(answers)
+            probabilities, digit_score, embedding = next(answers)
             p, input_png, prediction_id = (
                 probabilities.tolist(),
                 png(item.pixels),
@@ -157,6 +158,8 @@ class PredictionThread:
                     job.options.noise,
                     reply["digit_score"],
                     reply["is_digit"],
+                    embedding,
+                    monitoring.input_stats(item.pixels[None])[0],
                 )
                 logged.append((reply, row))
         return replies
@@ -174,9 +177,9 @@ class PredictionThread:
 
 
 def _forward(jobs: list[Job], prepared: list[list]) -> list[tuple | Exception]:
-    """(probabilities, digit scores) of each job's usable images, one forward pass per model;
-    a failed pass is the error of every job it was for."""
-    results: list = [(np.empty((0, 10), np.float32), np.empty(0, np.float32))] * len(jobs)
+    """(probabilities, digit scores, embeddings) of each job's usable images, one forward pass
+    per model; a failed pass is the error of every job it was for."""
+    results: list = [(np.empty((0, 10), np.float32), np.empty(0, np.float32), [])] * len(jobs)
     by_model: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
         by_model.setdefault(id(job.model), []).append(i)
@@ -186,7 +189,9 @@ def _forward(jobs: list[Job], prepared: list[list]) -> list[tuple | Exception]:
         if not batch:
             continue
         try:
-            probabilities, scores = jobs[members[0]].model.answers(np.stack(batch))
+            probabilities, scores, embeddings = jobs[members[0]].model.answers(np.stack(batch))
+            if embeddings is None:  # a model without a Monitor reference
+                embeddings = [None] * len(batch)
         except Exception as err:
             log.exception("forward pass failed")
             for i in members:
@@ -195,7 +200,8 @@ def _forward(jobs: list[Job], prepared: list[list]) -> list[tuple | Exception]:
         start = 0
         for i, images in zip(members, pixels, strict=True):  # each job's rows, in order
             rows = slice(start, start + len(images))
-            results[i], start = (probabilities[rows], scores[rows]), rows.stop
+            results[i] = (probabilities[rows], scores[rows], embeddings[rows])
+            start = rows.stop
     return results
 
 

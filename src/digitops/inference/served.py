@@ -19,7 +19,7 @@ import onnxruntime
 import torch
 from onnx import numpy_helper
 
-from digitops import checkpoint, scoring
+from digitops import checkpoint, monitoring, scoring
 from digitops.model import DigitCNN, fold_batchnorm, normalize
 
 if TYPE_CHECKING:  # importing mlflow takes seconds; only a server following the registry needs it
@@ -27,11 +27,13 @@ if TYPE_CHECKING:  # importing mlflow takes seconds; only a server following the
 
 PROBABILITIES = "probabilities"
 DIGIT_SCORE = "digit_score"
+FEATURES = "features"  # what the classifier reads: the Monitor's embeddings come from them
 
 
 class _Outputs(torch.nn.Module):
     """Pixels to answers in one graph (input scaling, model, calibrated softmax, digit score:
-    digitops.scoring), with every conv block's activations as outputs too."""
+    digitops.scoring), with the classifier's input features and every conv block's
+    activations as outputs too."""
 
     def __init__(self, model: DigitCNN, scorer: scoring.Scorer):
         super().__init__()
@@ -40,7 +42,7 @@ class _Outputs(torch.nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, summaries, blocks = scoring.descriptors(self.model, normalize(pixels))
         probabilities, _, digit_score = self.scorer(logits, summaries)
-        return probabilities, digit_score, *blocks
+        return probabilities, digit_score, summaries["features"], *blocks
 
 
 class OnnxModel:
@@ -59,7 +61,8 @@ class OnnxModel:
         self._input = self._session.get_inputs()[0].name
 
     def run(self, pixels: np.ndarray, *outputs: str) -> list[np.ndarray]:
-        """`outputs` (PROBABILITIES, DIGIT_SCORE or a conv block's name) for `pixels`."""
+        """`outputs` (PROBABILITIES, DIGIT_SCORE, FEATURES or a conv block's name) for
+        `pixels`."""
         feed = {self._input: np.ascontiguousarray(pixels, dtype=np.uint8)}
         return self._session.run(list(outputs), feed)
 
@@ -99,7 +102,7 @@ def _export(outputs: _Outputs) -> onnx.ModelProto:
             (example,),
             dynamo=True,
             dynamic_shapes={"pixels": {0: batch}},
-            output_names=[PROBABILITIES, DIGIT_SCORE, *outputs.model.conv_layers],
+            output_names=[PROBABILITIES, DIGIT_SCORE, FEATURES, *outputs.model.conv_layers],
             verbose=False,
         )
     return program.model_proto
@@ -117,6 +120,8 @@ class ServedModel:
     # The same network run by ONNX Runtime, input scaling and scoring included.
     onnx: OnnxModel = field(init=False, repr=False)
     threshold: float = field(init=False)  # the least digit score of a digit
+    # What the Monitor compares this model's inputs with; None for a model trained before it.
+    reference: monitoring.Reference | None = field(init=False)
 
     def __post_init__(self) -> None:
         fitted = self.metadata.get("scoring")
@@ -128,12 +133,17 @@ class ServedModel:
         scorer = scoring.Scorer(fitted)
         self.threshold = scorer.threshold
         self.onnx = OnnxModel(self.model, scorer)
+        fitted = self.metadata.get("monitor")
+        self.reference = None if fitted is None else monitoring.Reference(fitted)
 
-    def answers(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(calibrated probabilities [N, 10], digit scores [N]) for uint8 pixels [N, 28, 28],
-        white ink on black."""
-        probabilities, digit_scores = self.onnx.run(pixels, PROBABILITIES, DIGIT_SCORE)
-        return probabilities, digit_scores
+    def answers(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities [N, 10], digit scores [N], the Monitor's embeddings
+        [N, d] or None without a reference) for uint8 pixels [N, 28, 28], white ink on black."""
+        probabilities, digit_scores, features = self.onnx.run(
+            pixels, PROBABILITIES, DIGIT_SCORE, FEATURES
+        )
+        embeddings = None if self.reference is None else self.reference.embed(features)
+        return probabilities, digit_scores, embeddings
 
     def identity(self) -> dict:
         m = self.metadata

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from digitops.inference.preprocess import DEFAULT_MAX_BYTES
 
@@ -47,6 +47,12 @@ class Settings(BaseModel):
     # Requests traced as BentoML's `tracing` config says. Off, its OpenTelemetry middleware
     # skips every route (it makes six spans per request even when none is sampled).
     tracing: bool = False
+    # The Monitor: seconds between refreshes of its Prometheus gauges (and warnings in the
+    # log); the MMD^2 score past which input drift is reported (with p < 0.01); how far below
+    # the training reference the estimated or measured accuracy may fall before a warning.
+    monitor_seconds: PositiveFloat = 60.0
+    monitor_drift_score: PositiveFloat = 0.015
+    monitor_accuracy_drop: PositiveFloat = 0.02
 
     @staticmethod
     def variable(name: str) -> str:

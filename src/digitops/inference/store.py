@@ -23,6 +23,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from digitops import monitoring
+
 # A child of BentoML's logger, so that a server's upkeep warnings reach its log.
 log = logging.getLogger("bentoml.digitops")
 
@@ -47,6 +49,32 @@ predictions = sa.Table(
     sa.Column("noise", sa.Float(53), nullable=False, server_default="0"),
     sa.Column("digit_score", sa.Float(53)),
     sa.Column("is_digit", sa.Integer, nullable=False, server_default="1"),
+    # For the Monitor (digitops.monitoring): the input's embedding (JSON list) and statistics.
+    sa.Column("embedding", sa.Text),
+    sa.Column("ink", sa.Float(53)),
+    sa.Column("stroke", sa.Float(53)),
+    sa.Column("brightness", sa.Float(53)),
+)
+# The Monitor's running totals: one row per model version and minute, added to in the
+# transaction that logs the predictions, so that GET /monitor reads a few thousand rows
+# however many predictions there are. Stress-test inputs (noise added) are left out.
+BINS = monitoring.CONFIDENCE_BINS
+monitor = sa.Table(
+    "monitor_minutes",
+    metadata,
+    sa.Column("model_version", sa.String, primary_key=True),
+    sa.Column("minute", sa.Integer, primary_key=True),  # minutes since the epoch
+    sa.Column("predictions", sa.Integer, nullable=False),
+    sa.Column("not_digit", sa.Integer, nullable=False),
+    sa.Column("inverted", sa.Integer, nullable=False),
+    sa.Column("ink", sa.Float(53), nullable=False),  # sums: the means are sum / predictions
+    sa.Column("stroke", sa.Float(53), nullable=False),
+    sa.Column("brightness", sa.Float(53), nullable=False),
+    # Of the inputs taken as digits (predictions - not_digit):
+    sa.Column("confidence", sa.Float(53), nullable=False),  # the sum of their confidences
+    sa.Column("low_confidence", sa.Integer, nullable=False),
+    *(sa.Column(f"confidence_{i}", sa.Integer, nullable=False) for i in range(BINS)),
+    *(sa.Column(f"digit_{d}", sa.Integer, nullable=False) for d in range(10)),
 )
 feedback = sa.Table(
     "feedback",
@@ -71,7 +99,11 @@ feedback = sa.Table(
     sa.Column("updated_at", sa.Float(53), nullable=False),
     sa.Index("feedback_status", "status"),
 )
-P, F = predictions.c, feedback.c
+P, F, M = predictions.c, feedback.c, monitor.c
+# A version-less model (the shipped file) in the Monitor's totals.
+UNVERSIONED = "shipped"
+# Monitor totals older than this are dropped.
+MONITOR_DAYS = 90
 # Predictions nobody has labelled: the review queue's candidates, and what retention drops.
 UNLABELLED = ~sa.exists().where(F.prediction_id == P.id)
 
@@ -173,6 +205,12 @@ class PredictionStore:
             _create_schema(self.engine)
             # A row already there is left as it is: a retried insert adds nothing twice.
             self._log = self._insert(predictions).on_conflict_do_nothing(index_elements=["id"])
+            adding = self._insert(monitor)
+            counts = [c.name for c in monitor.columns if not c.primary_key]
+            self._add_totals = adding.on_conflict_do_update(
+                index_elements=["model_version", "minute"],
+                set_={name: monitor.c[name] + adding.excluded[name] for name in counts},
+            )
         except (OSError, sa.exc.SQLAlchemyError, KeyError) as err:
             raise StoreError(
                 f"prediction store {self.path} cannot be opened for writing: {_cause(err)}"
@@ -228,8 +266,11 @@ class PredictionStore:
         noise: float = 0.0,
         digit_score: float | None = None,
         is_digit: bool = True,
+        embedding: Sequence[float] | None = None,
+        stats: Sequence[float] = (0.0, 0.0, 0.0),
     ) -> dict:
-        """A prediction as a row of the log (see `insert`)."""
+        """A prediction as a row of the log (see `insert`); `embedding` and `stats` are the
+        input's for the Monitor (monitoring.Reference.embed, monitoring.input_stats)."""
         p = probabilities.tolist() if isinstance(probabilities, np.ndarray) else probabilities
         clipped = [min(max(x, 1e-12), 1.0) for x in p]
         second, first = sorted(clipped)[-2:]
@@ -252,12 +293,23 @@ class PredictionStore:
             "noise": float(noise),
             "digit_score": digit_score,
             "is_digit": int(bool(is_digit)),
+            "embedding": None
+            if embedding is None
+            else json.dumps([round(float(x), 4) for x in embedding]),
+            **{
+                name: float(value)
+                for name, value in zip(monitoring.IMAGE_STATS, stats, strict=True)
+            },
         }
 
     def insert(self, records: list[dict]) -> None:
-        """Log predictions (rows from `record`) in one transaction: all of them, or none."""
+        """Log predictions (rows from `record`) in one transaction, all of them or none, and
+        add the ones new to the log to the Monitor's totals."""
         with self._transaction() as conn:
-            conn.execute(self._log, records)
+            inserted = set(conn.execute(self._log.returning(P.id), records).scalars())
+            totals = minute_totals(r for r in records if r["id"] in inserted)
+            if totals:
+                conn.execute(self._add_totals, totals)
         self._unretained += len(records)
 
     def insert_each(self, records: list[dict]) -> list[StoreError | None]:
@@ -292,6 +344,8 @@ class PredictionStore:
             logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
             if logged > self.max_predictions:
                 conn.execute(sa.delete(predictions).where(UNLABELLED, P.created_at <= cutoff))
+            oldest = int(time.time() // 60) - MONITOR_DAYS * 24 * 60
+            conn.execute(sa.delete(monitor).where(M.minute < oldest))
 
     def add_feedback(
         self, prediction_id: str, label: int, comment: str | None = None, client: str | None = None
@@ -377,6 +431,41 @@ class PredictionStore:
             "predictions": logged,
         }
 
+    # The Monitor's side (GET /monitor).
+    def monitor_totals(self, since: float) -> list[dict]:
+        """The Monitor's per-minute totals from `since` (seconds since the epoch) on."""
+        query = sa.select(monitor).where(M.minute >= int(since // 60)).order_by(M.minute)
+        with self._transaction() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def recent_inputs(self, model_version: str | None, since: float, k: int) -> list[dict]:
+        """The embeddings and statistics of the newest `k` inputs (no stress tests) a model
+        version answered since `since`."""
+        version = (
+            P.model_version.is_(None)
+            if model_version is None
+            else (P.model_version == model_version)
+        )
+        query = (
+            sa.select(P.embedding, P.ink, P.stroke, P.brightness)
+            .where(version, P.created_at >= since, P.noise == 0, P.embedding.is_not(None))
+            .order_by(P.created_at.desc())
+            .limit(k)
+        )
+        with self._transaction() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def labelled(self, since: float) -> list[dict]:
+        """The predictions made since `since` (no stress tests) that have a feedback label:
+        when, by which model version, what it answered and what the label says."""
+        query = (
+            sa.select(P.created_at, P.model_version, P.digit, P.is_digit, F.label)
+            .join(feedback, F.prediction_id == P.id)
+            .where(P.created_at >= since, P.noise == 0)
+        )
+        with self._transaction() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
     # The ingestion job's side.
     def pending(self) -> list[dict]:
         query = (
@@ -409,6 +498,33 @@ class PredictionStore:
             query = query.where(F.updated_at == if_updated_at)
         with self._transaction() as conn:
             return conn.execute(query.values(status=status, reason=reason)).rowcount == 1
+
+
+def minute_totals(records) -> list[dict]:
+    """The Monitor's totals of logged rows (from `record`), one per model version and minute,
+    in key order (so that two writers adding to the same rows lock them in one order)."""
+    totals: dict[tuple[str, int], dict] = {}
+    for r in records:
+        if r["noise"]:
+            continue
+        key = (r["model_version"] or UNVERSIONED, int(r["created_at"] // 60))
+        total = totals.get(key)
+        if total is None:
+            total = totals[key] = dict.fromkeys((c.name for c in monitor.columns), 0)
+            total["model_version"], total["minute"] = key
+        total["predictions"] += 1
+        total["inverted"] += r["inverted"]
+        for name in monitoring.IMAGE_STATS:
+            total[name] += r.get(name) or 0.0
+        if r["is_digit"]:
+            confidence = r["confidence"]
+            total["confidence"] += confidence
+            total["low_confidence"] += confidence < monitoring.LOW_CONFIDENCE
+            total[f"confidence_{min(int(confidence * BINS), BINS - 1)}"] += 1
+            total[f"digit_{r['digit']}"] += 1
+        else:
+            total["not_digit"] += 1
+    return [totals[key] for key in sorted(totals)]
 
 
 # Any constant that other applications sharing the database do not use for their own locks.

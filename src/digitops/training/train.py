@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +19,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar, We
 from pytorch_lightning.loggers import MLFlowLogger
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from digitops import checkpoint, scoring
+from digitops import checkpoint, monitoring, scoring
 from digitops.data import mnist
 from digitops.data.datamodule import MnistDataModule
 from digitops.tracking import Tracking, data_version, flatten, git_commit
@@ -217,6 +218,7 @@ def train(cfg: DictConfig) -> dict | None:
     summary = system.rank_summary
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     fitted = fit_scoring(system.model, datamodule, cfg.scoring.keep)
+    reference = fit_monitor(system.model, datamodule, fitted, cfg.seed)
     metadata = {
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "train_seconds": round(wall, 1),
@@ -234,6 +236,7 @@ def train(cfg: DictConfig) -> dict | None:
         "host_cpus": os.cpu_count(),
         **provenance,
         "scoring": fitted,
+        "monitor": reference,
     }
     checkpoint.save(cfg.paths.checkpoint, system.model, system.model_args, metadata)
     if isinstance(logger, MLFlowLogger):
@@ -261,12 +264,25 @@ def fit_scoring(model: torch.nn.Module, datamodule: MnistDataModule, keep: float
     return scoring.fit(model, (train_images, train_labels), (val_images, val_labels), keep)
 
 
+def fit_monitor(model: torch.nn.Module, datamodule: MnistDataModule, fitted: dict, seed: int):
+    """The Monitor's reference (digitops.monitoring) for the trained `model` and its scoring
+    `fitted`: the validation digits, each replaced by its rendering as often as training
+    replaced a digit, so that it looks like what the model was trained on."""
+    model = copy.deepcopy(model).cpu().float().eval()
+    images, rendered, _ = (t.numpy() for t in datamodule.val_set.tensors)
+    swap = np.random.default_rng(seed).random(len(images)) < datamodule.rendered_share
+    pixels = np.where(swap[:, None, None], rendered, images)
+    answers = scoring.answers(model, fitted, pixels)
+    return monitoring.fit_reference(answers, pixels, fitted["threshold"], seed)
+
+
 def refit_scoring(cfg: DictConfig, path: Path) -> dict:
-    """Fit the scoring of an existing checkpoint (one trained before scoring existed) on this
-    config's MNIST split, and write it back into the checkpoint."""
+    """Fit the scoring and the Monitor's reference of an existing checkpoint (one trained
+    before they existed) on this config's MNIST split, and write them into the checkpoint."""
     model, metadata = checkpoint.load(path)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     metadata["scoring"] = fit_scoring(model, datamodule, cfg.scoring.keep)
+    metadata["monitor"] = fit_monitor(model, datamodule, metadata["scoring"], cfg.seed)
     checkpoint.save(path, model, metadata.pop("model_args"), metadata)
     return metadata["scoring"]

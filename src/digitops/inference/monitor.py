@@ -1,0 +1,246 @@
+"""GET /monitor: how the served model is doing, from the prediction log (digitops.monitoring
+says what each figure means). Every replica reads the same store, so every replica answers
+the same; a thread per worker refreshes the Prometheus gauges and logs each new warning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+
+from digitops import monitoring
+from digitops.inference.served import ServedModel
+from digitops.inference.store import UNVERSIONED, PredictionStore, StoreError
+
+log = logging.getLogger("bentoml.digitops")
+
+# The most buckets one report may have.
+MAX_BUCKETS = 2000
+# The drift tests need at least this many recent inputs; fewer say nothing either way.
+MIN_DRIFT_INPUTS = 50
+# An estimated accuracy below the reference by more than the allowed drop is a warning once
+# at least this many answers are behind it.
+MIN_ESTIMATE_INPUTS = 50
+
+
+def report(
+    store: PredictionStore,
+    served: ServedModel,
+    hours: float = 24,
+    bucket_minutes: int = 60,
+    drift_score: float = 0.015,
+    accuracy_drop: float = 0.02,
+    now: float | None = None,
+) -> dict:
+    """The Monitor's figures for the last `hours`, per model version and per bucket of
+    `bucket_minutes`, with the served model's drift tests and warnings."""
+    now = time.time() if now is None else now
+    since = now - hours * 3600
+    totals, labelled = store.monitor_totals(since), store.labelled(since)
+    identity = served.identity()
+    serving = identity["version"] or UNVERSIONED
+    reference = served.reference.fitted if served.reference is not None else None
+
+    drift = None
+    if served.reference is not None:
+        rows = store.recent_inputs(identity["version"], since, monitoring.WINDOW)
+        if len(rows) >= MIN_DRIFT_INPUTS:
+            embeddings = np.array([json.loads(r["embedding"]) for r in rows])
+            stats = np.array([[r[name] for name in monitoring.IMAGE_STATS] for r in rows])
+            drift = served.reference.drift(embeddings, stats)
+    drifted = monitoring.verdict(drift, drift_score) if served.reference is not None else None
+
+    versions = _versions(totals, labelled, bucket_minutes)
+    current = next((v for v in versions if v["version"] == serving), _empty(serving))
+    current["serving"] = True
+    if current not in versions:
+        versions.insert(0, current)
+    warnings = _warnings(current, reference, drifted, accuracy_drop)
+    for warning in warnings:
+        log.debug("monitor: %s", warning)
+    return {
+        "generated_at": _iso(now),
+        "hours": hours,
+        "bucket_minutes": bucket_minutes,
+        "model": identity,
+        "headline": monitoring.headline(
+            serving if identity["version"] is None else f"v{serving}", hours, current, drifted
+        ),
+        "status": "warning" if warnings else "ok",
+        "warnings": warnings,
+        "thresholds": {
+            "drift_p_value": monitoring.P_VALUE,
+            "drift_score": drift_score,
+            "stat_distance": monitoring.STAT_DISTANCE,
+            "accuracy_drop": accuracy_drop,
+            "low_confidence": monitoring.LOW_CONFIDENCE,
+            "drift_window": monitoring.WINDOW,
+        },
+        "reference": None if reference is None else _reference(reference),
+        "drift": drift,
+        "versions": versions,
+    }
+
+
+def _versions(totals: list[dict], labelled: list[dict], bucket_minutes: int) -> list[dict]:
+    """Per model version (the served one first, then by activity): its window's figures and
+    its buckets'."""
+    rows: dict[str, dict[int, dict]] = {}
+    for total in totals:
+        start = total["minute"] // bucket_minutes * bucket_minutes
+        bucket = rows.setdefault(total["model_version"], {}).setdefault(start, _zeros())
+        for key, value in total.items():
+            if key not in ("model_version", "minute"):
+                bucket[key] += value
+    labels: dict[str, dict[int, list[int]]] = {}
+    for row in labelled:
+        version = row["model_version"] or UNVERSIONED
+        start = int(row["created_at"] // 60) // bucket_minutes * bucket_minutes
+        counts = labels.setdefault(version, {}).setdefault(start, [0, 0])
+        if row["is_digit"]:  # an answered digit: right only when the label is that digit
+            counts[0] += row["label"] == row["digit"]
+            counts[1] += 1
+    versions = []
+    for version in set(rows) | set(labels):
+        buckets = rows.get(version, {})
+        version_labels = labels.get(version, {})
+        whole = _zeros()
+        for bucket in buckets.values():
+            for key, value in bucket.items():
+                whole[key] += value
+        right = sum(c[0] for c in version_labels.values())
+        answered = sum(c[1] for c in version_labels.values())
+        summary = {"version": version, "serving": False, **_figures(whole, right, answered)}
+        summary["buckets"] = [
+            {
+                "start": _iso(start * 60),
+                **_figures(buckets.get(start, _zeros()), *version_labels.get(start, [0, 0])),
+            }
+            for start in sorted(set(buckets) | set(version_labels))
+        ]
+        versions.append(summary)
+    versions.sort(key=lambda v: -v["predictions"])
+    return versions
+
+
+def _zeros() -> dict:
+    names = ["predictions", "not_digit", "inverted", "confidence", "low_confidence"]
+    names += monitoring.IMAGE_STATS
+    names += [f"confidence_{i}" for i in range(monitoring.CONFIDENCE_BINS)]
+    names += [f"digit_{d}" for d in range(10)]
+    return dict.fromkeys(names, 0)
+
+
+def _figures(total: dict, right: int, answered: int) -> dict:
+    """A bucket's (or a window's) figures from its summed totals and its labels."""
+    n = total["predictions"]
+    digits = n - total["not_digit"]
+    return {
+        "predictions": n,
+        "not_digit_share": _share(total["not_digit"], n),
+        "low_confidence_share": _share(total["low_confidence"], digits),
+        "inverted_share": _share(total["inverted"], n),
+        "estimated_accuracy": _share(total["confidence"], digits),
+        "measured": monitoring.accuracy(right, answered),
+        "confidence": _shares(
+            [total[f"confidence_{i}"] for i in range(monitoring.CONFIDENCE_BINS)]
+        ),
+        "digits": _shares([total[f"digit_{d}"] for d in range(10)]),
+        "stats": {name: _share(total[name], n) for name in monitoring.IMAGE_STATS},
+    }
+
+
+def _empty(version: str) -> dict:
+    return {"version": version, **_figures(_zeros(), 0, 0), "buckets": []}
+
+
+def _warnings(
+    current: dict, reference: dict | None, drifted: list[str] | None, accuracy_drop: float
+) -> list[str]:
+    warnings = []
+    if drifted:
+        warnings.append("input drift: " + ", ".join(drifted))
+    if reference is None:
+        return warnings
+    expected = reference["estimated_accuracy"]
+    estimated = current["estimated_accuracy"]
+    answered = current["predictions"] * (1 - (current["not_digit_share"] or 0))
+    enough = estimated is not None and answered >= MIN_ESTIMATE_INPUTS
+    if enough and estimated < expected - accuracy_drop:
+        warnings.append(
+            f"estimated accuracy {estimated:.1%} is more than {accuracy_drop:.0%} below "
+            f"the {expected:.1%} expected at training time"
+        )
+    measured = current["measured"]
+    if measured["labels"] and measured["high"] < expected - accuracy_drop:
+        warnings.append(
+            f"measured accuracy {measured['accuracy']:.1%} (at most {measured['high']:.1%}, "
+            f"{measured['labels']} labels) is below the {expected:.1%} expected at training time"
+        )
+    return warnings
+
+
+def _reference(fitted: dict) -> dict:
+    stats = np.asarray(fitted["stats"])
+    return {
+        "estimated_accuracy": fitted["estimated_accuracy"],
+        "not_digit_share": fitted["not_digit_share"],
+        "low_confidence_share": fitted["low_confidence_share"],
+        "confidence": list(fitted["confidence"]),
+        "digits": list(fitted["digits"]),
+        "stats": {
+            name: float(values.mean())
+            for name, values in zip(monitoring.IMAGE_STATS, stats, strict=True)
+        },
+        "size": fitted["size"],
+    }
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
+
+
+def _shares(counts: list[int]) -> list[float]:
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+class Watch:
+    """Refreshes the gauges (metrics.MonitorGauges) every `seconds` from `report` of the
+    default window, and logs each warning when it first appears and when it clears."""
+
+    def __init__(self, compute, gauges, seconds: float):
+        self.compute, self.gauges, self.seconds = compute, gauges, seconds
+        self._warnings: set[str] = set()
+        threading.Thread(target=self._run, name="monitor", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.seconds)
+            self.refresh()
+
+    def refresh(self) -> dict | None:
+        try:
+            figures = self.compute()
+        except StoreError as err:
+            log.warning("monitor: cannot read the prediction store: %s", err)
+            return None
+        except Exception:  # the next refresh tries again; serving goes on
+            log.exception("monitor: refresh failed")
+            return None
+        self.gauges.show(figures)
+        warnings = set(figures["warnings"])
+        for warning in sorted(warnings - self._warnings):
+            log.warning("monitor: %s", warning)
+        if self._warnings and not warnings:
+            log.info("monitor: back to normal (%s)", figures["headline"])
+        self._warnings = warnings
+        return figures
