@@ -1,5 +1,5 @@
-"""Fit calibration and the not-a-digit score into an existing checkpoint, one trained before
-they existed (training fits them itself):
+"""Fit calibration, the not-a-digit score and the Monitor's reference into an existing
+checkpoint, one trained before they existed (training fits them itself):
 
     python -m pipelines.calibrate +checkpoint=models/default/model.pt
 """

@@ -94,6 +94,13 @@ def test_the_readme_cluster_shares_the_work_and_one_store_survives_a_replica_and
                     break
                 time.sleep(0.05)
             assert counts == [stored_before + len(replies)] * 2
+            # The Monitor reads the one store too: every replica shows the same figures.
+            reports = [httpx.get(f"{r.url}/monitor", timeout=30).json() for r in replicas]
+            for report in reports:
+                del report["generated_at"]
+            assert reports[0] == reports[1]
+            served = next(v for v in reports[0]["versions"] if v["serving"])
+            assert served["predictions"] >= len(replies) and served["buckets"]
 
             # A replica dies: a POST that never reached it (connection refused) goes to the
             # other, so no client sees the failure.

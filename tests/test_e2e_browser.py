@@ -397,6 +397,8 @@ def test_model_view_shows_the_serving_model(ui, model_card):
     page = ui.page
     page.get_by_role("tab", name="Predict").focus()
     page.keyboard.press("End")  # tabs follow the ARIA pattern: arrows, Home, End
+    assert page.get_by_role("tab", name="Monitor").get_attribute("aria-selected") == "true"
+    page.keyboard.press("ArrowLeft")
     assert page.get_by_role("tab", name="Model").get_attribute("aria-selected") == "true"
     card = page.locator("#model-card")
     card.filter(has_text=model_card["source"]).wait_for()
@@ -410,6 +412,63 @@ def test_model_view_shows_the_serving_model(ui, model_card):
         assert link.count() == 0
     assert page.url.endswith("#model")
     ui.shot("09-model")
+    ui.assert_clean()
+
+
+def monitor_report(base: str) -> dict:
+    reply = httpx.get(f"{base}/monitor", timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_monitor_view_shows_how_the_served_model_is_doing(ui, server, digit_png, model_card):
+    path, label = digit_png
+    with httpx.Client(base_url=server, timeout=30) as client:
+        files = {"image": ("digit.png", path.read_bytes(), "image/png")}
+        answers = [client.post("/predict", files=files).json() for _ in range(3)]
+        assert answers[0]["is_digit"] and answers[0]["digit"] == label
+        # Earlier tests of this module may have labelled predictions too: this adds one more.
+        served = next(v for v in monitor_report(server)["versions"] if v["serving"])
+        labels = served["measured"]["labels"] + 1
+        correction = {"prediction_id": answers[0]["prediction_id"], "label": label}
+        assert client.post("/feedback", json=correction).status_code == 200
+
+    page = ui.page
+    page.get_by_role("tab", name="Monitor").click()
+    headline = page.locator("#monitor-headline")
+    headline.filter(has_text="predictions in the last 24 h").wait_for()
+    ui.settle()
+    assert page.url.endswith("#monitor")
+    assert f"{labels:,} label" in headline.inner_text()
+    status = headline.get_attribute("data-status")
+    assert status in ("ok", "warning")
+    assert page.locator("#monitor-warnings").is_visible() == (status == "warning")
+
+    for name in ("traffic", "accuracy", "shares", "confidence", "digits"):
+        plot = page.locator(f"svg#monitor-{name}[role=img]")
+        assert plot.get_attribute("aria-label"), f"plot {name} has no accessible name"
+    assert page.locator("#monitor-traffic rect.plot-bar").count() >= 1
+    assert page.locator("#monitor-accuracy .measured circle").count() >= 1  # the labelled bucket
+    assert page.locator("#monitor-confidence rect.plot-bar:not(.reference)").count() == 10
+    assert page.locator("#monitor-digits rect.plot-bar:not(.reference)").count() == 10
+    assert ui.text("#drift-verdict")  # the tests' figures, or why there are none
+
+    version = str(model_card["version"]) if model_card.get("version") is not None else "shipped"
+    row = page.locator("#versions-table tr.serving")
+    assert row.count() == 1 and row.locator("th").inner_text().startswith(version)
+    measured = row.locator("td.measured").inner_text()
+    assert measured.endswith(f"{labels:,} label{'s' if labels != 1 else ''})"), measured
+    ui.shot("14-monitor")
+
+    # A narrower window refetches, in buckets that suit it; #monitor reopens the view.
+    page.get_by_label("Window", exact=True).select_option("1")
+    headline.filter(has_text="predictions in the last 1 h").wait_for()
+    assert page.get_by_label("Buckets of", exact=True).input_value() == "5"
+    assert "buckets of 5 min" in ui.text("#monitor-updated")
+    assert page.locator("#monitor-traffic rect.plot-bar").count() >= 1
+    page.reload()
+    headline.filter(has_text="predictions in the last").wait_for()
+    assert page.locator("#view-predict").is_hidden()
     ui.assert_clean()
 
 

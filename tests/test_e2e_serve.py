@@ -235,3 +235,40 @@ def test_admin_reload_switches_every_worker_with_no_failed_requests(server, mnis
     while (seen := sources()) != {"bentoml"} and time.monotonic() < deadline:
         time.sleep(0.5)
     assert seen == {"bentoml"}
+
+
+def test_drift_turns_into_a_warning_in_the_log_and_the_gauges(tmp_path, mnist_dir):
+    """The Monitor's thread refreshes the gauges every second here (60 by default); rotated
+    digits after plain ones are drift: a warning in the log, on /monitor and on /metrics."""
+    from tests.test_monitor import rotated
+
+    images, _ = mnist.load(mnist_dir, "t10k")
+    settings = {"DIGITOPS_WORKERS": "1", "DIGITOPS_MONITOR_SECONDS": "1"}
+    with bentoml_serve(tmp_path, **settings) as (base, log), httpx.Client(base_url=base) as c:
+
+        def send(pixels) -> None:
+            files = [
+                ("images", (f"{i}.png", png_bytes(p), "image/png")) for i, p in enumerate(pixels)
+            ]
+            assert c.post("/predict_batch", files=files, timeout=60).status_code == 200
+
+        def gauge(name: str) -> float | None:  # None until the first refresh sets it
+            for line in c.get("/metrics").text.splitlines():
+                if line.startswith(f"digitops_monitor_{name} "):
+                    return float(line.split()[1])
+            return None
+
+        def settled(check) -> bool:
+            deadline = time.monotonic() + 10
+            while not check() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return check()
+
+        send(images[:200])
+        assert settled(lambda: gauge("predictions") == 200)
+        assert gauge("drift") == 0 and gauge("warnings") == 0 and gauge("estimated_accuracy") > 0.95
+        send([rotated(p) for p in images[:200]])
+        assert settled(lambda: gauge("drift") == 1)
+        assert "monitor: input drift: embeddings" in log.read_text()
+        body = c.get("/monitor").json()
+        assert body["status"] == "warning" and body["warnings"][0].startswith("input drift")

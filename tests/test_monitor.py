@@ -9,10 +9,12 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from digitops import checkpoint, monitoring
 from digitops.data import mnist, notdigits
 from digitops.inference import monitor
+from digitops.inference.metrics import ServiceMetrics
 from digitops.inference.preprocess import Options
 from digitops.inference.served import ServedModel
 from digitops.inference.store import PredictionStore
@@ -85,7 +87,7 @@ def test_drift_and_estimated_accuracy_follow_the_traffic_and_labels_are_counted(
     assert measured["low"] <= right / 150 <= measured["high"]
 
     # The same digits turned by 40 degrees: drift, and the model knows it is less sure.
-    replay(thread, served, [png(rotated(p)) for p in images[:n]])
+    turned_replies = replay(thread, served, [png(rotated(p)) for p in images[:n]])
     turned = figures()
     assert turned["status"] == "warning"
     assert turned["drift"]["embedding"]["score"] > 0.015 > calm["drift"]["embedding"]["score"]
@@ -94,6 +96,12 @@ def test_drift_and_estimated_accuracy_follow_the_traffic_and_labels_are_counted(
     window = turned["versions"][0]["buckets"][-1]
     assert window["predictions"] == 2 * n
     assert turned["versions"][0]["estimated_accuracy"] < current["estimated_accuracy"] - 0.02
+    assert any(w.startswith("estimated accuracy") for w in turned["warnings"])
+    # Their labels bring the measured accuracy down too, significantly: another warning.
+    for reply, label in zip(turned_replies, labels[:n], strict=True):
+        if reply["is_digit"]:
+            store.add_feedback(reply["prediction_id"], int(label))
+    assert any(w.startswith("measured accuracy") for w in figures()["warnings"])
 
     # Then inputs that are no digit at all.
     replay(thread, served, not_digits(n))
@@ -101,6 +109,14 @@ def test_drift_and_estimated_accuracy_follow_the_traffic_and_labels_are_counted(
     assert shapes["drift"]["embedding"]["score"] > 0.015
     assert shapes["versions"][0]["not_digit_share"] > turned["versions"][0]["not_digit_share"]
     assert "drift: embeddings" in shapes["headline"]
+
+    # The same figures as Prometheus gauges.
+    registry = CollectorRegistry()
+    ServiceMetrics(registry=registry).show(shapes)
+    value = registry.get_sample_value
+    assert value("digitops_monitor_drift") == 1 and value("digitops_monitor_predictions") == 3 * n
+    assert value("digitops_monitor_labels") == shapes["versions"][0]["measured"]["labels"]
+    assert value("digitops_monitor_warnings") == len(shapes["warnings"]) >= 2
 
 
 def test_stress_tests_are_left_out_and_versions_are_apart(tmp_path, mnist_dir, served):

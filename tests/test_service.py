@@ -193,3 +193,27 @@ def test_health_openapi_and_model_card(client):
     assert {"/predict", "/explain", "/feature_maps", "/predict_batch"} <= set(paths)
     card = client.get("/model").json()
     assert card["source"].startswith(("shipped", "bentoml model store"))
+
+
+def test_monitor_reports_the_served_models_traffic(client, digits):
+    images, _ = digits
+    before = client.get("/monitor").json()
+    for i in range(3):
+        client.post("/predict", files={"image": ("d.png", png_bytes(images[i]), "image/png")})
+    r = client.get("/monitor", params={"hours": 1, "bucket_minutes": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    served = next(v for v in body["versions"] if v["serving"])
+    previous = next(v for v in before["versions"] if v["serving"])
+    assert served["predictions"] >= previous["predictions"] + 3
+    assert served["buckets"] and body["bucket_minutes"] == 5
+    assert body["headline"].startswith(f"v{body['model']['version']}: ")
+    assert body["reference"]["estimated_accuracy"] > 0.95
+    # A window too long for its buckets is not refused: the buckets are widened.
+    assert (
+        client.get("/monitor", params={"hours": 2000, "bucket_minutes": 1}).json()["bucket_minutes"]
+        == 60
+    )
+    for bad in ({"hours": 0}, {"hours": "soon"}, {"bucket_minutes": 0}):
+        r = client.get("/monitor", params=bad)
+        assert r.status_code == 400 and "error" in r.json(), r.text

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from digitops import checkpoint, scoring
+from digitops import checkpoint, monitoring, scoring
 from digitops.data import mnist
 from digitops.model import normalize
 from digitops.release.evaluate import evaluate_checkpoint
@@ -125,6 +125,12 @@ def test_training_fits_a_temperature_and_a_not_a_digit_threshold(trained):
     # Fitted to the validation split's likelihood: calibrated NLL is no worse on test either.
     assert metrics["test"]["nll"] <= metrics["test"]["uncalibrated"]["nll"] + 0.01
     assert fitted["keep"] == cfg.scoring.keep and len(fitted["reference"]) == cfg.data.val_size
+    # And the Monitor's reference: validation inputs' embeddings and image statistics.
+    reference = metadata["monitor"]
+    size = min(monitoring.REFERENCE_SIZE, cfg.data.val_size)
+    assert reference["embeddings"].shape == (size, monitoring.EMBEDDING_DIMS)
+    assert reference["stats"].shape == (len(monitoring.IMAGE_STATS), size)
+    assert 0.5 < reference["estimated_accuracy"] <= 1 and abs(sum(reference["digits"]) - 1) < 1e-6
 
 
 def test_calibrated_probabilities_are_a_distribution(trained, mnist_dir):

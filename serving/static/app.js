@@ -789,6 +789,542 @@ async function loadModel() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Monitor: how the served model is doing (GET /monitor), plotted with inline SVG
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+// Every plot is drawn in these units and scaled to its card's width by the viewBox.
+const PLOT = { width: 440, height: 190, left: 46, right: 12, top: 12, bottom: 26 };
+const PLOT_BOTTOM = PLOT.height - PLOT.bottom;
+const PLOT_RIGHT = PLOT.width - PLOT.right;
+const HOUR_MS = 3_600_000;
+const DAY_MS = 24 * HOUR_MS;
+
+/** An SVG element with `attrs` (null ones left out) and `children` (nodes or strings). */
+function svg(name, attrs = {}, ...children) {
+  const el = document.createElementNS(SVG_NS, name);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value !== null && value !== undefined) el.setAttribute(key, String(value));
+  }
+  el.append(...children);
+  return el;
+}
+
+/** `el` with a hover tooltip: the figure behind a bar or a point. */
+function tip(el, text) {
+  el.append(svg("title", {}, text));
+  return el;
+}
+
+const linear = (d0, d1, r0, r1) => (v) => r0 + ((v - d0) / (d1 - d0 || 1)) * (r1 - r0);
+const plural = (n, word) => `${n.toLocaleString()} ${word}${n === 1 ? "" : "s"}`;
+const share = (p) => (p === null || p === undefined ? "–" : percent(p));
+const axisPercent = (p) => `${Number((100 * p).toFixed(1))}%`;
+
+/** The least of 1, 1.5, 2, 3, 4, 5, 6, 8 times a power of ten that is at least `value`. */
+function niceCeil(value) {
+  const power = 10 ** Math.floor(Math.log10(value));
+  return [1, 1.5, 2, 3, 4, 5, 6, 8, 10].map((m) => m * power).find((v) => v >= value * (1 - 1e-9));
+}
+
+function windowWords(hours) {
+  if (hours === 1) return "hour";
+  return hours > 24 && hours % 24 === 0 ? `${hours / 24} days` : `${hours} h`;
+}
+
+function bucketWords(minutes) {
+  if (minutes < 60) return `${minutes} min`;
+  if (minutes < 1440) return `${Number((minutes / 60).toFixed(2))} h`;
+  return plural(Number((minutes / 1440).toFixed(2)), "day");
+}
+
+/** The x axis of a report: its window cut into its buckets, which start at multiples of the
+ * bucket size since the epoch (as the server groups them). */
+function timeline(report) {
+  const step = report.bucket_minutes * 60_000;
+  const now = Date.parse(report.generated_at);
+  const first = Math.floor((now - report.hours * HOUR_MS) / step) * step;
+  const end = (Math.floor(now / step) + 1) * step;
+  const x = linear(first, end, PLOT.left, PLOT_RIGHT);
+  const slot = x(first + step) - x(first);
+  return { step, first, end, x, slot, hours: report.hours };
+}
+
+/** An empty plot named `label` for screen readers (what it shows, in words). */
+function plotFrame(id, label) {
+  return svg("svg", {
+    id,
+    class: "plot",
+    viewBox: `0 0 ${PLOT.width} ${PLOT.height}`,
+    role: "img",
+    "aria-label": label,
+  });
+}
+
+/** Horizontal grid lines at `ticks`, labelled on the left. */
+function yAxis(root, y, ticks, format) {
+  for (const value of ticks) {
+    root.append(
+      svg("line", { class: "grid", x1: PLOT.left, x2: PLOT_RIGHT, y1: y(value), y2: y(value) }),
+      svg("text", { class: "tick", x: PLOT.left - 5, y: y(value) + 4, "text-anchor": "end" },
+        format(value)),
+    );
+  }
+}
+
+function baseline(root) {
+  root.append(svg("line", {
+    class: "axis", x1: PLOT.left, x2: PLOT_RIGHT, y1: PLOT_BOTTOM, y2: PLOT_BOTTOM,
+  }));
+}
+
+/** Local-time ticks under a time plot, at round times (quarter hours, hours, days). */
+function timeAxis(root, t) {
+  const hours = (t.end - t.first) / HOUR_MS;
+  const step = hours <= 1.5 ? HOUR_MS / 4 : hours <= 6 ? HOUR_MS : hours <= 30 ? 6 * HOUR_MS
+    : hours <= 10 * 24 ? DAY_MS : 7 * DAY_MS;
+  const offset = new Date(t.first).getTimezoneOffset() * 60_000; // round in local time
+  const format = step < DAY_MS
+    ? (d) => d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : (d) => d.toLocaleDateString([], { weekday: "short", day: "numeric" });
+  for (let when = Math.ceil((t.first - offset) / step) * step + offset; when <= t.end; when += step) {
+    const x = t.x(when);
+    root.append(
+      svg("line", { class: "axis", x1: x, x2: x, y1: PLOT_BOTTOM, y2: PLOT_BOTTOM + 4 }),
+      svg("text", { class: "tick", x, y: PLOT.height - 6, "text-anchor": "middle" },
+        format(new Date(when))),
+    );
+  }
+  baseline(root);
+}
+
+/** Words across an empty plot, so that no data never reads as a plot of zeros. */
+function noData(root, words) {
+  root.append(svg("text", {
+    class: "no-data",
+    x: (PLOT.left + PLOT_RIGHT) / 2,
+    y: (PLOT.top + PLOT_BOTTOM) / 2,
+    "text-anchor": "middle",
+  }, words));
+}
+
+function bucketTime(t, start) {
+  const from = new Date(start);
+  const options = t.hours > 24 ? { weekday: "short", hour: "2-digit", minute: "2-digit" }
+    : { hour: "2-digit", minute: "2-digit" };
+  return `${from.toLocaleString([], options)}–` +
+    new Date(from.getTime() + t.step).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+/** A line through the buckets' `value`s, broken where a bucket has none (no traffic), and a
+ * dot on each point so that a lone bucket shows too. */
+function seriesLine(root, t, y, buckets, value, className, describe) {
+  const points = buckets
+    .map((bucket) => ({ bucket, v: value(bucket), start: Date.parse(bucket.start) }))
+    .filter(({ v }) => v !== null && v !== undefined);
+  let path = "";
+  points.forEach(({ v, start }, i) => {
+    const joined = i > 0 && start - points[i - 1].start === t.step;
+    path += `${joined ? "L" : "M"}${(t.x(start) + t.slot / 2).toFixed(1)},${y(v).toFixed(1)}`;
+  });
+  if (path) root.append(svg("path", { class: `plot-line ${className}`, d: path }));
+  for (const { bucket, v, start } of points) {
+    const x = t.x(start) + t.slot / 2;
+    const dot = svg("circle", { class: `plot-point ${className}`, cx: x, cy: y(v), r: 2.2 });
+    root.append(tip(dot, `${bucketTime(t, bucket.start)}: ${describe(v, bucket)}`));
+  }
+}
+
+/** A dashed line across the plot at a training-time reference figure. */
+function referenceLine(root, y, value, className) {
+  root.append(svg("line", {
+    class: `plot-ref ${className}`, x1: PLOT.left, x2: PLOT_RIGHT, y1: y(value), y2: y(value),
+  }));
+}
+
+function legend(items) {
+  const list = document.createElement("ul");
+  list.className = "legend";
+  for (const [className, words] of items) {
+    const item = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = `swatch ${className}`;
+    swatch.setAttribute("aria-hidden", "true");
+    item.append(swatch, words);
+    list.append(item);
+  }
+  return list;
+}
+
+function plotCard(title, plot, items = []) {
+  const figure = document.createElement("figure");
+  figure.className = "card plot-card";
+  const caption = document.createElement("figcaption");
+  caption.textContent = title;
+  figure.append(caption, plot);
+  if (items.length) figure.append(legend(items));
+  return figure;
+}
+
+/** Bars: the served model's predictions per bucket. */
+function trafficPlot(report, served) {
+  const t = timeline(report);
+  const counts = served.buckets.map((b) => b.predictions);
+  const most = Math.max(0, ...counts);
+  const top = niceCeil(Math.max(1, most));
+  const y = linear(0, top, PLOT_BOTTOM, PLOT.top);
+  const root = plotFrame("monitor-traffic",
+    `Predictions per ${bucketWords(report.bucket_minutes)} over the last ` +
+    `${windowWords(report.hours)}: ${served.predictions.toLocaleString()} in all, ` +
+    `at most ${most.toLocaleString()} in one bucket`);
+  yAxis(root, y, Number.isInteger(top / 2) ? [0, top / 2, top] : [0, top], (v) => v.toLocaleString());
+  timeAxis(root, t);
+  const gap = t.slot > 4 ? t.slot * 0.15 : 0;
+  for (const bucket of served.buckets) {
+    if (!bucket.predictions) continue; // a bucket with labels only
+    const height = PLOT_BOTTOM - y(bucket.predictions);
+    root.append(tip(svg("rect", {
+      class: "plot-bar",
+      x: t.x(Date.parse(bucket.start)) + gap / 2,
+      y: PLOT_BOTTOM - height,
+      width: Math.max(0.8, t.slot - gap),
+      height: Math.max(1, height),
+    }), `${bucketTime(t, bucket.start)}: ${plural(bucket.predictions, "prediction")}`));
+  }
+  if (!served.predictions) noData(root, "No predictions in this window");
+  return plotCard("Predictions per bucket", root);
+}
+
+function measuredWords(m) {
+  if (!m.labels) return "no labels";
+  return `${percent(m.accuracy)} (${percent(m.low)}–${percent(m.high)}, ${plural(m.labels, "label")})`;
+}
+
+/** Estimated accuracy per bucket (a line), measured accuracy where labels exist (points with
+ * their 95% Wilson interval), and the training-time estimate (dashed). */
+function accuracyPlot(report, served) {
+  const t = timeline(report);
+  const reference = report.reference?.estimated_accuracy;
+  const labelled = served.buckets.filter((b) => b.measured.labels);
+  const values = served.buckets.map((b) => b.estimated_accuracy).filter((v) => v !== null);
+  values.push(...labelled.map((b) => b.measured.low));
+  if (typeof reference === "number") values.push(reference);
+  // Zoom in on where the figures are: from 0% they would all sit in a line at the top.
+  const bottom = Math.max(0, Math.floor((Math.min(1, ...values) - 0.02) * 10) / 10);
+  const y = linear(bottom, 1, PLOT_BOTTOM, PLOT.top);
+  const estimated = served.estimated_accuracy;
+  const root = plotFrame("monitor-accuracy",
+    `Accuracy per bucket over the last ${windowWords(report.hours)}: estimated ` +
+    `${share(estimated)} in the window, measured ${measuredWords(served.measured)}` +
+    (typeof reference === "number" ? `, ${percent(reference)} expected from training` : ""));
+  yAxis(root, y, [bottom, (bottom + 1) / 2, 1], axisPercent);
+  timeAxis(root, t);
+  if (typeof reference === "number") referenceLine(root, y, reference, "estimate");
+  seriesLine(root, t, y, served.buckets, (b) => b.estimated_accuracy, "estimate",
+    (v, b) => `estimated ${percent(v)} correct of ${plural(b.predictions, "prediction")}`);
+  for (const bucket of labelled) {
+    const m = bucket.measured;
+    const x = t.x(Date.parse(bucket.start)) + t.slot / 2;
+    const cap = Math.min(4, Math.max(1.5, t.slot / 3));
+    const whisker = svg("g", { class: "measured" },
+      svg("line", { x1: x, x2: x, y1: y(m.low), y2: y(m.high) }),
+      svg("line", { x1: x - cap, x2: x + cap, y1: y(m.low), y2: y(m.low) }),
+      svg("line", { x1: x - cap, x2: x + cap, y1: y(m.high), y2: y(m.high) }),
+      svg("circle", { class: "plot-point", cx: x, cy: y(m.accuracy), r: 3.2 }));
+    root.append(tip(whisker, `${bucketTime(t, bucket.start)}: measured ${measuredWords(m)}`));
+  }
+  if (!values.length || (!served.predictions && !labelled.length)) {
+    noData(root, "No answered digits in this window");
+  }
+  const items = [
+    ["estimate", "estimated (mean confidence)"],
+    ["measured", "measured (labels, 95% interval)"],
+  ];
+  if (typeof reference === "number") items.push(["estimate dashed", "expected from training"]);
+  return plotCard("Accuracy per bucket", root, items);
+}
+
+/** The not-a-digit share and the low-confidence share per bucket, against training. */
+function sharesPlot(report, served) {
+  const t = timeline(report);
+  const ref = report.reference;
+  const values = served.buckets.flatMap((b) => [b.not_digit_share, b.low_confidence_share]);
+  if (ref) values.push(ref.not_digit_share, ref.low_confidence_share);
+  const top = Math.min(1, niceCeil(Math.max(0.05, ...values.filter((v) => v !== null))));
+  const y = linear(0, top, PLOT_BOTTOM, PLOT.top);
+  const low = report.thresholds?.low_confidence;
+  const root = plotFrame("monitor-shares",
+    `Shares per bucket over the last ${windowWords(report.hours)}: not a digit ` +
+    `${share(served.not_digit_share)}, low confidence ${share(served.low_confidence_share)} ` +
+    "in the window" + (ref ? `; at training ${percent(ref.not_digit_share)} and ` +
+      `${percent(ref.low_confidence_share)}` : ""));
+  yAxis(root, y, [0, top / 2, top], axisPercent);
+  timeAxis(root, t);
+  if (ref) {
+    referenceLine(root, y, ref.not_digit_share, "not-digit");
+    referenceLine(root, y, ref.low_confidence_share, "low-confidence");
+  }
+  seriesLine(root, t, y, served.buckets, (b) => b.not_digit_share, "not-digit",
+    (v, b) => `${percent(v)} of ${plural(b.predictions, "input")} not a digit`);
+  seriesLine(root, t, y, served.buckets, (b) => b.low_confidence_share, "low-confidence",
+    (v) => `${percent(v)} of the answered digits below ${share(low)} confidence`);
+  if (!served.predictions) noData(root, "No predictions in this window");
+  const items = [
+    ["not-digit", "not a digit"],
+    ["low-confidence", `low confidence${typeof low === "number" ? ` (below ${percent(low)})` : ""}`],
+  ];
+  if (ref) items.push(["reference dashed", "at training (dashed, same colours)"]);
+  return plotCard("Not a digit and low confidence", root, items);
+}
+
+/** Ten shares of the window (filled bars) beside the reference's (outlined). */
+function distributionPlot({ id, title, label, shares, reference, names, edges }) {
+  const observed = shares.some((v) => v > 0);
+  const top = niceCeil(Math.max(0.05, ...shares, ...(reference ?? [])));
+  const y = linear(0, top, PLOT_BOTTOM, PLOT.top);
+  const root = plotFrame(id, label);
+  yAxis(root, y, [0, top / 2, top], axisPercent);
+  const group = (PLOT_RIGHT - PLOT.left) / shares.length;
+  const width = group * (reference ? 0.38 : 0.6);
+  const bars = [...(observed ? [["plot-bar", shares, "this window"]] : []),
+    ...(reference ? [["plot-bar reference", reference, "training"]] : [])];
+  shares.forEach((_, i) => {
+    const left = PLOT.left + i * group + (group - width * bars.length) / 2;
+    const words = bars.map(([, values, who]) => `${who} ${percent(values[i])}`).join(", ");
+    bars.forEach(([className, values], j) => {
+      const height = PLOT_BOTTOM - y(values[i]);
+      root.append(tip(svg("rect", {
+        class: className, x: left + j * width, y: PLOT_BOTTOM - height, width, height,
+      }), `${names[i]}: ${words}`));
+    });
+    if (!edges) {
+      root.append(svg("text", {
+        class: "tick", x: PLOT.left + (i + 0.5) * group, y: PLOT.height - 6, "text-anchor": "middle",
+      }, names[i]));
+    }
+  });
+  for (const [at, words] of edges ?? []) {
+    const x = PLOT.left + at * (PLOT_RIGHT - PLOT.left);
+    root.append(svg("text", { class: "tick", x, y: PLOT.height - 6, "text-anchor": "middle" }, words));
+  }
+  baseline(root);
+  if (!observed) noData(root, "No answered digits in this window");
+  const items = [["plot-bar", "this window"]];
+  if (reference) items.push(["plot-bar reference", "training (validation digits)"]);
+  return plotCard(title, root, items);
+}
+
+function confidencePlot(report, served) {
+  const names = served.confidence.map((_, i) => `confidence ${i * 10}–${(i + 1) * 10}%`);
+  const high = served.confidence.at(-1);
+  return distributionPlot({
+    id: "monitor-confidence",
+    title: "Confidence of the answered digits",
+    label: `Confidence distribution of the answered digits in the window, in ten bins of 10%: ` +
+      `${percent(high)} at 90% or more` +
+      (report.reference ? `, against ${percent(report.reference.confidence.at(-1))} at training` : ""),
+    shares: served.confidence,
+    reference: report.reference?.confidence,
+    names,
+    edges: [0, 0.2, 0.4, 0.6, 0.8, 1].map((p) => [p, `${p * 100}%`]),
+  });
+}
+
+function digitsPlot(report, served) {
+  const most = served.digits.indexOf(Math.max(...served.digits));
+  return distributionPlot({
+    id: "monitor-digits",
+    title: "Predicted digits",
+    label: "Share of each predicted digit in the window" +
+      (report.reference ? " against training" : "") +
+      (served.predictions ? `: most often ${most} (${percent(served.digits[most])})` : ""),
+    shares: served.digits,
+    reference: report.reference?.digits,
+    names: served.digits.map((_, d) => String(d)),
+  });
+}
+
+function pValue(p) {
+  return p < 0.001 ? p.toExponential(1) : p.toFixed(3);
+}
+
+function cell(row, text, className) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (className) td.className = className;
+  row.append(td);
+  return td;
+}
+
+/** The drift tests, or in words why there are none. */
+function renderDrift(report, served) {
+  const drift = report.drift;
+  const limits = report.thresholds ?? {};
+  const verdict = $("drift-verdict");
+  const figures = $("drift-figures");
+  const table = $("drift-stats");
+  figures.replaceChildren();
+  table.hidden = drift === null;
+  if (drift === null) {
+    verdict.className = "drift-none";
+    verdict.textContent = report.reference === null
+      ? "Not tested: this model has no training-time reference to compare with."
+      : `Not tested: too few recent inputs (${served.predictions.toLocaleString()} in this ` +
+        "window) for the test to say anything either way.";
+    return;
+  }
+  const e = drift.embedding;
+  const drifted = e.p_value < limits.drift_p_value && e.score >= limits.drift_score;
+  verdict.className = drifted ? "drift-yes" : "drift-no";
+  verdict.textContent = drifted
+    ? "The inputs have drifted: the model sees something unlike its training data."
+    : "No drift: the inputs look like the training data to the model.";
+  const boxes = [
+    ["MMD² score", e.score.toFixed(4), `drift at ${limits.drift_score} or more`,
+      e.score >= limits.drift_score],
+    ["p-value", pValue(e.p_value), `drift below ${limits.drift_p_value}`,
+      e.p_value < limits.drift_p_value],
+    ["Inputs tested", drift.inputs.toLocaleString(), "the newest of the window", false],
+  ];
+  for (const [name, value, note, over] of boxes) {
+    const box = document.createElement("div");
+    box.classList.toggle("over", over);
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    const small = document.createElement("small");
+    small.textContent = note;
+    box.append(dt, dd, small);
+    figures.append(box);
+  }
+  $("drift-stats-caption").textContent = "Image statistics: shifted when the KS distance is " +
+    `${limits.stat_distance} or more and p below ${limits.drift_p_value}.`;
+  const rows = Object.entries(drift.stats).map(([name, s]) => {
+    const row = document.createElement("tr");
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.textContent = name;
+    row.append(th);
+    cell(row, s.mean.toPrecision(3));
+    cell(row, s.reference_mean.toPrecision(3));
+    cell(row, s.distance.toFixed(3));
+    cell(row, pValue(s.p_value));
+    cell(row, s.shifted ? "shifted" : "no", s.shifted ? "flag-bad" : "flag-ok");
+    return row;
+  });
+  table.tBodies[0].replaceChildren(...rows);
+}
+
+function renderVersions(report) {
+  const rows = report.versions.map((v) => {
+    const row = document.createElement("tr");
+    row.dataset.version = v.version;
+    row.classList.toggle("serving", v.serving);
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.textContent = v.version;
+    if (v.serving) {
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = "serving";
+      th.append(" ", tag);
+    }
+    row.append(th);
+    cell(row, v.predictions.toLocaleString());
+    cell(row, share(v.estimated_accuracy));
+    cell(row, measuredWords(v.measured), "measured");
+    cell(row, share(v.not_digit_share));
+    cell(row, share(v.low_confidence_share));
+    return row;
+  });
+  $("versions-table").tBodies[0].replaceChildren(...rows);
+}
+
+function renderMonitor(report) {
+  const served = report.versions.find((v) => v.serving) ?? report.versions[0];
+  const headline = $("monitor-headline");
+  headline.dataset.status = report.status;
+  headline.textContent = report.headline;
+  const warnings = $("monitor-warnings");
+  warnings.hidden = !report.warnings.length;
+  const list = document.createElement("ul");
+  for (const words of report.warnings) {
+    const item = document.createElement("li");
+    item.textContent = words;
+    list.append(item);
+  }
+  const lead = document.createElement("strong");
+  lead.textContent = report.warnings.length === 1 ? "Warning" : "Warnings";
+  warnings.replaceChildren(...(report.warnings.length ? [lead, list] : []));
+  $("monitor-empty").hidden = served.predictions > 0;
+  $("monitor-empty").textContent = `No predictions from the served model in the last ` +
+    `${windowWords(report.hours)} yet: the plots fill in as it answers.`;
+  const asked = Number($("monitor-bucket").value);
+  $("monitor-updated").textContent = `Figures of ${when(report.generated_at)}, in buckets of ` +
+    `${bucketWords(report.bucket_minutes)}` +
+    (report.bucket_minutes !== asked ? " (widened by the server to keep the plots readable)." : ".");
+  $("monitor-plots").replaceChildren(
+    trafficPlot(report, served),
+    accuracyPlot(report, served),
+    sharesPlot(report, served),
+    confidencePlot(report, served),
+    digitsPlot(report, served),
+  );
+  renderDrift(report, served);
+  renderVersions(report);
+  $("monitor-details").hidden = false;
+}
+
+/** A bucket wider than the window would make a one-bar plot: not offered. */
+function fitBuckets() {
+  const minutes = Number($("monitor-hours").value) * 60;
+  const select = $("monitor-bucket");
+  for (const option of select.options) option.disabled = Number(option.value) > minutes;
+  if (select.selectedOptions[0]?.disabled) {
+    select.value = [...select.options].filter((o) => !o.disabled).at(-1).value;
+  }
+}
+
+let monitorController = null;
+async function loadMonitor() {
+  monitorController?.abort();
+  const controller = (monitorController = new AbortController());
+  fitBuckets();
+  const hours = $("monitor-hours").value;
+  const minutes = $("monitor-bucket").value;
+  const card = $("monitor-summary");
+  card.setAttribute("aria-busy", "true");
+  try {
+    const report = await api(`/monitor?hours=${hours}&bucket_minutes=${minutes}`, {
+      signal: controller.signal,
+    });
+    showError("monitor-error", null);
+    renderMonitor(report);
+  } catch (err) {
+    if (controller.signal.aborted) return;
+    // Old figures next to an error would be read as current: show the error alone.
+    $("monitor-details").hidden = true;
+    $("monitor-warnings").hidden = true;
+    $("monitor-empty").hidden = true;
+    $("monitor-headline").textContent = "";
+    delete $("monitor-headline").dataset.status;
+    $("monitor-updated").textContent = "";
+    showError("monitor-error", err, "No figures to show. ");
+  } finally {
+    if (monitorController === controller) card.removeAttribute("aria-busy");
+  }
+}
+
+// A new window comes with the bucket size that suits it; the bucket can then be changed.
+const WINDOW_BUCKETS = { 1: "5", 24: "60", 168: "60" };
+$("monitor-hours").addEventListener("change", () => {
+  $("monitor-bucket").value = WINDOW_BUCKETS[$("monitor-hours").value] ?? $("monitor-bucket").value;
+  loadMonitor();
+});
+$("monitor-bucket").addEventListener("change", loadMonitor);
+$("monitor-refresh").addEventListener("click", loadMonitor);
+
+// ---------------------------------------------------------------------------------------------
 // Views
 
 const tabs = [...document.querySelectorAll("[role=tab]")];
@@ -806,6 +1342,7 @@ function selectView(name, { focus = false } = {}) {
   // The address names the view, so a view can be linked to and survives a reload.
   history.replaceState(null, "", viewOf(tab) === "predict" ? location.pathname : `#${viewOf(tab)}`);
   if (viewOf(tab) === "review") loadReview();
+  if (viewOf(tab) === "monitor") loadMonitor();
 }
 
 window.addEventListener("hashchange", () => {

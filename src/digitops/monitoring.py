@@ -5,7 +5,10 @@ reference it is compared with, and the figures GET /monitor shows.
   over the inputs taken as digits (confidence-based performance estimation: with calibrated
   probabilities, the expected share of right answers).
 - **Measured accuracy**: the share of those answers whose feedback label agrees, with its 95%
-  Wilson interval. A label "not a digit" on an answered digit counts as a miss.
+  Wilson interval. A label "not a digit" on an answered digit counts as a miss. Labels are no
+  random sample (people correct wrong answers more often than they confirm right ones; the
+  review queue asks about the doubtful ones), so it reads low: the two disagreeing by a few
+  points is normal, the measured one falling over time is not.
 - **Input drift**: the newest `WINDOW` inputs against `REFERENCE_SIZE` validation digits kept
   with the model at training time (each drawn the way training drew it: plain, or its canvas or
   paper rendering). On the penultimate-layer features, projected on their first

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from datetime import UTC, datetime
@@ -23,8 +24,9 @@ MAX_BUCKETS = 2000
 # The drift tests need at least this many recent inputs; fewer say nothing either way.
 MIN_DRIFT_INPUTS = 50
 # An estimated accuracy below the reference by more than the allowed drop is a warning once
-# at least this many answers are behind it.
+# at least this many answers are behind it; a measured one, once this many labels are.
 MIN_ESTIMATE_INPUTS = 50
+MIN_LABELS = 30
 
 
 def report(
@@ -37,7 +39,9 @@ def report(
     now: float | None = None,
 ) -> dict:
     """The Monitor's figures for the last `hours`, per model version and per bucket of
-    `bucket_minutes`, with the served model's drift tests and warnings."""
+    `bucket_minutes` (widened to keep to MAX_BUCKETS), with the served model's drift tests and
+    warnings."""
+    bucket_minutes = max(bucket_minutes, math.ceil(hours * 60 / MAX_BUCKETS))
     now = time.time() if now is None else now
     since = now - hours * 3600
     totals, labelled = store.monitor_totals(since), store.labelled(since)
@@ -105,7 +109,7 @@ def _versions(totals: list[dict], labelled: list[dict], bucket_minutes: int) -> 
             counts[0] += row["label"] == row["digit"]
             counts[1] += 1
     versions = []
-    for version in set(rows) | set(labels):
+    for version in sorted(set(rows) | set(labels)):
         buckets = rows.get(version, {})
         version_labels = labels.get(version, {})
         whole = _zeros()
@@ -123,7 +127,7 @@ def _versions(totals: list[dict], labelled: list[dict], bucket_minutes: int) -> 
             for start in sorted(set(buckets) | set(version_labels))
         ]
         versions.append(summary)
-    versions.sort(key=lambda v: -v["predictions"])
+    versions.sort(key=lambda v: (-v["predictions"], v["version"]))
     return versions
 
 
@@ -176,7 +180,7 @@ def _warnings(
             f"the {expected:.1%} expected at training time"
         )
     measured = current["measured"]
-    if measured["labels"] and measured["high"] < expected - accuracy_drop:
+    if measured["labels"] >= MIN_LABELS and measured["high"] < expected - accuracy_drop:
         warnings.append(
             f"measured accuracy {measured['accuracy']:.1%} (at most {measured['high']:.1%}, "
             f"{measured['labels']} labels) is below the {expected:.1%} expected at training time"
