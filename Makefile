@@ -48,7 +48,7 @@ test: $(STAMP) ## every tier: unit, slow (pipeline on small data) and e2e (serve
 test-fast: $(STAMP) ## unit tests only: no server, database or training (about a minute)
 	$(PY) -m pytest -m "not slow and not e2e"
 
-bench: data ## training speed, accuracy via the API, forward pass, serving latency/throughput, load, replicas -> artifacts/bench/
+bench: data ## training speed, accuracy via the API, forward pass, serving latency/throughput, load, replicas, GET /monitor at 1M predictions -> artifacts/bench/
 	@command -v wrk >/dev/null || { echo "bench needs wrk (apt-get install wrk)"; exit 1; }
 	$(PY) -m benchmarks.bench_training
 	$(PY) -m benchmarks.bench_accuracy
@@ -56,6 +56,7 @@ bench: data ## training speed, accuracy via the API, forward pass, serving laten
 	$(PY) -m benchmarks.bench_serving
 	$(PY) -m benchmarks.bench_load
 	$(PY) -m benchmarks.bench_cluster
+	$(PY) -m benchmarks.bench_monitor
 
 soak: $(STAMP) ## long runs: 20,000 requests + a 10-minute soak (RSS), active learning on all of MNIST -> artifacts/bench/
 	$(PY) -m benchmarks.bench_load --soak-minutes 10

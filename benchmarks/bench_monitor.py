@@ -9,11 +9,13 @@ Each engine gets a store seeded with `--rows` predictions spread over the last 3
 default 24 h window holds a thirtieth of them), built by `PredictionStore.record` and logged by
 `PredictionStore.insert` in batches, as the service logs them, so that the Monitor's per-minute
 totals are filled as in production; `upkeep()` runs between batches, as the journal's writer
-runs it between commits. The newest 12 hours were answered by the served model's version, the
-rest by an older one (the drift test reads the served version's newest inputs); about 1% are
-stress tests (noise added); a few thousand predictions carry a feedback label. PostgreSQL gets
-the VACUUM ANALYZE its autovacuum would run after such a load; SQLite gets nothing (the store
-never runs ANALYZE).
+runs it between commits. The newest 12 hours were answered by the served model's version (the
+shipped model's), the rest by an older one, so that the drift test finds the served version's
+newest inputs as it does in production; about 1% are stress tests (noise added); a few
+thousand predictions carry a feedback label. Every row holds the same small 28x28 input PNG and
+no original upload. PostgreSQL gets the VACUUM ANALYZE its autovacuum would run after such a
+load; SQLite gets nothing (the store never runs ANALYZE). This process freezes what it loaded
+out of the garbage collector's sight, as each server worker does once started.
 
 Every measurement takes turns: round after round, each engine (in alternating order) answers
 each query a few times, so that this VM's drifting speed falls on both alike.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -68,6 +71,9 @@ QUERIES = [
 ]
 ENGINES = ("sqlite", "postgresql")
 ROUNDS = 4
+# The version of a model just rolled out, which has logged nothing yet.
+ROLLED_OUT = "999"
+PARTS = ("monitor_totals", "labelled", "recent_inputs", "drift_test")
 
 
 def served_model(version: str | None = None) -> ServedModel:
@@ -96,7 +102,9 @@ class Traffic:
             self.probabilities.append(p.tolist())
         reference = served.reference
         picks = rng.integers(0, len(reference.embeddings), n)
-        embeddings = reference.embeddings[picks] + rng.normal(0, 0.05, (n, 16))
+        embeddings = reference.embeddings[picks] + rng.normal(
+            0, 0.05, (n, monitoring.EMBEDDING_DIMS)
+        )
         self.embeddings = embeddings.tolist()
         self.stats = reference.stats.T[picks].tolist()
         self.digit_scores = rng.normal(4.0, 1.5, n).tolist()
@@ -190,9 +198,9 @@ def seed(store: PredictionStore, served: ServedModel, rows: int, now: float) -> 
     if store.engine.dialect.name == "postgresql":  # what autovacuum does after such a load
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("VACUUM ANALYZE")
-    else:
+    else:  # the journal writer's next checkpoint
         store.upkeep()
-    spent["vacuum_analyze"] = time.perf_counter() - t0
+    spent["settle"] = time.perf_counter() - t0
     with store.engine.connect() as conn:
         minutes = conn.execute(sa.select(sa.func.count()).select_from(monitor_minutes)).scalar()
     return {
@@ -254,41 +262,40 @@ def alternate(engines: list[str], rounds: int, measure: Callable[[str, int], Non
             measure(engine, round_)
 
 
-def in_process(stores: dict, served: dict, requests: int) -> dict:
-    """`monitor.report` per engine and query (ms), and its parts per engine and query."""
-    times = {e: {q[0]: [] for q in QUERIES} for e in stores}
-    parts = {e: {q[0]: [] for q in QUERIES} for e in stores}
-    rollout = {e: [] for e in stores}
-    fresh = served_model("999")  # a version just rolled out: nothing logged by it yet
-    for engine, store in stores.items():  # warm-up: caches, first-use code paths
-        for _, hours, bucket in QUERIES:
-            monitor.report(store, served[engine], hours, bucket)
+def in_process(stores: dict, served: ServedModel, requests: int) -> dict:
+    """`monitor.report` per engine and case (ms), and its parts. The cases: QUERIES, then the
+    default and the widest window just after a rollout (the served version has logged nothing
+    yet, so the drift test's look-up of its newest inputs finds none), timed fewer times."""
+    fresh = served_model(ROLLED_OUT)
+    cases = [(name, hours, bucket, served, requests // ROUNDS) for name, hours, bucket in QUERIES]
+    cases += [
+        (f"{name}, just after a rollout", hours, bucket, fresh, 1)
+        for name, hours, bucket in (QUERIES[0], QUERIES[-1])
+    ]
+    times = {e: {case[0]: [] for case in cases} for e in stores}
+    parts = {e: {case[0]: [] for case in cases} for e in stores}
+    for store in stores.values():  # warm-up: caches, first-use code paths
+        for _, hours, bucket, model, _ in cases:
+            monitor.report(store, model, hours, bucket)
 
     def measure(engine: str, _round: int) -> None:
         store = stores[engine]
-        for name, hours, bucket in QUERIES:
-            for _ in range(max(1, requests // ROUNDS)):
+        for name, hours, bucket, model, repeats in cases:
+            for _ in range(max(1, repeats)):
                 t0 = time.perf_counter()
-                monitor.report(store, served[engine], hours, bucket)
+                monitor.report(store, model, hours, bucket)
                 times[engine][name].append((time.perf_counter() - t0) * 1000)
-            parts[engine][name].append(store_calls(store, served[engine], hours))
-        t0 = time.perf_counter()
-        monitor.report(store, fresh)
-        rollout[engine].append((time.perf_counter() - t0) * 1000)
+            parts[engine][name].append(store_calls(store, model, hours))
 
     alternate(list(stores), ROUNDS, measure)
     return {
         e: {
-            "queries": {name: summary(t) for name, t in times[e].items()},
-            "parts_ms": {
-                name: {
-                    key: float(np.median([p[key] for p in ps]))
-                    for key in ("monitor_totals", "labelled", "recent_inputs", "drift_test")
-                }
-                | {"rows": ps[-1]["rows"]}
-                for name, ps in parts[e].items()
-            },
-            "default_after_rollout": summary(rollout[e]),
+            name: {
+                **summary(times[e][name]),
+                "parts_ms": {key: float(np.median([p[key] for p in ps])) for key in PARTS},
+                "rows_read": ps[-1]["rows"],
+            }
+            for name, ps in parts[e].items()
         }
         for e in stores
     }
@@ -330,6 +337,11 @@ def over_http(bases: dict, requests: int) -> dict:
         reply.raise_for_status()
         return spent
 
+    for engine, client in clients.items():  # the server reads the seeded store
+        figures = client.get("/monitor").raise_for_status().json()
+        logged = sum(v["predictions"] for v in figures["versions"])
+        if not logged or (figures["drift"] or {}).get("inputs") != monitoring.WINDOW:
+            raise RuntimeError(f"{engine}: GET /monitor does not see the seeded store: {figures}")
     for engine in bases:  # warm-up: each worker's first requests, the caches
         for _, hours, bucket in QUERIES:
             for _ in range(4):
@@ -349,7 +361,7 @@ def over_http(bases: dict, requests: int) -> dict:
 def report_lines(results: dict) -> list[str]:
     rows = results["rows"]
     lines = [
-        "# The Monitor with a million predictions",
+        f"# The Monitor with {rows:,} logged predictions",
         "",
         f"{results['machine']}. {rows:,} predictions over the last {DAYS} days in each store "
         f"(SQLite file; PostgreSQL {results['postgres_version']} on loopback, fsync off); "
@@ -359,7 +371,8 @@ def report_lines(results: dict) -> list[str]:
         f"{BATCH:,} (`upkeep()` between them):",
         "",
         "| engine | rows/s | total (s) | record() (s) | insert() (s) | upkeep() (s) "
-        "| feedback (s) | VACUUM ANALYZE (s) | monitor_minutes rows | size (MB) |",
+        "| feedback (s) | VACUUM ANALYZE (PostgreSQL) / checkpoint (SQLite) (s) "
+        "| monitor_minutes rows | size (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for engine, s in results["seeding"].items():
@@ -367,7 +380,7 @@ def report_lines(results: dict) -> list[str]:
         lines.append(
             f"| {engine} | {s['rows_per_s']:,.0f} | {s['seconds']:.0f} | {spent['record']:.0f} "
             f"| {spent['insert']:.0f} | {spent['upkeep']:.0f} | {spent['feedback']:.1f} "
-            f"| {spent['vacuum_analyze']:.1f} | {s['monitor_minutes_rows']:,} "
+            f"| {spent['settle']:.1f} | {s['monitor_minutes_rows']:,} "
             f"| {s['bytes'] / 1e6:,.0f} |"
         )
     lines += [
@@ -375,35 +388,33 @@ def report_lines(results: dict) -> list[str]:
         "GET /monitor (ms): `monitor.report` in process, and over HTTP against `bentoml serve` "
         "(client side, kept-alive connection):",
         "",
-        "| engine | query | in process p50 | p95 | max | HTTP p50 | p95 | max | n (HTTP) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine | query | in process p50 | p95 | max | n | HTTP p50 | p95 | max | n |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for engine in ENGINES:
-        for name, _, _ in QUERIES:
-            a = results["in_process"][engine]["queries"][name]
-            h = results["http"][engine][name]
+        for name, a in results["in_process"][engine].items():
+            h = results["http"][engine].get(name)
+            over_http = (
+                f"{h['p50_ms']:.1f} | {h['p95_ms']:.1f} | {h['max_ms']:.1f} | {h['n']}"
+                if h
+                else "- | - | - | -"
+            )
             lines.append(
                 f"| {engine} | {name} | {a['p50_ms']:.1f} | {a['p95_ms']:.1f} | "
-                f"{a['max_ms']:.1f} | {h['p50_ms']:.1f} | {h['p95_ms']:.1f} | "
-                f"{h['max_ms']:.1f} | {h['n']} |"
+                f"{a['max_ms']:.1f} | {a['n']} | {over_http} |"
             )
-    for engine in ENGINES:
-        a = results["in_process"][engine]["default_after_rollout"]
-        lines.append(
-            f"| {engine} | default, just after a rollout (served version has no rows) | "
-            f"{a['p50_ms']:.1f} | {a['p95_ms']:.1f} | {a['max_ms']:.1f} | - | - | - | - |"
-        )
     lines += [
         "",
-        "Where `report`'s time goes (in process, ms, median over rounds; rows read):",
+        "Where `report`'s time goes (in process, each store read timed alone, ms, median over "
+        "rounds; rows read):",
         "",
         "| engine | query | monitor_totals | labelled | recent_inputs | drift test | rows "
         "(totals / labelled / recent) |",
         "|---|---|---|---|---|---|---|",
     ]
     for engine in ENGINES:
-        for name, p in results["in_process"][engine]["parts_ms"].items():
-            r = p["rows"]
+        for name, a in results["in_process"][engine].items():
+            p, r = a["parts_ms"], a["rows_read"]
             lines.append(
                 f"| {engine} | {name} | {p['monitor_totals']:.1f} | {p['labelled']:.1f} | "
                 f"{p['recent_inputs']:.1f} | {p['drift_test']:.1f} | "
@@ -431,6 +442,10 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} at the start"
     )
     served = served_model()
+    # As each server worker does once started (serving/service.py): what is loaded by now
+    # lives as long as the process, out of the collector's sight.
+    gc.collect()
+    gc.freeze()
     folder = Path(tempfile.mkdtemp(prefix="bench-monitor-"))
     try:
         with postgres_server() as pg:
@@ -451,7 +466,7 @@ def main() -> None:
                 seeding[engine]["bytes"] = store_bytes(store, locations[engine])
                 print(f"  {seeding[engine]}", flush=True)
             print("monitor.report in process...", flush=True)
-            local = in_process(stores, {e: served for e in stores}, args.requests)
+            local = in_process(stores, served, args.requests)
             for store in stores.values():
                 store.close()
             print("GET /monitor over HTTP...", flush=True)
@@ -482,7 +497,7 @@ def main() -> None:
     results["total_seconds"] = time.perf_counter() - started
     save_report(args.out, "monitor", results, report_lines(results))
     if not all(met for _, met in results["targets"].values()):
-        sys.exit(1)
+        sys.exit(f"GET /monitor (default) p50 over HTTP is over {TARGET_MS:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def report(
     bucket_minutes = max(bucket_minutes, math.ceil(hours * 60 / MAX_BUCKETS))
     now = time.time() if now is None else now
     since = now - hours * 3600
-    totals, labelled = store.monitor_totals(since), store.labelled(since)
+    totals, labelled = store.monitor_totals(since, bucket_minutes), store.labelled(since)
     identity = served.identity()
     serving = identity["version"] or UNVERSIONED
     reference = served.reference.fitted if served.reference is not None else None

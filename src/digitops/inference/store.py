@@ -54,6 +54,9 @@ predictions = sa.Table(
     sa.Column("ink", sa.Float(53)),
     sa.Column("stroke", sa.Float(53)),
     sa.Column("brightness", sa.Float(53)),
+    # The Monitor's newest inputs of one version, even just after a rollout, when that
+    # version's are few among the window's rows.
+    sa.Index("predictions_version_created", "model_version", "created_at"),
 )
 # The Monitor's running totals: one row per model version and minute, added to in the
 # transaction that logs the predictions, so that GET /monitor reads a few thousand rows
@@ -346,6 +349,12 @@ class PredictionStore:
                 conn.execute(sa.delete(predictions).where(UNLABELLED, P.created_at <= cutoff))
             oldest = int(time.time() // 60) - MONITOR_DAYS * 24 * 60
             conn.execute(sa.delete(monitor).where(M.minute < oldest))
+            if self.engine.dialect.name == "sqlite":
+                # Statistics for SQLite's planner (PostgreSQL's autovacuum keeps its own):
+                # without them, the Monitor's labelled predictions are found by reading the
+                # whole window rather than from the few feedback rows (30 days: 390 -> 20 ms).
+                conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+                conn.exec_driver_sql("ANALYZE")
 
     def add_feedback(
         self, prediction_id: str, label: int, comment: str | None = None, client: str | None = None
@@ -432,9 +441,17 @@ class PredictionStore:
         }
 
     # The Monitor's side (GET /monitor).
-    def monitor_totals(self, since: float) -> list[dict]:
-        """The Monitor's per-minute totals from `since` (seconds since the epoch) on."""
-        query = sa.select(monitor).where(M.minute >= int(since // 60)).order_by(M.minute)
+    def monitor_totals(self, since: float, bucket_minutes: int = 1) -> list[dict]:
+        """The Monitor's totals from `since` (seconds since the epoch) on, summed per model
+        version and bucket of `bucket_minutes` minutes (`minute`: the bucket's first)."""
+        start = (M.minute - M.minute % bucket_minutes).label("minute")
+        sums = [sa.func.sum(c).label(c.name) for c in monitor.columns if not c.primary_key]
+        query = (
+            sa.select(M.model_version, start, *sums)
+            .where(M.minute >= int(since // 60))
+            .group_by(M.model_version, start)
+            .order_by(start)
+        )
         with self._transaction() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
@@ -557,6 +574,8 @@ def _migrate(conn: sa.Connection) -> None:
             if column.name not in have:
                 spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
                 conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {spec}"))
+        for index in table.indexes:  # create_all makes the indexes of new tables only
+            index.create(conn, checkfirst=True)
     checks = inspector.get_check_constraints("feedback")
     # PostgreSQL reports it as "(label >= 0) AND (label <= 9)", SQLite as written.
     if any("label" in c["sqltext"] and not re.search(r"\b10\b", c["sqltext"]) for c in checks):
