@@ -14,8 +14,9 @@ shipped model's), the rest by an older one, so that the drift test finds the ser
 newest inputs as it does in production; about 1% are stress tests (noise added); a few
 thousand predictions carry a feedback label. Every row holds the same small 28x28 input PNG and
 no original upload. PostgreSQL gets the VACUUM ANALYZE its autovacuum would run after such a
-load; SQLite gets nothing (the store never runs ANALYZE). This process freezes what it loaded
-out of the garbage collector's sight, as each server worker does once started.
+load; SQLite's statistics come from the store's own upkeep (ANALYZE with retention). This
+process freezes what it loaded out of the garbage collector's sight, as each server worker
+does once started.
 
 Every measurement takes turns: round after round, each engine (in alternating order) answers
 each query a few times, so that this VM's drifting speed falls on both alike.
@@ -222,13 +223,15 @@ def store_bytes(store: PredictionStore, location: str) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
-def store_calls(store: PredictionStore, served: ServedModel, hours: float) -> dict:
+def store_calls(
+    store: PredictionStore, served: ServedModel, hours: float, bucket_minutes: int
+) -> dict:
     """Each of `report`'s store reads, and its drift test, timed alone (ms)."""
     since = time.time() - hours * 3600
     version = served.identity()["version"]
     timed = {}
     t0 = time.perf_counter()
-    totals = store.monitor_totals(since)
+    totals = store.monitor_totals(since, bucket_minutes)
     timed["monitor_totals"] = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
     labelled = store.labelled(since)
@@ -285,7 +288,7 @@ def in_process(stores: dict, served: ServedModel, requests: int) -> dict:
                 t0 = time.perf_counter()
                 monitor.report(store, model, hours, bucket)
                 times[engine][name].append((time.perf_counter() - t0) * 1000)
-            parts[engine][name].append(store_calls(store, model, hours))
+            parts[engine][name].append(store_calls(store, model, hours, bucket))
 
     alternate(list(stores), ROUNDS, measure)
     return {
