@@ -264,11 +264,13 @@ class Measured(BaseModel):
     accuracy: float | None = Field(description="share of labelled answers that were right")
     low: float | None = Field(description="95% Wilson interval")
     high: float | None
+    expected: float | None = Field(description="mean calibrated confidence of the same answers")
     labels: int = Field(description="feedback labels on answered digits behind it")
 
 
 class MonitorFigures(BaseModel):
     predictions: int = Field(description="answered, stress tests (noise) left out")
+    answered: int = Field(description="of them, taken as digits")
     not_digit_share: float | None
     low_confidence_share: float | None = Field(description="of the answered digits")
     inverted_share: float | None = Field(description="dark ink on light, inverted")
@@ -325,6 +327,7 @@ class Monitor(BaseModel):
     model: ModelIdentity
     headline: str
     status: Literal["ok", "warning"]
+    drifted: bool
     warnings: list[str]
     thresholds: dict[str, float]
     reference: MonitorReference | None = Field(description="null: the model has none")

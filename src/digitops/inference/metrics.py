@@ -86,6 +86,7 @@ class ServiceMetrics:
             )
             for name, help in MONITOR_GAUGES.items()
         }
+        self.show(None)  # unknown until the first refresh, not 0
         # Every digit's counter made once, here: each is there from the start, at 0.
         self._by_digit = [self.predictions.labels(digit=str(d)) for d in range(10)]
 
@@ -97,8 +98,13 @@ class ServiceMetrics:
         if not is_digit:
             self.not_a_digit.inc()
 
-    def show(self, figures: dict) -> None:
-        """Set the Monitor gauges from a GET /monitor report; a figure without data reads NaN."""
+    def show(self, figures: dict | None) -> None:
+        """Set the Monitor gauges from a GET /monitor report; a figure without data, or every
+        figure when there is no report (the store cannot be read), reads NaN."""
+        if figures is None:
+            for gauge in self.monitor.values():
+                gauge.set(float("nan"))
+            return
         current = next(v for v in figures["versions"] if v["serving"])
         drift = figures["drift"] or {"embedding": {"score": None, "p_value": None}}
         values = {
@@ -110,7 +116,7 @@ class ServiceMetrics:
             "labels": current["measured"]["labels"],
             "drift_score": drift["embedding"]["score"],
             "drift_p_value": drift["embedding"]["p_value"],
-            "drift": any(w.startswith("input drift") for w in figures["warnings"]),
+            "drift": figures["drifted"],
             "warnings": len(figures["warnings"]),
         }
         for name, value in values.items():

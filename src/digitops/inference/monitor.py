@@ -16,6 +16,7 @@ import numpy as np
 from digitops import monitoring
 from digitops.inference.served import ServedModel
 from digitops.inference.store import UNVERSIONED, PredictionStore, StoreError
+from digitops.inference.store import monitor as monitor_table
 
 log = logging.getLogger("bentoml.digitops")
 
@@ -38,9 +39,9 @@ def report(
     accuracy_drop: float = 0.02,
     now: float | None = None,
 ) -> dict:
-    """The Monitor's figures for the last `hours`, per model version and per bucket of
-    `bucket_minutes` (widened to keep to MAX_BUCKETS), with the served model's drift tests and
-    warnings."""
+    """The Monitor's figures for the last `hours`, per model version (the served one first)
+    and per bucket of `bucket_minutes` (widened to keep to MAX_BUCKETS), with the served
+    model's drift tests and warnings."""
     bucket_minutes = max(bucket_minutes, math.ceil(hours * 60 / MAX_BUCKETS))
     now = time.time() if now is None else now
     since = now - hours * 3600
@@ -49,23 +50,23 @@ def report(
     serving = identity["version"] or UNVERSIONED
     reference = served.reference.fitted if served.reference is not None else None
 
-    drift = None
+    drift, drifted = None, None
     if served.reference is not None:
         rows = store.recent_inputs(identity["version"], since, monitoring.WINDOW)
         if len(rows) >= MIN_DRIFT_INPUTS:
             embeddings = np.array([json.loads(r["embedding"]) for r in rows])
             stats = np.array([[r[name] for name in monitoring.IMAGE_STATS] for r in rows])
             drift = served.reference.drift(embeddings, stats)
-    drifted = monitoring.verdict(drift, drift_score) if served.reference is not None else None
+        drifted = monitoring.verdict(drift, drift_score)
 
     versions = _versions(totals, labelled, bucket_minutes)
-    current = next((v for v in versions if v["version"] == serving), _empty(serving))
+    current = next((v for v in versions if v["version"] == serving), None)
+    if current is None:
+        current = {"version": serving, **_figures(_zeros(), [0, 0, 0.0]), "buckets": []}
+        versions.append(current)
     current["serving"] = True
-    if current not in versions:
-        versions.insert(0, current)
+    versions.sort(key=lambda v: (not v["serving"], -v["predictions"], v["version"]))
     warnings = _warnings(current, reference, drifted, accuracy_drop)
-    for warning in warnings:
-        log.debug("monitor: %s", warning)
     return {
         "generated_at": _iso(now),
         "hours": hours,
@@ -75,6 +76,7 @@ def report(
             serving if identity["version"] is None else f"v{serving}", hours, current, drifted
         ),
         "status": "warning" if warnings else "ok",
+        "drifted": bool(drifted),
         "warnings": warnings,
         "thresholds": {
             "drift_p_value": monitoring.P_VALUE,
@@ -91,75 +93,63 @@ def report(
 
 
 def _versions(totals: list[dict], labelled: list[dict], bucket_minutes: int) -> list[dict]:
-    """Per model version (the served one first, then by activity): its window's figures and
-    its buckets'."""
+    """Per model version: its window's figures and its buckets' (`totals` come summed per
+    bucket, keyed by its first minute; `labelled` rows go to the same buckets)."""
     rows: dict[str, dict[int, dict]] = {}
     for total in totals:
-        start = total["minute"] // bucket_minutes * bucket_minutes
-        bucket = rows.setdefault(total["model_version"], {}).setdefault(start, _zeros())
-        for key, value in total.items():
-            if key not in ("model_version", "minute"):
-                bucket[key] += value
-    labels: dict[str, dict[int, list[int]]] = {}
+        rows.setdefault(total["model_version"], {})[total["minute"]] = total
+    labels: dict[str, dict[int, list]] = {}
     for row in labelled:
         version = row["model_version"] or UNVERSIONED
         start = int(row["created_at"] // 60) // bucket_minutes * bucket_minutes
-        counts = labels.setdefault(version, {}).setdefault(start, [0, 0])
+        counts = labels.setdefault(version, {}).setdefault(start, [0, 0, 0.0])
         if row["is_digit"]:  # an answered digit: right only when the label is that digit
             counts[0] += row["label"] == row["digit"]
             counts[1] += 1
+            counts[2] += row["confidence"]
     versions = []
     for version in sorted(set(rows) | set(labels)):
-        buckets = rows.get(version, {})
-        version_labels = labels.get(version, {})
+        buckets, version_labels = rows.get(version, {}), labels.get(version, {})
         whole = _zeros()
         for bucket in buckets.values():
-            for key, value in bucket.items():
-                whole[key] += value
-        right = sum(c[0] for c in version_labels.values())
-        answered = sum(c[1] for c in version_labels.values())
-        summary = {"version": version, "serving": False, **_figures(whole, right, answered)}
+            for key in whole:
+                whole[key] += bucket[key]
+        labelled_whole = [sum(c[i] for c in version_labels.values()) for i in range(3)]
+        summary = {"version": version, "serving": False, **_figures(whole, labelled_whole)}
         summary["buckets"] = [
             {
                 "start": _iso(start * 60),
-                **_figures(buckets.get(start, _zeros()), *version_labels.get(start, [0, 0])),
+                **_figures(buckets.get(start, _zeros()), version_labels.get(start, [0, 0, 0.0])),
             }
             for start in sorted(set(buckets) | set(version_labels))
         ]
         versions.append(summary)
-    versions.sort(key=lambda v: (-v["predictions"], v["version"]))
     return versions
 
 
 def _zeros() -> dict:
-    names = ["predictions", "not_digit", "inverted", "confidence", "low_confidence"]
-    names += monitoring.IMAGE_STATS
-    names += [f"confidence_{i}" for i in range(monitoring.CONFIDENCE_BINS)]
-    names += [f"digit_{d}" for d in range(10)]
-    return dict.fromkeys(names, 0)
+    return dict.fromkeys((c.name for c in monitor_table.columns if not c.primary_key), 0)
 
 
-def _figures(total: dict, right: int, answered: int) -> dict:
-    """A bucket's (or a window's) figures from its summed totals and its labels."""
+def _figures(total: dict, labels: list) -> dict:
+    """A bucket's (or a window's) figures from its summed totals and its labels (right,
+    labelled, sum of their confidences)."""
     n = total["predictions"]
     digits = n - total["not_digit"]
     return {
         "predictions": n,
+        "answered": digits,
         "not_digit_share": _share(total["not_digit"], n),
         "low_confidence_share": _share(total["low_confidence"], digits),
         "inverted_share": _share(total["inverted"], n),
         "estimated_accuracy": _share(total["confidence"], digits),
-        "measured": monitoring.accuracy(right, answered),
-        "confidence": _shares(
+        "measured": monitoring.accuracy(*labels),
+        "confidence": monitoring.shares(
             [total[f"confidence_{i}"] for i in range(monitoring.CONFIDENCE_BINS)]
         ),
-        "digits": _shares([total[f"digit_{d}"] for d in range(10)]),
+        "digits": monitoring.shares([total[f"digit_{d}"] for d in range(10)]),
         "stats": {name: _share(total[name], n) for name in monitoring.IMAGE_STATS},
     }
-
-
-def _empty(version: str) -> dict:
-    return {"version": version, **_figures(_zeros(), 0, 0), "buckets": []}
 
 
 def _warnings(
@@ -170,20 +160,18 @@ def _warnings(
         warnings.append("input drift: " + ", ".join(drifted))
     if reference is None:
         return warnings
-    expected = reference["estimated_accuracy"]
-    estimated = current["estimated_accuracy"]
-    answered = current["predictions"] * (1 - (current["not_digit_share"] or 0))
-    enough = estimated is not None and answered >= MIN_ESTIMATE_INPUTS
-    if enough and estimated < expected - accuracy_drop:
+    expected, estimated = reference["estimated_accuracy"], current["estimated_accuracy"]
+    if current["answered"] >= MIN_ESTIMATE_INPUTS and estimated < expected - accuracy_drop:
         warnings.append(
             f"estimated accuracy {estimated:.1%} is more than {accuracy_drop:.0%} below "
             f"the {expected:.1%} expected at training time"
         )
     measured = current["measured"]
-    if measured["labels"] >= MIN_LABELS and measured["high"] < expected - accuracy_drop:
+    if measured["labels"] >= MIN_LABELS and measured["high"] < measured["expected"] - accuracy_drop:
         warnings.append(
             f"measured accuracy {measured['accuracy']:.1%} (at most {measured['high']:.1%}, "
-            f"{measured['labels']} labels) is below the {expected:.1%} expected at training time"
+            f"{measured['labels']} labels) is below the {measured['expected']:.1%} its "
+            "calibrated confidence promised for the same answers"
         )
     return warnings
 
@@ -208,39 +196,35 @@ def _share(part: float, whole: float) -> float | None:
     return part / whole if whole else None
 
 
-def _shares(counts: list[int]) -> list[float]:
-    total = sum(counts)
-    return [c / total if total else 0.0 for c in counts]
-
-
 def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
 class Watch:
-    """Refreshes the gauges (metrics.MonitorGauges) every `seconds` from `report` of the
+    """Refreshes the gauges (metrics.ServiceMetrics.show) every `seconds` from `report` of the
     default window, and logs each warning when it first appears and when it clears."""
 
-    def __init__(self, compute, gauges, seconds: float):
-        self.compute, self.gauges, self.seconds = compute, gauges, seconds
+    def __init__(self, compute, metrics, seconds: float):
+        self.compute, self.metrics, self.seconds = compute, metrics, seconds
         self._warnings: set[str] = set()
         threading.Thread(target=self._run, name="monitor", daemon=True).start()
 
     def _run(self) -> None:
         while True:
-            time.sleep(self.seconds)
             self.refresh()
+            time.sleep(self.seconds)
 
     def refresh(self) -> dict | None:
         try:
             figures = self.compute()
-        except StoreError as err:
-            log.warning("monitor: cannot read the prediction store: %s", err)
+            self.metrics.show(figures)
+        except Exception as err:  # the next refresh tries again; serving goes on
+            self.metrics.show(None)  # unknown, not the last figures: an alert must not hang on
+            if isinstance(err, StoreError):
+                log.warning("monitor: cannot read the prediction store: %s", err)
+            else:
+                log.exception("monitor: refresh failed")
             return None
-        except Exception:  # the next refresh tries again; serving goes on
-            log.exception("monitor: refresh failed")
-            return None
-        self.gauges.show(figures)
         warnings = set(figures["warnings"])
         for warning in sorted(warnings - self._warnings):
             log.warning("monitor: %s", warning)

@@ -61,7 +61,6 @@ predictions = sa.Table(
 # The Monitor's running totals: one row per model version and minute, added to in the
 # transaction that logs the predictions, so that GET /monitor reads a few thousand rows
 # however many predictions there are. Stress-test inputs (noise added) are left out.
-BINS = monitoring.CONFIDENCE_BINS
 monitor = sa.Table(
     "monitor_minutes",
     metadata,
@@ -76,7 +75,10 @@ monitor = sa.Table(
     # Of the inputs taken as digits (predictions - not_digit):
     sa.Column("confidence", sa.Float(53), nullable=False),  # the sum of their confidences
     sa.Column("low_confidence", sa.Integer, nullable=False),
-    *(sa.Column(f"confidence_{i}", sa.Integer, nullable=False) for i in range(BINS)),
+    *(
+        sa.Column(f"confidence_{i}", sa.Integer, nullable=False)
+        for i in range(monitoring.CONFIDENCE_BINS)
+    ),
     *(sa.Column(f"digit_{d}", sa.Integer, nullable=False) for d in range(10)),
 )
 feedback = sa.Table(
@@ -473,12 +475,13 @@ class PredictionStore:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def labelled(self, since: float) -> list[dict]:
-        """The predictions made since `since` (no stress tests) that have a feedback label:
-        when, by which model version, what it answered and what the label says."""
+        """The predictions made since `since` (no stress tests) that have a feedback label the
+        ingestion job did not reject: when, by which model version, what it answered, how sure
+        it was and what the label says."""
         query = (
-            sa.select(P.created_at, P.model_version, P.digit, P.is_digit, F.label)
+            sa.select(P.created_at, P.model_version, P.digit, P.confidence, P.is_digit, F.label)
             .join(feedback, F.prediction_id == P.id)
-            .where(P.created_at >= since, P.noise == 0)
+            .where(P.created_at >= since, P.noise == 0, F.status != "rejected")
         )
         with self._transaction() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
@@ -537,7 +540,7 @@ def minute_totals(records) -> list[dict]:
             confidence = r["confidence"]
             total["confidence"] += confidence
             total["low_confidence"] += confidence < monitoring.LOW_CONFIDENCE
-            total[f"confidence_{min(int(confidence * BINS), BINS - 1)}"] += 1
+            total[f"confidence_{monitoring.confidence_bin(confidence)}"] += 1
             total[f"digit_{r['digit']}"] += 1
         else:
             total["not_digit"] += 1
