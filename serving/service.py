@@ -89,6 +89,10 @@ class DigitService:
         # Grad-CAM and feature maps get a thread per core: more would only contend for them.
         self.cpu_limiter = anyio.CapacityLimiter(CORES_PER_WORKER)
         self.feedback_limiter = contract.RateLimiter(SETTINGS.feedback_per_minute)
+        thresholds = (SETTINGS.monitor_drift_score, SETTINGS.monitor_accuracy_drop)
+        self.monitor_report = lambda hours=24, bucket_minutes=60: monitor.report(
+            self.store, self.served, hours, bucket_minutes, *thresholds
+        )
         if self.store is not None:  # the Monitor's gauges and warnings, off the request path
             monitor.Watch(self.monitor_report, self.metrics, SETTINGS.monitor_seconds)
         if self.registry is not None:  # each worker follows on its own: no notices needed
@@ -243,16 +247,6 @@ class DigitService:
         for item in items:
             item["input_png"] = b64(item["input_png"])
         return {"queue": queue, "strategy": strategy, "k": k, "items": items}
-
-    def monitor_report(self, hours: float = 24, bucket_minutes: int = 60) -> dict:
-        return monitor.report(
-            self.store,
-            self.served,
-            hours,
-            bucket_minutes,
-            SETTINGS.monitor_drift_score,
-            SETTINGS.monitor_accuracy_drop,
-        )
 
     @app.get("/monitor", **contract.MONITOR)
     async def monitor(

@@ -102,12 +102,18 @@ class Reference:
     """A fitted reference (fit_reference's dict) ready for use."""
 
     def __init__(self, fitted: dict):
-        self.fitted = fitted
         self.mean = np.asarray(fitted["mean"], np.float32)
         self.components = np.asarray(fitted["components"], np.float32)
         self.embeddings = np.asarray(fitted["embeddings"], np.float64)
         self.bandwidth = float(fitted["bandwidth"])
         self.stats = np.asarray(fitted["stats"], np.float64)
+        # What GET /monitor shows of it, worked out once per model, not per request.
+        self.summary = {
+            key: fitted[key]
+            for key in ("estimated_accuracy", "not_digit_share", "low_confidence_share", "size")
+        }
+        self.summary |= {"confidence": list(fitted["confidence"]), "digits": list(fitted["digits"])}
+        self.summary["stats"] = dict(zip(IMAGE_STATS, self.stats.mean(1).tolist(), strict=True))
 
     def embed(self, features: np.ndarray) -> np.ndarray:
         """Penultimate-layer features [N, d] -> embeddings [N, EMBEDDING_DIMS]."""

@@ -48,7 +48,7 @@ def report(
     totals, labelled = store.monitor_totals(since, bucket_minutes), store.labelled(since)
     identity = served.identity()
     serving = identity["version"] or UNVERSIONED
-    reference = served.reference.fitted if served.reference is not None else None
+    reference = served.reference.summary if served.reference is not None else None
 
     drift, drifted = None, None
     if served.reference is not None:
@@ -86,7 +86,7 @@ def report(
             "low_confidence": monitoring.LOW_CONFIDENCE,
             "drift_window": monitoring.WINDOW,
         },
-        "reference": None if reference is None else _reference(reference),
+        "reference": reference,
         "drift": drift,
         "versions": versions,
     }
@@ -174,22 +174,6 @@ def _warnings(
             "calibrated confidence promised for the same answers"
         )
     return warnings
-
-
-def _reference(fitted: dict) -> dict:
-    stats = np.asarray(fitted["stats"])
-    return {
-        "estimated_accuracy": fitted["estimated_accuracy"],
-        "not_digit_share": fitted["not_digit_share"],
-        "low_confidence_share": fitted["low_confidence_share"],
-        "confidence": list(fitted["confidence"]),
-        "digits": list(fitted["digits"]),
-        "stats": {
-            name: float(values.mean())
-            for name, values in zip(monitoring.IMAGE_STATS, stats, strict=True)
-        },
-        "size": fitted["size"],
-    }
 
 
 def _share(part: float, whole: float) -> float | None:
